@@ -1,0 +1,79 @@
+"""The ``maxdnn`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Approximate multipliers in quantized DNNs (MAx-DNN).")
+
+
+@app.callback()
+def _root() -> None:
+    """Approximate multipliers in quantized DNNs (MAx-DNN)."""
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit code 2."""
+
+
+def fail(msg: str) -> None:
+    typer.echo(f"maxdnn: error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def multipliers(
+    spec: Optional[list[str]] = typer.Option(None, "--spec", help="Restrict to these specs (repeatable)."),
+    bits: int = typer.Option(8, help="Operand width (2..16)."),
+    x_signed: bool = typer.Option(False, "--x-signed", help="Signed activation operand x."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
+    lut: Optional[Path] = typer.Option(None, help="Write the lookup table (.npy) of the single --spec."),
+):
+    """Error metrics of exact, ROUP and published approximate multipliers."""
+    import numpy as np
+
+    from .error_metrics import error_metrics
+    from .multipliers import SpecError, default_family, get_multiplier
+
+    specs = list(spec) if spec else default_family(bits)
+    try:
+        mults = [get_multiplier(s, bits, x_signed) for s in specs]
+    except SpecError as e:
+        fail(str(e))
+    if lut is not None:
+        if len(mults) != 1:
+            fail("--lut needs exactly one --spec")
+        table = mults[0].lut()
+        tmp = lut.with_name(lut.name + ".part.npy")
+        np.save(tmp, table)
+        tmp.replace(lut)
+        typer.echo(f"wrote {lut}: shape {table.shape}, lut[x - {mults[0].x_format.min}, w - {mults[0].w_format.min}]", err=True)
+    rows = [error_metrics(m).as_dict() for m in mults]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    sampled = {r["samples"] for r in rows if r["samples"]}
+    title = f"{bits}-bit multipliers, " + (f"sampled metrics ({sampled.pop()} random pairs)" if sampled else "exhaustive metrics")
+    t = Table(title=title)
+    for c in ["spec", "x", "w", "error rate", "bias", "NMED", "MRED", "WCE"]:
+        t.add_column(c, justify="left" if c == "spec" else "right")
+    for m, r in zip(mults, rows):
+        t.add_row(r["spec"], str(m.x_format), str(m.w_format), f"{r['error_rate']:.4f}", f"{r['bias']:.2f}",
+                  f"{r['nmed']:.2e}", f"{r['mred']:.2e}", str(r["wce"]))
+    Console(width=120).print(t)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
