@@ -71,6 +71,61 @@ def multipliers(
     Console(width=120).print(t)
 
 
+def _data_or_fail(data):
+    from .data import DataError, resolve_data
+
+    try:
+        return resolve_data(data)
+    except DataError as e:
+        fail(str(e))
+
+
+def _load_split(data, split):
+    from .data import DataError, load_cifar10
+
+    try:
+        return load_cifar10(_data_or_fail(data), split)
+    except DataError as e:
+        fail(str(e))
+
+
+@app.command("download-data")
+def download_data(dest: Optional[Path] = typer.Option(None, help="Folder for cifar-10-python.tar.gz (default: the cache).")):
+    """Download the official CIFAR-10 archive and verify its MD5."""
+    from .data import DataError, download_cifar10
+
+    try:
+        typer.echo(str(download_cifar10(dest)))
+    except DataError as e:
+        fail(str(e))
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., help="Checkpoint to write (resumes from OUT.state if present)."),
+    data: Optional[str] = typer.Option(None, envvar="MAXDNN_DATA", help="CIFAR-10 source."),
+    epochs: int = typer.Option(60),
+    batch_size: int = typer.Option(128),
+    lr: float = typer.Option(0.1),
+    seed: int = typer.Option(0),
+    holdout: int = typer.Option(5000, help="Training images held out as the validation split (seeded)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+):
+    """Train ResNet-8 on the training split minus the validation hold-out."""
+    from .data import validation_split
+    from .train import train as run_train
+
+    ds = _load_split(data, "train")
+    tr, _ = validation_split(len(ds), holdout, seed=0) if holdout else (slice(None), None)
+    sub = ds.subset(tr)
+    typer.echo(f"training on {len(sub)} images of {ds.source} (train split, {holdout} held out)", err=True)
+    run_train(sub.images, sub.labels, out, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+              meta={"data": str(ds.source), "train_images": len(sub), "holdout": holdout,
+                    "command": f"maxdnn train --data {data} --out {out.name} --epochs {epochs} --batch-size {batch_size} "
+                               f"--lr {lr} --seed {seed} --holdout {holdout}"})
+    typer.echo(str(out))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -1,0 +1,204 @@
+"""ResNet-8 for CIFAR-10 (the MLPerf Tiny shape), checkpoints and Keras import.
+
+The network takes raw 0..255 pixels (float, NCHW) and multiplies them by a
+fixed ``input_scale`` (1 for the MLPerf model, 1/255 for maxdnn's own).
+Convolutions use TensorFlow's "same" padding (stride-2 layers pad one extra
+row/column at the bottom/right), so Keras weights import unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINT_FORMAT = "maxdnn-resnet8-v1"
+DEFAULT_CHECKPOINT = "resnet8-cifar10-jpeg.pt"
+
+
+class ModelError(Exception):
+    """A problem with a model file, as one line naming the file."""
+
+
+def same_padding(size: int, k: int, stride: int) -> tuple[int, int]:
+    """TensorFlow 'same' padding (before, after) along one axis."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    return total // 2, total - total // 2
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow 'same' padding (explicit, possibly asymmetric)."""
+
+    def __init__(self, cin, cout, k, stride=1):
+        super().__init__(cin, cout, k, stride=stride, padding=0, bias=True)
+
+    def pads(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom) as F.pad takes them."""
+        t, b = same_padding(h, self.kernel_size[0], self.stride[0])
+        left, r = same_padding(w, self.kernel_size[1], self.stride[1])
+        return (left, r, t, b)
+
+    def forward(self, x):
+        return super().forward(F.pad(x, self.pads(x.shape[2], x.shape[3])))
+
+
+class Stack(nn.Module):
+    """conv3x3+BN+ReLU, conv3x3+BN, shortcut (1x1 strided projection or identity), add, ReLU."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = SameConv2d(cin, cout, 3, stride)
+        self.bn1 = nn.BatchNorm2d(cout, eps=1e-3)
+        self.conv2 = SameConv2d(cout, cout, 3, 1)
+        self.bn2 = nn.BatchNorm2d(cout, eps=1e-3)
+        self.proj = SameConv2d(cin, cout, 1, stride) if (stride != 1 or cin != cout) else None
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        s = self.proj(x) if self.proj is not None else x
+        return F.relu(s + y)
+
+
+class ResNet8(nn.Module):
+    """ResNet-8 (EEMBC/MLPerf Tiny): 16/32/64 filters, ~78k parameters."""
+
+    def __init__(self, num_classes: int = 10, input_scale: float = 1.0 / 255.0):
+        super().__init__()
+        self.input_scale = float(input_scale)
+        self.conv1 = SameConv2d(3, 16, 3)
+        self.bn1 = nn.BatchNorm2d(16, eps=1e-3)
+        self.s1 = Stack(16, 16, 1)
+        self.s2 = Stack(16, 32, 2)
+        self.s3 = Stack(32, 64, 2)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = x * self.input_scale
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.s3(self.s2(self.s1(x)))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(x)
+
+
+# Multiplying layers in execution order: the names assignments and reports use.
+MULTIPLYING_LAYERS = ["conv1", "s1.conv1", "s1.conv2", "s2.conv1", "s2.conv2", "s2.proj",
+                      "s3.conv1", "s3.conv2", "s3.proj", "fc"]
+
+
+def save_checkpoint(model: ResNet8, path: str | os.PathLike, meta: dict | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    torch.save({"format": CHECKPOINT_FORMAT, "input_scale": model.input_scale,
+                "state_dict": model.state_dict(), "meta": meta or {}}, tmp)
+    tmp.replace(path)
+
+
+def default_checkpoint() -> Path:
+    return Path(str(resources.files("maxdnn") / "checkpoints" / DEFAULT_CHECKPOINT))
+
+
+def load_model(path: str | os.PathLike | None = None) -> ResNet8:
+    """A maxdnn checkpoint (.pt; default: the committed one) or a Keras MLPerf Tiny ResNet-8 (.h5)."""
+    path = Path(path) if path else default_checkpoint()
+    if not path.exists():
+        raise ModelError(f"{path}: no such model file")
+    if path.suffix.lower() in (".h5", ".hdf5", ".keras"):
+        return import_keras_resnet8(path)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"{path}: not a readable maxdnn checkpoint ({type(e).__name__})") from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"{path}: not a maxdnn ResNet-8 checkpoint (format {ck.get('format') if isinstance(ck, dict) else None!r})")
+    model = ResNet8(input_scale=ck["input_scale"])
+    try:
+        model.load_state_dict(ck["state_dict"])
+    except RuntimeError as e:
+        raise ModelError(f"{path}: weights do not fit ResNet-8 ({str(e).splitlines()[0]})") from None
+    model.meta = ck.get("meta", {})
+    return model.eval()
+
+
+def import_keras_resnet8(path: str | os.PathLike) -> ResNet8:
+    """Import MLPerf Tiny's Keras ResNet-8 (HDF5) with h5py; input scale 1 (raw pixels)."""
+    import h5py
+    import numpy as np
+
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ModelError(f"{path}: not a readable HDF5 file ({e})") from None
+    with f:
+        try:
+            cfg = json.loads(f.attrs["model_config"])
+            layers = cfg["config"]["layers"]
+            g = f["model_weights"]
+        except (KeyError, ValueError, TypeError):
+            raise ModelError(f"{path}: not a Keras model file (no model_config/model_weights)") from None
+
+        def weights(layer: str, name: str):
+            grp = g[layer]
+            hits = []
+            grp.visititems(lambda n, o: hits.append(o) if isinstance(o, h5py.Dataset) and n.endswith(name) else None)
+            if len(hits) != 1:
+                raise ModelError(f"{path}: layer {layer} has no weight {name}")
+            return np.asarray(hits[0][()])
+
+        convs = [l["config"]["name"] for l in layers if l["class_name"] == "Conv2D"]
+        denses = [l["config"]["name"] for l in layers if l["class_name"] == "Dense"]
+        bn_of = {}
+        for l in layers:
+            if l["class_name"] == "BatchNormalization":
+                src = l["inbound_nodes"][0][0][0]
+                bn_of[src] = l["config"]["name"]
+        model = ResNet8(input_scale=1.0)
+        targets = [("conv1", "bn1"), ("s1.conv1", "s1.bn1"), ("s1.conv2", "s1.bn2"),
+                   ("s2.conv1", "s2.bn1"), ("s2.conv2", "s2.bn2"), ("s2.proj", None),
+                   ("s3.conv1", "s3.bn1"), ("s3.conv2", "s3.bn2"), ("s3.proj", None)]
+        if len(convs) != len(targets) or len(denses) != 1:
+            raise ModelError(f"{path}: {len(convs)} Conv2D and {len(denses)} Dense layers; an MLPerf Tiny ResNet-8 has 9 and 1")
+        mods = dict(model.named_modules())
+        with torch.no_grad():
+            for kname, (cname, bname) in zip(convs, targets):
+                conv = mods[cname]
+                k = torch.from_numpy(weights(kname, "kernel:0")).permute(3, 2, 0, 1)
+                if k.shape != conv.weight.shape:
+                    raise ModelError(f"{path}: layer {kname} kernel {tuple(k.shape)} does not fit {cname} {tuple(conv.weight.shape)}")
+                conv.weight.copy_(k)
+                conv.bias.copy_(torch.from_numpy(weights(kname, "bias:0")))
+                if (bname is None) != (kname not in bn_of):
+                    raise ModelError(f"{path}: layer {kname} batch-norm placement differs from ResNet-8")
+                if bname:
+                    bn = mods[bname]
+                    kb = bn_of[kname]
+                    bn.weight.copy_(torch.from_numpy(weights(kb, "gamma:0")))
+                    bn.bias.copy_(torch.from_numpy(weights(kb, "beta:0")))
+                    bn.running_mean.copy_(torch.from_numpy(weights(kb, "moving_mean:0")))
+                    bn.running_var.copy_(torch.from_numpy(weights(kb, "moving_variance:0")))
+            kd = torch.from_numpy(weights(denses[0], "kernel:0")).T
+            if kd.shape != model.fc.weight.shape:
+                raise ModelError(f"{path}: dense kernel {tuple(kd.shape)} does not fit fc {tuple(model.fc.weight.shape)}")
+            model.fc.weight.copy_(kd)
+            model.fc.bias.copy_(torch.from_numpy(weights(denses[0], "bias:0")))
+    model.meta = {"source": str(path), "origin": "MLPerf Tiny Keras ResNet-8"}
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images, batch_size: int = 1000, device: str = "cpu") -> torch.Tensor:
+    """Float predictions for uint8 images [N, 3, 32, 32]."""
+    model = model.to(device).eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.as_tensor(images[i:i + batch_size], device=device).float()
+        out.append(model(x).argmax(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
