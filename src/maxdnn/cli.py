@@ -126,6 +126,61 @@ def train(
     typer.echo(str(out))
 
 
+@app.command()
+def evaluate(
+    model: Optional[str] = typer.Option(None, help="maxdnn checkpoint (.pt, default: the committed one) or Keras .h5."),
+    data: Optional[str] = typer.Option(None, envvar="MAXDNN_DATA", help="CIFAR-10 source (archive, folder or zip)."),
+    precision: str = typer.Option("float", help="float or int8 (int8 is implied by --assign)."),
+    split: str = typer.Option("test"),
+    limit: Optional[int] = typer.Option(None, help="Only the first N images."),
+    assign: Optional[Path] = typer.Option(None, help="Multiplier assignment (JSON) for approximate int8 inference."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    batch_size: int = typer.Option(100),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Accuracy (and, with --assign, multiplication energy) of a model on CIFAR-10."""
+    from .approx import ApproxNetwork, Assignment, AssignmentError
+    from .data import DataError
+    from .energy import network_energy
+    from .models import ModelError, predict
+    from .workload import Workload, accuracy, describe_data
+
+    if precision not in ("float", "int8"):
+        fail(f"--precision {precision}: expected float or int8")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            fail("--device cuda: no CUDA device available")
+    try:
+        wl = Workload.open(model, _data_or_fail(data))
+        ds = wl.split(split, limit)
+        result = {"model": wl.model_path, "data": describe_data(ds), "split": split}
+        if assign is None and precision == "float":
+            pred = predict(wl.model, ds.images, batch_size, device).numpy()
+            result.update(precision="float")
+        else:
+            q = wl.quantized()
+            result.update(precision="int8", calibration=q.meta["calibration"])
+            if assign is None:
+                pred = q.predict(ds.images, batch_size, device)
+            else:
+                a = Assignment.load(assign, q)
+                net = ApproxNetwork(q, a, device=device)
+                pred = net.predict(ds.images, batch_size)
+                en = network_energy(q, a)
+                result.update(assignment=str(assign), granularity=a.granularity(),
+                              **{k: en[k] for k in ("energy", "energy_gain", "energy_unit", "energy_source", "multiplications")})
+    except (DataError, ModelError, AssignmentError) as e:
+        fail(str(e))
+    result = {**accuracy(pred, ds.labels), **result}
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+    else:
+        for k, v in result.items():
+            typer.echo(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

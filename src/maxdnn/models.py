@@ -194,7 +194,7 @@ def import_keras_resnet8(path: str | os.PathLike) -> ResNet8:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images, batch_size: int = 1000, device: str = "cpu") -> torch.Tensor:
+def predict(model: nn.Module, images, batch_size: int = 100, device: str = "cpu") -> torch.Tensor:
     """Float predictions for uint8 images [N, 3, 32, 32]."""
     model = model.to(device).eval()
     out = []

@@ -1,0 +1,438 @@
+"""Approximate inference: per-layer, per-filter and per-kernel multiplier assignment.
+
+An assignment gives each multiplying layer an integer array of shape
+[filters, input channels] that indexes a list of multiplier specs. Layer-level
+assignments are constant arrays, filter-level ones have constant rows, and
+kernel-level ones are arbitrary.
+
+``approx_conv2d`` computes the exact int64 accumulators in which every product
+x * w of kernel (f, c) is the assigned multiplier's product. Two paths:
+
+- operand-separable multipliers (product = f(x) * g(w), e.g. ROUP:
+  R_R(x) * R_2P(w)): kernels are grouped by their activation transform; per
+  group, one float convolution of the transformed activations with the
+  transformed weights of the group's kernels (zero elsewhere), over only the
+  filters the group touches. float32 is used only where the group's worst-case
+  |partial sum| is provably below 2^24, float64 otherwise;
+- any lookup-table multiplier: a compiled numba kernel (CPU, parallel) or a
+  torch gather (any device).
+
+Padding positions form no product (and are not counted as multiplications).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .multipliers import Multiplier, SpecError, get_multiplier, round_at
+from .quant import ACT_MAX, FLOAT32_EXACT, QuantizedResNet8, float_conv_exact
+
+ASSIGNMENT_FORMAT = "maxdnn-assignment-v1"
+
+
+class AssignmentError(ValueError):
+    """A problem with an assignment, as one line naming the file and layer."""
+
+
+# ---------------------------------------------------------------- assignments
+
+
+@dataclass
+class Assignment:
+    """Multiplier specs and, per layer, an index array [filters, input channels]."""
+
+    specs: list[str]
+    maps: dict[str, np.ndarray]
+    bits: int = 8
+    meta: dict = field(default_factory=dict)
+
+    def granularity(self) -> str:
+        """'layer', 'filter' or 'kernel': the finest level the maps use."""
+        level = "layer"
+        for m in self.maps.values():
+            if (m != m[:, :1]).any():
+                return "kernel"
+            if (m != m.flat[0]).any():
+                level = "filter"
+        return level
+
+    def multipliers(self, x_signed: bool = False) -> list[Multiplier]:
+        return [get_multiplier(s, self.bits, x_signed) for s in self.specs]
+
+    @classmethod
+    def uniform(cls, qnet: QuantizedResNet8, spec: str = "exact", bits: int = 8) -> "Assignment":
+        return cls([spec], {n: np.zeros(l.weight.shape[:2], dtype=np.int64) for n, l in qnet.layers.items()}, bits)
+
+    # ---- JSON (+ npz for kernel-level layers)
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        layers: dict = {}
+        arrays: dict[str, np.ndarray] = {}
+        for name, m in self.maps.items():
+            if (m == m.flat[0]).all():
+                layers[name] = int(m.flat[0])
+            elif (m == m[:, :1]).all():
+                layers[name] = [int(v) for v in m[:, 0]]
+            else:
+                layers[name] = "npz"
+                arrays[name] = m.astype(np.int16)
+        doc = {"format": ASSIGNMENT_FORMAT, "bits": self.bits, "specs": self.specs, "layers": layers}
+        if self.meta:
+            doc["meta"] = self.meta
+        if arrays:
+            npz = path.with_suffix(".npz")
+            doc["arrays"] = npz.name
+            tmp = npz.with_name(npz.name + ".part.npz")
+            np.savez_compressed(tmp, **arrays)
+            tmp.replace(npz)
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, qnet: QuantizedResNet8 | None = None) -> "Assignment":
+        path = Path(path)
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise AssignmentError(f"{path}: no such assignment file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise AssignmentError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(doc, dict) or doc.get("format") != ASSIGNMENT_FORMAT:
+            raise AssignmentError(f"{path}: not a maxdnn assignment (format must be '{ASSIGNMENT_FORMAT}')")
+        bits = doc.get("bits", 8)
+        specs = doc.get("specs")
+        if not isinstance(specs, list) or not specs:
+            raise AssignmentError(f"{path}: 'specs' must be a non-empty list of multiplier specs")
+        for s in specs:
+            try:
+                get_multiplier(str(s), bits)
+            except SpecError as e:
+                raise AssignmentError(f"{path}: {e}") from None
+        arrays = {}
+        if "arrays" in doc:
+            npz = path.parent / doc["arrays"]
+            try:
+                with np.load(npz) as z:
+                    arrays = {k: z[k] for k in z.files}
+            except (OSError, ValueError) as e:
+                raise AssignmentError(f"{npz}: cannot read kernel-level arrays ({e})") from None
+        layers = doc.get("layers")
+        if not isinstance(layers, dict):
+            raise AssignmentError(f"{path}: 'layers' must be an object mapping layer names to assignments")
+        maps = {}
+        for name, v in layers.items():
+            if v == "npz":
+                if name not in arrays:
+                    raise AssignmentError(f"{path}: layer {name}: no array '{name}' in {doc.get('arrays')}")
+                maps[name] = np.asarray(arrays[name], dtype=np.int64)
+            else:
+                try:
+                    a = np.asarray(v, dtype=np.int64)
+                except (ValueError, TypeError):
+                    raise AssignmentError(f"{path}: layer {name}: expected an index, a list per filter, or a [filters][channels] list") from None
+                maps[name] = a
+        a = cls([str(s) for s in specs], maps, bits, doc.get("meta", {}))
+        if qnet is not None:
+            a.bind(qnet, where=str(path))
+        return a
+
+    def bind(self, qnet: QuantizedResNet8, where: str = "assignment") -> "Assignment":
+        """Validate against a network and expand to full [F, C] arrays (missing layers: exact)."""
+        full = {}
+        for name in self.maps:
+            if name not in qnet.layers:
+                raise AssignmentError(f"{where}: unknown layer '{name}' (layers: {', '.join(qnet.layers)})")
+        for name, layer in qnet.layers.items():
+            shape = layer.weight.shape[:2]
+            if name not in self.maps:
+                if "exact" not in self.specs:
+                    self.specs.append("exact")
+                full[name] = np.full(shape, self.specs.index("exact"), dtype=np.int64)
+                continue
+            m = self.maps[name]
+            if m.ndim == 0:
+                m = np.full(shape, int(m), dtype=np.int64)
+            elif m.ndim == 1:
+                if m.shape[0] != shape[0]:
+                    raise AssignmentError(f"{where}: layer {name}: {m.shape[0]} filter entries, the layer has {shape[0]} filters")
+                m = np.repeat(m[:, None], shape[1], axis=1)
+            elif m.shape != shape:
+                raise AssignmentError(f"{where}: layer {name}: shape {list(m.shape)}, expected [filters, channels] = {list(shape)}")
+            if m.min() < 0 or m.max() >= len(self.specs):
+                bad = int(m.min()) if m.min() < 0 else int(m.max())
+                raise AssignmentError(f"{where}: layer {name}: index {bad} out of range (0..{len(self.specs) - 1})")
+            full[name] = m
+        self.maps = full
+        return self
+
+
+def layer_assignment(qnet, per_layer: dict[str, str], bits: int = 8) -> Assignment:
+    """One multiplier per layer (layers not named are exact)."""
+    specs = sorted(set(per_layer.values()) | {"exact"})
+    maps = {n: np.full(l.weight.shape[:2], specs.index(per_layer.get(n, "exact")), dtype=np.int64)
+            for n, l in qnet.layers.items()}
+    return Assignment(specs, maps, bits)
+
+
+def filter_assignment(qnet, per_filter: dict[str, Sequence[str]], bits: int = 8) -> Assignment:
+    """A multiplier per output channel (constant rows)."""
+    specs = sorted({s for v in per_filter.values() for s in v} | {"exact"})
+    maps = {}
+    for n, l in qnet.layers.items():
+        f, c = l.weight.shape[:2]
+        row = [specs.index(s) for s in per_filter.get(n, ["exact"] * f)]
+        maps[n] = np.repeat(np.asarray(row, dtype=np.int64)[:, None], c, axis=1)
+    return Assignment(specs, maps, bits)
+
+
+def kernel_assignment(specs: list[str], maps: dict[str, np.ndarray], bits: int = 8) -> Assignment:
+    """Arbitrary [filters, channels] index arrays."""
+    return Assignment(list(specs), {k: np.asarray(v, dtype=np.int64) for k, v in maps.items()}, bits)
+
+
+# ---------------------------------------------------------------- emulation
+
+
+def _as_multipliers(specs, bits) -> list[Multiplier]:
+    return [s if isinstance(s, Multiplier) else get_multiplier(s, bits) for s in specs]
+
+
+def _pads(padding, kh, kw):
+    if isinstance(padding, int):
+        return (padding, padding, padding, padding)
+    if len(padding) == 2:
+        return (padding[1], padding[1], padding[0], padding[0])
+    return tuple(padding)  # (left, right, top, bottom)
+
+
+@dataclass
+class _Group:
+    """Kernels that share one activation transform."""
+
+    round_bit: int | None  # the transform is R_t(x) with this t (0: identity) ...
+    x_table: torch.Tensor | None  # ... else a table over the x range
+    x_max: int  # max |transformed x|
+    filters: np.ndarray  # filter indices the group touches
+    weight: np.ndarray  # transformed weights of the group's kernels, zero elsewhere [F, C, kh, kw]
+
+
+class LayerPlan:
+    """Precomputed emulation of one layer under one assignment.
+
+    Separable multipliers: kernels are grouped by activation transform. When
+    the groups touch disjoint sets of filters (layer- and filter-level
+    assignments), each group is one convolution over its own filters (total
+    cost: one exact convolution). Otherwise the transformed activations of all
+    groups are stacked along the channel axis and convolved once with the
+    stacked transformed weights (cost: one convolution per distinct
+    activation transform).
+    """
+
+    def __init__(self, w: np.ndarray, mults: list[Multiplier], amap: np.ndarray, stride: int, pads,
+                 device="cpu", x_min: int = 0, x_max: int = ACT_MAX):
+        self.stride, self.pads = stride, tuple(pads)
+        self.shape = w.shape
+        amap = np.broadcast_to(np.asarray(amap, dtype=np.int64), w.shape[:2])
+        used = np.unique(amap)
+        self.separable = all(mults[i].separable for i in used)
+        self.device = torch.device(device)
+        self.x_min = x_min
+        if self.separable:
+            self._plan_separable(w, mults, amap, used, x_min, x_max)
+        else:
+            self._plan_lut(w, mults, amap, used)
+
+    def _plan_separable(self, w, mults, amap, used, x_min, x_max):
+        xs = np.arange(x_min, x_max + 1, dtype=np.int64)
+        by_key: dict[bytes, list[int]] = {}
+        tables = {}
+        for i in used:
+            t = mults[i].x_transform(xs)
+            by_key.setdefault(t.tobytes(), []).append(int(i))
+            tables[t.tobytes()] = t
+        groups = []
+        for key, members in by_key.items():
+            t = tables[key]
+            wt = np.zeros(w.shape, dtype=np.int64)
+            for i in members:
+                sel = amap == i
+                wt[sel] = mults[i].w_transform(w[sel])
+            filters = np.nonzero(np.isin(amap, members).any(1))[0]
+            rb = next((r for r in range(16) if np.array_equal(t, round_at(xs, r))), None)
+            groups.append(_Group(rb, None if rb is not None else torch.as_tensor(t, device=self.device),
+                                 int(np.abs(t).max()), filters, wt))
+        self.groups = groups
+        owner = np.concatenate([g.filters for g in groups])
+        self.disjoint = len(owner) == len(np.unique(owner))
+        dev = self.device
+        if self.disjoint:
+            # one convolution per group over its own filters, outputs put back in filter order
+            self.sub = []
+            for g in groups:
+                wg = g.weight[g.filters]
+                bound = int(np.abs(wg).reshape(len(wg), -1).sum(1).max()) * g.x_max
+                self.sub.append((g, torch.as_tensor(wg, device=dev), bound))
+            self.inverse = torch.as_tensor(np.argsort(owner), device=dev)
+            self.identity_order = bool((owner == np.arange(len(owner))).all())
+        else:
+            # stacked: [F, G*C, kh, kw]
+            wcat = np.concatenate([g.weight for g in groups], axis=1)
+            per_f = sum(np.abs(g.weight).reshape(len(w), -1).sum(1) * g.x_max for g in groups)
+            self.stacked = (torch.as_tensor(wcat, device=dev), int(per_f.max()))
+
+    def _plan_lut(self, w, mults, amap, used):
+        if any(m.bits > 8 for m in mults):
+            raise ValueError("lookup-table emulation supports widths up to 8 bits")
+        remap = {int(i): k for k, i in enumerate(used)}
+        self.luts = np.stack([mults[i].lut() for i in used]).astype(np.int32)
+        self.kmap = np.vectorize(remap.__getitem__)(amap).astype(np.int64)
+        self.w = w.astype(np.int64)
+        self.w_min = mults[used[0]].w_format.min
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.separable:
+            return self._separable(x)
+        if x.device.type == "cpu":
+            return torch.from_numpy(lut_conv_numba(x.numpy(), self.w, self.kmap, self.luts, self.x_min, self.w_min,
+                                                   self.stride, self.pads))
+        return lut_conv_torch(x, self.w, self.kmap, self.luts, self.x_min, self.w_min, self.stride, self.pads)
+
+    def _transform(self, g: _Group, x: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
+        if g.round_bit is None:
+            return g.x_table[x - self.x_min].to(xf.dtype)
+        if g.round_bit == 0:
+            return xf
+        # R_t(x) = 2^t floor(x / 2^t + 1/2): exact in float for |x| < 2^24
+        step = float(1 << g.round_bit)
+        return torch.floor((xf + step / 2) / step) * step
+
+    def _separable(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.float32)
+        if self.disjoint:
+            outs = [float_conv_exact(self._transform(g, x, xf), wg, self.stride, self.pads, bound)
+                    for g, wg, bound in self.sub]
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+            return out if self.identity_order else out.index_select(1, self.inverse)
+        wcat, bound = self.stacked
+        xcat = torch.cat([self._transform(g, x, xf) for g in self.groups], 1)
+        return float_conv_exact(xcat, wcat, self.stride, self.pads, bound)
+
+
+def _to_torch(a, device=None):
+    if isinstance(a, torch.Tensor):
+        return a.to(torch.int64) if device is None else a.to(device=device, dtype=torch.int64)
+    return torch.as_tensor(np.asarray(a, dtype=np.int64), device=device)
+
+
+def approx_conv2d(x, w, specs, assignment, stride: int = 1, padding=0, bits: int = 8, x_signed: bool = False,
+                  device=None):
+    """Exact int64 accumulators of a conv where kernel (f, c) uses multiplier ``specs[assignment[f, c]]``.
+
+    x: integer [N, C, H, W]; w: integer [F, C, kh, kw]; specs: spec strings or
+    Multiplier objects; assignment: an int (layer-level), [F] (filter-level)
+    or [F, C] (kernel-level) index array; padding: int, (ph, pw) or
+    (left, right, top, bottom). Returns a torch tensor for torch input (on its
+    device, or ``device``), else a numpy array.
+    """
+    is_torch = isinstance(x, torch.Tensor)
+    mults = [s if isinstance(s, Multiplier) else get_multiplier(s, bits, x_signed) for s in specs]
+    w_np = w.cpu().numpy() if isinstance(w, torch.Tensor) else np.asarray(w)
+    w_np = w_np.astype(np.int64)
+    amap = np.asarray(assignment, dtype=np.int64)
+    if amap.ndim == 1:
+        amap = np.repeat(amap[:, None], w_np.shape[1], axis=1)
+    amap = np.broadcast_to(amap, w_np.shape[:2])
+    xt = _to_torch(x, device)
+    xmin, xmax = mults[0].x_format.min, mults[0].x_format.max
+    if xt.numel():
+        lo, hi = int(xt.min()), int(xt.max())
+        if lo < xmin or hi > xmax:
+            raise ValueError(f"activations outside the multiplier's x range [{xmin}, {xmax}]")
+    plan = LayerPlan(w_np, mults, amap, stride, _pads(padding, *w_np.shape[2:]), device=xt.device, x_min=xmin, x_max=xmax)
+    out = plan(xt)
+    return out if is_torch else out.cpu().numpy()
+
+
+def approx_linear(x, w, specs, assignment, bits: int = 8, x_signed: bool = False, device=None):
+    """Dense layer: x [N, C], w [F, C]; assignment int, [F] or [F, C]. Returns [N, F] int64."""
+    is_torch = isinstance(x, torch.Tensor)
+    xt = _to_torch(x, device)[:, :, None, None]
+    wt = w[:, :, None, None]
+    out = approx_conv2d(xt, wt, specs, assignment, 1, 0, bits, x_signed)
+    out = out[:, :, 0, 0]
+    return out if is_torch else np.asarray(out)
+
+
+# ---------------------------------------------------------------- lookup-table paths
+
+
+def lut_conv_numba(x, w, kmap, luts, x_min, w_min, stride, pads):
+    from ._lut_kernel import lut_conv
+
+    left, r, t, b = pads
+    n, c, h, wd = x.shape
+    kh, kw = w.shape[2:]
+    ho = (h + t + b - kh) // stride + 1
+    wo = (wd + left + r - kw) // stride + 1
+    return lut_conv(np.ascontiguousarray(x, dtype=np.int64), np.ascontiguousarray(w), np.ascontiguousarray(kmap),
+                    np.ascontiguousarray(luts), x_min, w_min, stride, t, left, ho, wo)
+
+
+def lut_conv_torch(x, w, kmap, luts, x_min, w_min, stride, pads, filter_chunk: int = 8):
+    """Gather-based LUT convolution in torch (any device); padding forms no product."""
+    dev = x.device
+    left, r, t, b = pads
+    n, c, h, wd = x.shape
+    f, _, kh, kw = w.shape
+    nx, nw = luts.shape[1:]
+    lut = torch.as_tensor(luts, device=dev).reshape(-1).to(torch.int64)
+    # pad with an out-of-range marker, then unfold
+    xi = (x.to(torch.int64) - x_min)
+    xp = F.pad(xi.double(), (left, r, t, b), value=-1.0)
+    cols = F.unfold(xp, (kh, kw), stride=stride).to(torch.int64)  # [N, C*kh*kw, L]
+    valid = cols >= 0
+    cols = cols.clamp(min=0)
+    wi = torch.as_tensor(w.reshape(f, -1) - w_min, device=dev)  # [F, K]
+    km = torch.as_tensor(np.repeat(kmap, kh * kw, axis=1), device=dev)  # [F, K]
+    out = torch.zeros((n, f, cols.shape[2]), dtype=torch.int64, device=dev)
+    for f0 in range(0, f, filter_chunk):
+        f1 = min(f, f0 + filter_chunk)
+        base = km[f0:f1] * (nx * nw) + wi[f0:f1]  # [Fc, K]
+        idx = base[None, :, :, None] + cols[:, None, :, :] * nw  # [N, Fc, K, L]
+        prod = lut[idx] * valid[:, None, :, :]
+        out[:, f0:f1] = prod.sum(2)
+    ho = (h + t + b - kh) // stride + 1
+    return out.view(n, f, ho, -1)
+
+
+# ---------------------------------------------------------------- network runner
+
+
+class ApproxNetwork:
+    """A quantized network with an assignment: bit-exact approximate inference."""
+
+    def __init__(self, qnet: QuantizedResNet8, assignment: Assignment, device="cpu"):
+        self.qnet = qnet
+        self.assignment = assignment.bind(qnet)
+        mults = assignment.multipliers()
+        self.plans = {name: LayerPlan(l.weight, mults, assignment.maps[name], l.stride, l.pads, device=device)
+                      for name, l in qnet.layers.items()}
+        self.device = device
+
+    def conv(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.plans[name](x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qnet.forward_int(x, self.conv)
+
+    def predict(self, images: np.ndarray, batch_size: int = 100, progress: bool = False) -> np.ndarray:
+        return self.qnet.predict(images, batch_size=batch_size, device=self.device, conv=self.conv)

@@ -1,0 +1,54 @@
+"""The model + data a command works on: loading, describing and quantizing them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import Dataset, load_cifar10, resolve_data
+from .models import ResNet8, default_checkpoint, load_model
+from .quant import QuantizedResNet8, calibration_images, quantize
+
+
+def describe_data(ds: Dataset) -> str:
+    """Which data an accuracy came from, in words."""
+    p = Path(ds.source)
+    name = p.name.lower()
+    if "jpeg" in name or "jpg" in name:
+        kind = "JPEG copy (lossy)"
+    elif "lossless" in name:
+        kind = "lossless official pixels"
+    elif name.endswith((".tar.gz", ".tgz")) or "batches" in name:
+        kind = "official archive"
+    else:
+        kind = "image folder"
+    return f"{p.name} {ds.split} split, {len(ds)} images ({kind})"
+
+
+@dataclass
+class Workload:
+    model: ResNet8
+    model_path: str
+    data_path: Path
+
+    @classmethod
+    def open(cls, model: str | None, data: str | None) -> "Workload":
+        return cls(load_model(model), str(model or default_checkpoint()), resolve_data(data))
+
+    def split(self, split: str, limit: int | None = None) -> Dataset:
+        ds = load_cifar10(self.data_path, split)
+        return ds.subset(slice(0, limit)) if limit else ds
+
+    def quantized(self, calib: int = 1000, percentile: float = 99.99) -> QuantizedResNet8:
+        """8-bit model calibrated on ``calib`` seeded training images of the same data source."""
+        train = load_cifar10(self.data_path, "train")
+        q = quantize(self.model, calibration_images(train.images, calib), percentile)
+        q.meta.update({"model": self.model_path, "calibration": f"{calib} images of {describe_data(train)}"})
+        return q
+
+
+def accuracy(pred: np.ndarray, labels: np.ndarray) -> dict:
+    correct = int((pred == labels).sum())
+    return {"accuracy": correct / max(len(labels), 1), "correct": correct, "images": int(len(labels))}

@@ -1,0 +1,45 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MAXDNN_SHARED", REPO.parent / "shared"))
+JPEG_ZIP = SHARED / "datasets" / "cifar10-jpeg.zip"
+LOSSLESS_ZIP = SHARED / "datasets" / "cifar10-lossless-subset.zip"
+MLPERF_H5 = SHARED / "models" / "mlperf-tiny-resnet8" / "pretrainedResnet.h5"
+
+
+def need(path: Path):
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    return path
+
+
+# decoded datasets are cached inside the checkout (ignored), never in the user's home;
+# writes are atomic, so parallel workers may share it
+os.environ["MAXDNN_CACHE"] = str(REPO / ".pytest_cache" / "maxdnn-data")
+
+
+@pytest.fixture(scope="session")
+def lossless_test():
+    from maxdnn.data import load_cifar10
+
+    return load_cifar10(need(LOSSLESS_ZIP), "test")
+
+
+@pytest.fixture(scope="session")
+def qnet():
+    """The committed model quantized with 1000 lossless-subset training images."""
+    from maxdnn.data import load_cifar10
+    from maxdnn.models import load_model
+    from maxdnn.quant import calibration_images, quantize
+
+    train = load_cifar10(need(LOSSLESS_ZIP), "train")
+    return quantize(load_model(), calibration_images(train.images, 1000))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)

@@ -1,0 +1,161 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from maxdnn.approx import (
+    ApproxNetwork,
+    Assignment,
+    AssignmentError,
+    LayerPlan,
+    approx_conv2d,
+    approx_linear,
+    filter_assignment,
+    kernel_assignment,
+    layer_assignment,
+    lut_conv_torch,
+)
+from maxdnn.multipliers import get_multiplier, roup_specs
+from maxdnn.quant import exact_prod, reference_conv, reference_forward
+
+SEPARABLE = ["exact", "roup-p1r2", "roup-p3r7", "roup-p0r3", "roup-p2r0", "drum-k4", "ppp-j0k2"]
+LUT = SEPARABLE + ["mitchell", "trunc-k6"]
+GEOMETRY = [  # stride, kernel, padding as approx_conv2d takes it, same as (left, right, top, bottom)
+    (1, 3, 1, (1, 1, 1, 1)),
+    (2, 3, (0, 1, 0, 1), (0, 1, 0, 1)),
+    (2, 1, 0, (0, 0, 0, 0)),
+    (1, 1, 0, (0, 0, 0, 0)),
+    (1, 3, 0, (0, 0, 0, 0)),
+]
+
+
+def random_map(rng, gran, f, c, n):
+    if gran == "layer":
+        return np.full((f, c), rng.integers(n))
+    if gran == "filter":
+        return np.repeat(rng.integers(0, n, (f, 1)), c, 1)
+    return rng.integers(0, n, (f, c))
+
+
+def reference(x, w, specs, amap, stride, pads, bits=8):
+    mults = [get_multiplier(s, bits) for s in specs]
+    return reference_conv(x, w, stride, pads, lambda f, c: mults[amap[f, c]])
+
+
+@pytest.mark.parametrize("specs", [SEPARABLE[:4], SEPARABLE, LUT], ids=["roup", "separable", "lut"])
+@pytest.mark.parametrize("gran", ["layer", "filter", "kernel"])
+@pytest.mark.parametrize("geom", GEOMETRY, ids=lambda g: f"s{g[0]}k{g[1]}p{g[3]}")
+def test_approx_conv2d_matches_reference(rng, specs, gran, geom):
+    stride, k, padding, pads = geom
+    x = rng.integers(0, 256, (3, 5, 9, 9))
+    x[0, :, 0, :] = 255  # edge values at the padding border
+    x[1, :, :, 0] = 0
+    w = rng.integers(-128, 128, (7, 5, k, k))
+    w[0, 0] = 127
+    w[1, 0] = -128
+    amap = random_map(rng, gran, 7, 5, len(specs))
+    ref = reference(x, w, specs, amap, stride, pads)
+    assert np.array_equal(approx_conv2d(x, w, specs, amap, stride, padding), ref)
+    out_t = approx_conv2d(torch.as_tensor(x), torch.as_tensor(w), specs, amap, stride, padding)
+    assert isinstance(out_t, torch.Tensor) and np.array_equal(out_t.numpy(), ref)
+
+
+@pytest.mark.parametrize("geom", GEOMETRY[:3], ids=["s1k3", "s2k3", "s2k1"])
+def test_lut_paths_numba_and_torch(rng, geom):
+    stride, k, _, pads = geom
+    specs = LUT
+    x = rng.integers(0, 256, (2, 4, 8, 8))
+    w = rng.integers(-128, 128, (5, 4, k, k))
+    amap = rng.integers(0, len(specs), (5, 4))
+    plan = LayerPlan(w, [get_multiplier(s) for s in specs], amap, stride, pads)
+    assert not plan.separable
+    ref = reference(x, w, specs, amap, stride, pads)
+    assert np.array_equal(plan(torch.as_tensor(x)).numpy(), ref)  # numba kernel on CPU
+    torch_out = lut_conv_torch(torch.as_tensor(x), plan.w, plan.kmap, plan.luts, plan.x_min, plan.w_min, stride, pads)
+    assert np.array_equal(torch_out.numpy(), ref)
+
+
+def test_accumulators_past_2_24_take_exact_path(rng):
+    specs = ["exact", "roup-p2r3", "roup-p7r15", "drum-k8"]
+    x = rng.integers(60000, 65536, (1, 16, 5, 5))
+    w = rng.integers(-32768, 32768, (4, 16, 3, 3))
+    amap = rng.integers(0, len(specs), (4, 16))
+    ref = reference(x, w, specs, amap, 1, (1, 1, 1, 1), bits=16)
+    assert np.abs(ref).max() > 1 << 24
+    assert np.array_equal(approx_conv2d(x, w, specs, amap, 1, 1, bits=16), ref)
+
+
+def test_approx_linear(rng):
+    x = rng.integers(0, 256, (4, 64))
+    w = rng.integers(-128, 128, (10, 64))
+    amap = rng.integers(0, 3, (10, 64))
+    specs = ["exact", "roup-p1r1", "mitchell"]
+    mults = [get_multiplier(s) for s in specs]
+    ref = np.array([[sum(int(mults[amap[f, c]](x[n, c], w[f, c])) for c in range(64)) for f in range(10)] for n in range(4)])
+    assert np.array_equal(approx_linear(x, w, specs, amap), ref)
+
+
+def test_operand_range_checked(rng):
+    with pytest.raises(ValueError, match="x range"):
+        approx_conv2d(np.full((1, 1, 3, 3), 300), np.ones((1, 1, 1, 1), int), ["exact"], 0)
+
+
+def test_whole_network_bit_exact_each_granularity(qnet, lossless_test, rng):
+    imgs = lossless_test.images[:3]
+    specs = roup_specs(8) + ["mitchell"]
+    assignments = [
+        layer_assignment(qnet, {n: str(rng.choice(roup_specs(8))) for n in qnet.layers}),
+        filter_assignment(qnet, {n: [str(rng.choice(roup_specs(8))) for _ in range(l.weight.shape[0])] for n, l in qnet.layers.items()}),
+        kernel_assignment(specs, {n: rng.integers(0, len(specs), l.weight.shape[:2]) for n, l in qnet.layers.items()}),
+    ]
+    for a in assignments:
+        net = ApproxNetwork(qnet, a)
+        mults = a.multipliers()
+        ref = reference_forward(qnet, imgs, lambda name: (lambda f, c: mults[a.maps[name][f, c]]))
+        assert np.array_equal(net.logits(torch.as_tensor(imgs)).numpy(), ref), a.granularity()
+
+
+def test_all_exact_assignment_equals_exact_engine(qnet, lossless_test):
+    net = ApproxNetwork(qnet, Assignment.uniform(qnet, "roup-p0r0"))
+    assert np.array_equal(net.predict(lossless_test.images[:200]), qnet.predict(lossless_test.images[:200]))
+
+
+def test_assignment_roundtrip_each_granularity(qnet, tmp_path, rng):
+    a_layer = layer_assignment(qnet, {"s3.conv2": "roup-p1r2"})
+    a_filter = filter_assignment(qnet, {"s2.conv1": ["roup-p2r2"] * 16 + ["exact"] * 16})
+    a_kernel = kernel_assignment(["exact", "roup-p1r1"], {"s3.conv2": rng.integers(0, 2, (64, 64))})
+    for a, gran in [(a_layer, "layer"), (a_filter, "filter"), (a_kernel, "kernel")]:
+        p = tmp_path / f"{gran}.json"
+        a.save(p)
+        b = Assignment.load(p, qnet)
+        assert b.granularity() == gran and b.specs == a.specs
+        a.bind(qnet)
+        for n in qnet.layers:
+            assert np.array_equal(a.maps[n], b.maps[n])
+    doc = json.loads((tmp_path / "filter.json").read_text())
+    assert isinstance(doc["layers"]["s2.conv1"], list)  # human-editable
+    assert json.loads((tmp_path / "kernel.json").read_text())["arrays"] == "kernel.npz"
+
+
+@pytest.mark.parametrize("layers,specs,message", [
+    ({"conv1": 0}, ["roup-p9r9"], "roup-p9r9"),
+    ({"conv9": 0}, ["exact"], "unknown layer 'conv9'"),
+    ({"s1.conv1": [0, 0]}, ["exact"], "layer s1.conv1: 2 filter entries"),
+    ({"s1.conv1": [[0, 0]]}, ["exact"], r"layer s1.conv1: shape \[1, 2\]"),
+    ({"fc": 3}, ["exact"], "layer fc: index 3 out of range"),
+    ({"fc": "x"}, ["exact"], "layer fc: expected"),
+])
+def test_assignment_errors_name_the_layer(qnet, tmp_path, layers, specs, message):
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps({"format": "maxdnn-assignment-v1", "specs": specs, "layers": layers}))
+    with pytest.raises(AssignmentError, match=message) as e:
+        Assignment.load(p, qnet)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_assignment_not_json(tmp_path):
+    p = tmp_path / "a.json"
+    p.write_text("{")
+    with pytest.raises(AssignmentError, match="not valid JSON"):
+        Assignment.load(p)

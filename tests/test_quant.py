@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import JPEG_ZIP, MLPERF_H5, need
+from maxdnn.quant import (
+    QuantizedResNet8,
+    exact_prod,
+    float_conv_exact,
+    quantize_multiplier,
+    reference_conv,
+    reference_forward,
+)
+
+
+def scalar_conv(x, w, stride, pads):
+    """Every multiplication written out: the definition of the convolution."""
+    left, r, t, b = pads
+    n, c, h, wd = x.shape
+    f, _, kh, kw = w.shape
+    ho, wo = (h + t + b - kh) // stride + 1, (wd + left + r - kw) // stride + 1
+    out = np.zeros((n, f, ho, wo), dtype=np.int64)
+    for a in range(n):
+        for o in range(f):
+            for y in range(ho):
+                for z in range(wo):
+                    s = 0
+                    for ci in range(c):
+                        for i in range(kh):
+                            for j in range(kw):
+                                yy, zz = y * stride + i - t, z * stride + j - left
+                                if 0 <= yy < h and 0 <= zz < wd:
+                                    s += int(x[a, ci, yy, zz]) * int(w[o, ci, i, j])
+                    out[a, o, y, z] = s
+    return out
+
+
+@pytest.mark.parametrize("stride,k,pads", [(1, 3, (1, 1, 1, 1)), (2, 3, (0, 1, 0, 1)), (2, 1, (0, 0, 0, 0)), (1, 3, (0, 0, 0, 0))])
+def test_reference_conv_is_the_definition(rng, stride, k, pads):
+    x = rng.integers(0, 256, (2, 3, 7, 7))
+    w = rng.integers(-128, 128, (4, 3, k, k))
+    assert np.array_equal(reference_conv(x, w, stride, pads, lambda f, c: exact_prod), scalar_conv(x, w, stride, pads))
+
+
+def test_quantize_multiplier():
+    for m in [0.5, 1e-4, 0.0123456, 3.7, 1 - 1e-12]:
+        m0, sh = quantize_multiplier(m)
+        assert (1 << 30) <= m0 < (1 << 31)
+        assert abs(m0 / 2**sh - m) <= m * 2**-30
+    with pytest.raises(ValueError):
+        quantize_multiplier(0)
+
+
+def test_float_conv_exact_both_precisions(rng):
+    x = rng.integers(0, 256, (2, 64, 6, 6))
+    w = rng.integers(-128, 128, (8, 64, 3, 3))
+    ref = scalar_conv(x, w, 1, (1, 1, 1, 1))
+    bound = int(np.abs(w).reshape(8, -1).sum(1).max()) * 255
+    assert bound < 1 << 24
+    out = float_conv_exact(torch.as_tensor(x), torch.as_tensor(w), 1, (1, 1, 1, 1), bound)
+    assert np.array_equal(out.numpy(), ref)
+    # accumulators past 2^24: 16-bit operands take the float64 path
+    x16 = rng.integers(0, 65536, (1, 8, 5, 5))
+    w16 = rng.integers(-32768, 32768, (4, 8, 3, 3))
+    b16 = int(np.abs(w16).reshape(4, -1).sum(1).max()) * 65535
+    assert b16 > 1 << 24
+    ref16 = scalar_conv(x16, w16, 2, (0, 1, 0, 1))
+    assert np.abs(ref16).max() > 1 << 24
+    out16 = float_conv_exact(torch.as_tensor(x16), torch.as_tensor(w16), 2, (0, 1, 0, 1), b16)
+    assert np.array_equal(out16.numpy(), ref16)
+
+
+def test_fast_engine_equals_reference_random_and_real(qnet, lossless_test, rng):
+    rand = rng.integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
+    for imgs in [rand, lossless_test.images[:6]]:
+        ref = reference_forward(qnet, imgs)
+        fast = qnet.forward_int(torch.as_tensor(imgs)).numpy()
+        assert np.array_equal(ref, fast)
+
+
+def test_mlperf_model_int8_equals_reference(lossless_test):
+    from maxdnn.data import load_cifar10
+    from maxdnn.models import load_model
+    from maxdnn.quant import calibration_images, quantize
+
+    from conftest import LOSSLESS_ZIP
+
+    q = quantize(load_model(need(MLPERF_H5)), calibration_images(load_cifar10(LOSSLESS_ZIP, "train").images, 500))
+    imgs = lossless_test.images[:4]
+    assert np.array_equal(reference_forward(q, imgs), q.forward_int(torch.as_tensor(imgs)).numpy())
+    acc = (q.predict(lossless_test.images) == lossless_test.labels).mean()
+    assert acc >= 0.87
+
+
+def test_quantization_costs_at_most_one_point_on_jpeg_test_set():
+    from maxdnn.data import load_cifar10
+    from maxdnn.models import load_model, predict
+    from maxdnn.quant import calibration_images, quantize
+
+    test = load_cifar10(need(JPEG_ZIP), "test")
+    train = load_cifar10(JPEG_ZIP, "train")
+    m = load_model()
+    q = quantize(m, calibration_images(train.images))
+    f_acc = (predict(m, test.images).numpy() == test.labels).mean()
+    q_acc = (q.predict(test.images) == test.labels).mean()
+    assert len(test) == 10000
+    assert f_acc >= 0.82
+    assert q_acc >= f_acc - 0.01
+
+
+def test_save_load_roundtrip(qnet, tmp_path, rng):
+    qnet.save(tmp_path / "q.npz")
+    q2 = QuantizedResNet8.load(tmp_path / "q.npz")
+    x = torch.as_tensor(rng.integers(0, 256, (3, 3, 32, 32)))
+    assert torch.equal(qnet.forward_int(x), q2.forward_int(x))
+    for n, l in qnet.layers.items():
+        assert np.array_equal(l.weight, q2.layers[n].weight) and l.pads == q2.layers[n].pads
+
+
+def test_integer_model_properties(qnet):
+    for name, layer in qnet.layers.items():
+        assert layer.weight.min() >= -127 and layer.weight.max() <= 127, name
+        assert np.abs(layer.bias).max() < 2**31
+    assert qnet.layers["s2.conv1"].pads == (0, 1, 0, 1)
