@@ -181,6 +181,102 @@ def evaluate(
             typer.echo(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
 
 
+hardware_app = typer.Typer(no_args_is_help=True, help="Gate-level netlists, area, depth and energy of the multipliers.")
+app.add_typer(hardware_app, name="hardware")
+
+
+@hardware_app.command("verilog")
+def hardware_verilog(spec: str, out: Path = typer.Option(..., help="Verilog file to write.")):
+    """Write the structural Verilog of SPEC (exact or roup-p{P}r{R}); module mul(x, w, p)."""
+    from .hardware.power import NoHardwareError, verilog_for
+
+    try:
+        v = verilog_for(spec)
+    except NoHardwareError as e:
+        fail(str(e))
+    tmp = out.with_name(out.name + ".part")
+    tmp.write_text(v)
+    tmp.replace(out)
+    typer.echo(str(out))
+
+
+@hardware_app.command("report")
+def hardware_report_cmd(
+    spec: Optional[list[str]] = typer.Option(None, "--spec", help="Designs (default: exact and every 8-bit ROUP)."),
+    stream: Optional[list[str]] = typer.Option(None, "--stream", help="uniform and/or resnet8 (repeatable; default uniform)."),
+    data: Optional[str] = typer.Option(None, envvar="MAXDNN_DATA", help="CIFAR-10 source for the resnet8 stream."),
+    model: Optional[str] = typer.Option(None, help="Model for the resnet8 stream (default: the committed one)."),
+    as_json: bool = typer.Option(False, "--json"),
+    save_table: Optional[Path] = typer.Option(None, help="Also write the table (JSON) that energy accounting reads."),
+):
+    """Area (NAND2 eq.), logic depth and energy per multiplication of each design."""
+    import time
+
+    from tqdm import tqdm
+
+    from .hardware.power import NoHardwareError, design_params, hardware_report, resnet8_stream, uniform_stream
+    from .hardware.synth import SynthesisError
+    from .multipliers import roup_specs
+
+    specs = list(spec) if spec else ["exact"] + [s for s in roup_specs(8) if s != "roup-p0r0"]
+    streams = list(stream) if stream else ["uniform"]
+    for s in streams:
+        if s not in ("uniform", "resnet8"):
+            fail(f"--stream {s}: expected uniform or resnet8")
+    try:
+        for s in specs:
+            design_params(s)
+    except NoHardwareError as e:
+        fail(str(e))
+    t0 = time.time()
+    built = []
+    for s in streams:
+        if s == "uniform":
+            built.append(uniform_stream())
+        else:
+            from .data import DataError
+            from .models import ModelError
+            from .quant import calibration_images
+            from .workload import Workload
+
+            try:
+                wl = Workload.open(model, _data_or_fail(data))
+                q = wl.quantized()
+                imgs = calibration_images(wl.split("train").images, 2, seed=1)
+            except (DataError, ModelError) as e:
+                fail(str(e))
+            built.append(resnet8_stream(q, imgs))
+    bar = tqdm(total=len(specs), desc="designs", disable=as_json, leave=False)
+    try:
+        rows = hardware_report(specs, built, progress=lambda _: bar.update())
+    except SynthesisError as e:
+        fail(str(e))
+    bar.close()
+    elapsed = time.time() - t0
+    if save_table:
+        doc = {"unit": "NAND2-toggle equivalents per multiplication (unit-delay, glitches counted)",
+               "area_unit": "NAND2 equivalents (NanGate 45nm X1 areas)",
+               "streams": {s.name: len(s.x) for s in built}, "designs": rows}
+        save_table.parent.mkdir(parents=True, exist_ok=True)
+        tmp = save_table.with_name(save_table.name + ".part")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        tmp.replace(save_table)
+    if as_json:
+        typer.echo(json.dumps([{k: r[k] for k in ("spec", "area_nand2", "depth", "energy", "energy_rel", "gates")} for r in rows], indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"8-bit radix-4 Booth / ROUP designs ({elapsed:.1f} s); energy in NAND2-toggle eq. per multiplication")
+    t.add_column("spec")
+    for c in ["gates", "area (NAND2)", "depth"] + [f"E {s}" for s in streams] + [f"E/E_exact {s}" for s in streams]:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(r["spec"], str(r["gates"]), f"{r['area_nand2']:.1f}", str(r["depth"]),
+                  *[f"{r['energy'][s]:.1f}" for s in streams], *[f"{r['energy_rel'][s]:.3f}" for s in streams])
+    Console(width=140).print(t)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

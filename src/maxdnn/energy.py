@@ -7,9 +7,11 @@ of a layer therefore have the same count.
 
 Energy per multiplication comes from an energy table (spec -> energy relative
 to the exact multiplier of the same architecture). The table is the hardware
-cost model's (``maxdnn.hardware``, gate-level simulation of synthesized
-netlists) when it has an entry for every spec used; otherwise a provisional
-model, labelled as such in every output:
+cost model's (``maxdnn.hardware``: unit-delay gate-level simulation of the
+synthesized netlists on the ResNet-8 operand stream, committed as
+``data_files/energy-8bit.json`` by ``maxdnn hardware report --stream uniform
+--stream resnet8 --save-table ...``) when it has an entry for every spec used;
+otherwise a provisional model, labelled as such in every output:
 
     PROVISIONAL: relative energy = (kept Booth rows / all rows) * (multiplicand
     bits after rounding / all multiplicand bits) = ((B/2 - P) / (B/2)) * ((B + 1 - R) / (B + 1))
@@ -56,7 +58,7 @@ def provisional_energy(spec: str, bits: int = 8) -> float:
     raise KeyError(f"no energy model for multiplier '{spec}' (energy is modelled for exact and ROUP)")
 
 
-def hardware_table(bits: int = 8, stream: str = "uniform") -> dict[str, float] | None:
+def hardware_table(bits: int = 8, stream: str = "resnet8") -> dict[str, float] | None:
     """Relative energies from the committed hardware report, if present."""
     if bits != 8:
         return None
@@ -76,10 +78,11 @@ class EnergyTable:
         return self.rel[spec]
 
 
-def energy_table(specs, bits: int = 8, stream: str = "uniform") -> EnergyTable:
+def energy_table(specs, bits: int = 8, stream: str = "resnet8") -> EnergyTable:
     hw = hardware_table(bits, stream)
     if hw is not None and all(s in hw for s in specs):
-        return EnergyTable({s: hw[s] for s in specs}, f"hardware: gate-level simulation, {stream} operand stream")
+        return EnergyTable({s: hw[s] for s in specs},
+                           f"hardware: unit-delay gate-level simulation of Yosys netlists, {stream} operand stream")
     return EnergyTable({s: provisional_energy(s, bits) for s in specs},
                        "PROVISIONAL (partial-product bit count; hardware table lacks these specs)")
 

@@ -1,0 +1,110 @@
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from maxdnn.cli import app
+from maxdnn.hardware.booth_verilog import booth_multiplier_verilog
+from maxdnn.hardware.netlist import Netlist
+from maxdnn.hardware.power import hardware_report, netlist_for, stream_energy, uniform_stream
+from maxdnn.hardware.synth import synthesize
+from maxdnn.multipliers import get_multiplier, roup_specs
+
+XS = np.repeat(np.arange(256), 256)
+WS = np.tile(np.arange(-128, 128), 256)
+
+
+def _gate(t, a, b, y):
+    conns = {"A": [a], "Y": [y]}
+    if b is not None:
+        conns["B"] = [b]
+    return {"type": f"$_{t}_", "connections": conns}
+
+
+def tiny(cells, inputs, outputs):
+    return Netlist.from_yosys_json({"modules": {"mul": {
+        "ports": {**{k: {"direction": "input", "bits": v} for k, v in inputs.items()},
+                  **{k: {"direction": "output", "bits": v} for k, v in outputs.items()}},
+        "cells": {f"c{i}": c for i, c in enumerate(cells)}}}})
+
+
+def test_simulator_full_adder_truth_table():
+    # listed out of order on purpose: the reader sorts topologically
+    cells = [_gate("XOR", 10, 4, 5), _gate("XOR", 2, 3, 10), _gate("AND", 2, 3, 11), _gate("AND", 10, 4, 12), _gate("OR", 11, 12, 6)]
+    n = tiny(cells, {"a": [2], "b": [3], "c": [4]}, {"s": [5, 6, "0"]})  # (sum, carry, 0): unsigned 3-bit word
+    a, b, c = np.array([0, 1] * 4), np.repeat([0, 1], 2).tolist() * 2, np.repeat([0, 1], 4)
+    out = n.simulate(a=a, b=np.array(b), c=c)["s"]
+    assert list(out) == list(a + np.array(b) + c)
+    assert n.depth() == 3
+
+
+def test_unit_delay_counts_glitches():
+    # y = a XOR NOT(NOT(a)) is 0 when settled, but glitches to 1 for two steps when a toggles
+    cells = [_gate("NOT", 2, None, 3), _gate("NOT", 3, None, 4), _gate("XOR", 2, 4, 5)]
+    n = tiny(cells, {"a": [2]}, {"y": [5, "0"]})
+    toggles, zero = n.toggles(a=np.array([0, 1, 0, 1]))
+    assert zero[2] == 0 and toggles[2] == 6  # 3 transitions, each a 0 -> 1 -> 0 glitch
+    assert toggles[0] == 3 and toggles[1] == 3
+
+
+@pytest.mark.parametrize("spec", ["exact"] + [s for s in roup_specs(8) if s != "roup-p0r0"])
+def test_synthesized_netlist_exhaustively_equals_model(spec):
+    net = netlist_for(spec)
+    assert np.array_equal(net.simulate(x=XS, w=WS)["p"], get_multiplier(spec)(XS, WS)), spec
+
+
+@pytest.mark.parametrize("p,r", [(0, 0), (1, 2), (2, 5)])
+def test_signed_multiplicand_designs(p, r):
+    net, _ = synthesize(booth_multiplier_verilog(p, r, x_signed=True))
+    xs = np.repeat(np.arange(-128, 128), 256)
+    m = get_multiplier(f"roup-p{p}r{r}", x_signed=True)
+    assert np.array_equal(net.simulate(x=xs & 255, w=WS)["p"], m(xs, WS))
+
+
+def test_energy_ordering_and_exact_equivalence():
+    rows = {r["spec"]: r for r in hardware_report(["exact", "roup-p0r0"] + roup_specs(8)[1:], [uniform_stream(4000)])}
+    assert rows["roup-p0r0"]["energy"] == rows["exact"]["energy"] and rows["roup-p0r0"]["energy_rel"]["uniform"] == 1.0
+    for r in range(8):
+        e = [rows[f"roup-p{p}r{r}"]["energy"]["uniform"] for p in range(4)]
+        assert e == sorted(e, reverse=True) and len(set(e)) == 4, (r, e)  # more perforation, less energy
+        a = [rows[f"roup-p{p}r{r}"]["area_nand2"] for p in range(4)]
+        assert a == sorted(a, reverse=True)
+
+
+def test_energy_cached(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("MAXDNN_CACHE", str(tmp_path))
+    net = netlist_for("roup-p1r1")
+    s = uniform_stream(3000, seed=5)
+    first = stream_energy(net, s)
+    t = time.time()
+    assert stream_energy(net, s) == first and time.time() - t < 0.05
+
+
+def test_committed_energy_table_matches_fresh_simulation():
+    from importlib import resources
+
+    doc = json.loads((resources.files("maxdnn") / "data_files" / "energy-8bit.json").read_text())
+    rows = {r["spec"]: r for r in doc["designs"]}
+    assert set(rows) == {"exact"} | set(roup_specs(8)) - {"roup-p0r0"}
+    fresh = hardware_report(["roup-p1r2"], [uniform_stream()])[0]
+    assert fresh["energy"]["uniform"] == rows["roup-p1r2"]["energy"]["uniform"]
+    assert fresh["area_nand2"] == rows["roup-p1r2"]["area_nand2"]
+
+
+def test_cli_hardware(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["hardware", "report", "--spec", "exact", "--spec", "roup-p2r2", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert {"spec", "area_nand2", "depth", "energy", "energy_rel"} <= set(rows[0])
+    assert rows[1]["energy_rel"]["uniform"] < 1
+    r = runner.invoke(app, ["hardware", "report", "--spec", "mitchell"])
+    assert r.exit_code == 2 and "no hardware design" in r.output and len(r.output.strip().splitlines()) == 1
+    out = tmp_path / "m.v"
+    r = runner.invoke(app, ["hardware", "verilog", "roup-p1r2", "--out", str(out)])
+    assert r.exit_code == 0 and "module mul(" in out.read_text()
+    r = runner.invoke(app, ["hardware", "verilog", "drum-k4", "--out", str(out)])
+    assert r.exit_code == 2
