@@ -17,6 +17,14 @@ def need(path: Path):
     return path
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per worker: the workers already fill the cores (oversubscription slows everything)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 # decoded datasets are cached inside the checkout (ignored), never in the user's home;
 # writes are atomic, so parallel workers may share it
 os.environ["MAXDNN_CACHE"] = str(REPO / ".pytest_cache" / "maxdnn-data")

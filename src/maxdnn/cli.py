@@ -132,7 +132,7 @@ def evaluate(
     data: Optional[str] = typer.Option(None, envvar="MAXDNN_DATA", help="CIFAR-10 source (archive, folder or zip)."),
     precision: str = typer.Option("float", help="float or int8 (int8 is implied by --assign)."),
     split: str = typer.Option("test"),
-    limit: Optional[int] = typer.Option(None, help="Only the first N images."),
+    limit: Optional[int] = typer.Option(None, help="Only N images: a fixed seeded random sample of the split."),
     assign: Optional[Path] = typer.Option(None, help="Multiplier assignment (JSON) for approximate int8 inference."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     batch_size: int = typer.Option(100),
@@ -179,6 +179,69 @@ def evaluate(
     else:
         for k, v in result.items():
             typer.echo(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
+
+
+@app.command()
+def explore(
+    out: Path = typer.Option(..., help="Run directory (rerun the same command to resume)."),
+    data: Optional[str] = typer.Option(None, envvar="MAXDNN_DATA", help="CIFAR-10 source."),
+    model: Optional[str] = typer.Option(None, help="Model (default: the committed ResNet-8)."),
+    approach: str = typer.Option("all", help="layer, filter, kernel, alwann or all."),
+    budget: str = typer.Option("quick", help="quick or full."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: SQLite in the run directory)."),
+    seed: int = typer.Option(0),
+):
+    """MAx-DNN exploration: resilience, the three approaches and ALWANN, Pareto report."""
+    import time
+
+    from .data import DataError
+    from .explore import APPROACHES, BUDGETS, Explorer, run_exploration
+    from .models import ModelError
+    from .report import write_report
+    from .workload import Workload
+
+    aps = list(APPROACHES) if approach == "all" else [approach]
+    if any(a not in APPROACHES for a in aps):
+        fail(f"--approach {approach}: expected one of {', '.join(APPROACHES)} or all")
+    if budget not in BUDGETS:
+        fail(f"--budget {budget}: expected quick or full")
+    t0 = time.time()
+    try:
+        ex = Explorer(out, Workload.open(model, _data_or_fail(data)), BUDGETS[budget], storage, seed, log=lambda m: typer.echo(m, err=True))
+    except (DataError, ModelError) as e:
+        fail(str(e))
+    except ValueError as e:
+        fail(str(e))
+    run_exploration(ex, aps)
+    res = ex.resilience()
+    info = json.loads((out / "run.json").read_text())
+    info["resilience"] = ", ".join(f"{k} {v:.2f}" for k, v in zip(["layers", "filters", "kernels"], res["validation"]))
+    info["wall_seconds"] = info.get("wall_seconds", 0) + (time.time() - t0)
+    tmp = out / "run.json.part"
+    tmp.write_text(json.dumps(info, indent=1))
+    tmp.replace(out / "run.json")
+    path = write_report(out, ex)
+    typer.echo(path.read_text())
+
+
+@app.command()
+def report(run_dir: Path):
+    """Write points.csv, pareto.png/svg and report.md of an exploration run."""
+    from .report import ReportError, write_report
+
+    if not (run_dir / "run.json").exists():
+        fail(f"{run_dir}: not an exploration run (no run.json)")
+    try:
+        from .explore import Explorer, BUDGETS
+        from .workload import Workload
+
+        info = json.loads((run_dir / "run.json").read_text())
+        ex = Explorer.__new__(Explorer)  # only the study storage is needed to read the points
+        ex.run_dir, ex.storage_url = run_dir, info["storage"]
+        path = write_report(run_dir, ex)
+    except ReportError as e:
+        fail(str(e))
+    typer.echo(str(path))
 
 
 hardware_app = typer.Typer(no_args_is_help=True, help="Gate-level netlists, area, depth and energy of the multipliers.")

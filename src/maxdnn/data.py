@@ -56,6 +56,17 @@ class Dataset:
     def subset(self, idx) -> "Dataset":
         return Dataset(self.images[idx], self.labels[idx], self.source, self.split)
 
+    def sample(self, n: int | None, seed: int = 0) -> "Dataset":
+        """A fixed seeded random subset of n images (all when n is None or >= len).
+
+        Image-folder sources are ordered class by class, so a prefix would hold
+        only the first classes; a random subset keeps the class mix.
+        """
+        if n is None or n >= len(self):
+            return self
+        idx = np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
+        return self.subset(idx)
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("MAXDNN_CACHE", Path.home() / ".cache" / "maxdnn"))
@@ -328,7 +339,11 @@ def resolve_data(path: str | os.PathLike | None) -> Path:
 
 
 def validation_split(n_train: int, n_val: int = 5000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, validation indices): a fixed seeded split of the training images."""
+    """(train indices, validation indices): a fixed seeded split of the training images.
+
+    The validation indices come in random order (a prefix of them is itself a
+    random sample); the training indices are sorted.
+    """
     perm = np.random.default_rng(seed).permutation(n_train)
     n_val = min(n_val, n_train // 5) if n_train < 5 * n_val else n_val
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    return np.sort(perm[n_val:]), perm[:n_val]

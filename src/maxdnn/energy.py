@@ -66,7 +66,10 @@ def hardware_table(bits: int = 8, stream: str = "resnet8") -> dict[str, float] |
         doc = json.loads((resources.files("maxdnn") / "data_files" / HARDWARE_TABLE).read_text())
     except (FileNotFoundError, OSError):
         return None
-    return {row["spec"]: row["energy_rel"][stream] for row in doc["designs"] if stream in row.get("energy_rel", {})}
+    table = {row["spec"]: row["energy_rel"][stream] for row in doc["designs"] if stream in row.get("energy_rel", {})}
+    if "exact" in table:
+        table.setdefault("roup-p0r0", table["exact"])  # the same design
+    return table
 
 
 @dataclass

@@ -38,8 +38,8 @@ class Workload:
         return cls(load_model(model), str(model or default_checkpoint()), resolve_data(data))
 
     def split(self, split: str, limit: int | None = None) -> Dataset:
-        ds = load_cifar10(self.data_path, split)
-        return ds.subset(slice(0, limit)) if limit else ds
+        """The split, or a fixed seeded random sample of ``limit`` images of it."""
+        return load_cifar10(self.data_path, split).sample(limit)
 
     def quantized(self, calib: int = 1000, percentile: float = 99.99) -> QuantizedResNet8:
         """8-bit model calibrated on ``calib`` seeded training images of the same data source."""

@@ -1,0 +1,110 @@
+"""Emulation speed: bit-exact approximate inference against exact float inference, in one process.
+
+    python benchmarks/emulation.py --data PATH/cifar10-jpeg.zip [--images 10000] [--device cpu|cuda]
+
+Times, on the same images and batch size: exact float inference of the
+ResNet-8 (the baseline), the exact int8 engine, ROUP emulation with random
+layer-, filter- and kernel-level assignments (kernel-level twice: two
+configurations per layer, as MAx-DNN's kernel-level approach produces, and all
+32 ROUP configurations at random), and the generic lookup-table path (numba on
+CPU, torch gather on CUDA) on a subset. Every approximate run is checked
+bit-exact against the integer reference engine on a few images first.
+Prints each time and its ratio to exact float inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from maxdnn.approx import ApproxNetwork, filter_assignment, kernel_assignment, layer_assignment
+from maxdnn.data import load_cifar10
+from maxdnn.models import load_model, predict
+from maxdnn.multipliers import roup_specs
+from maxdnn.quant import calibration_images, quantize, reference_forward
+
+
+def timed(fn, repeats=3):
+    fn()  # warm-up (compilation, allocation)
+    best = float("inf")
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--images", type=int, default=10000)
+    ap.add_argument("--lut-images", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    dev = args.device
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+    test = load_cifar10(args.data, "test").sample(args.images)
+    imgs, labels = test.images, test.labels
+    model = load_model()
+    q = quantize(model, calibration_images(load_cifar10(args.data, "train").images))
+    rng = np.random.default_rng(0)
+    roup = roup_specs(8)
+    hidden = [n for n in q.layers]
+    cases = {
+        "layer-level (random ROUP per layer)": layer_assignment(q, {n: str(rng.choice(roup)) for n in hidden}),
+        "filter-level (random ROUP per filter)": filter_assignment(
+            q, {n: [str(rng.choice(roup)) for _ in range(l.weight.shape[0])] for n, l in q.layers.items()}),
+        "kernel-level (exact + 1 ROUP per layer, 50% kernels)": None,
+        "kernel-level (all 32 ROUP at random)": kernel_assignment(
+            roup, {n: rng.integers(0, len(roup), l.weight.shape[:2]) for n, l in q.layers.items()}),
+    }
+    specs2 = ["exact"] + [str(rng.choice(roup[1:])) for _ in hidden]
+    cases["kernel-level (exact + 1 ROUP per layer, 50% kernels)"] = kernel_assignment(
+        specs2, {n: np.where(rng.random(l.weight.shape[:2]) < 0.5, i + 1, 0) for i, (n, l) in enumerate(q.layers.items())})
+    lut_case = kernel_assignment(["exact", "mitchell", "drum-k4", "trunc-k6"],
+                                 {n: rng.integers(0, 4, l.weight.shape[:2]) for n, l in q.layers.items()})
+
+    # correctness first: every case against the integer reference engine
+    few = imgs[:4]
+    for name, a in list(cases.items()) + [("lut", lut_case)]:
+        mults = a.multipliers()
+        ref = reference_forward(q, few, lambda n, a=a, m=mults: (lambda f, c: m[a.maps[n][f, c]]))
+        got = ApproxNetwork(q, a, device=dev).logits(torch.as_tensor(few, device=dev)).cpu().numpy()
+        assert np.array_equal(ref, got), f"{name}: not bit-exact"
+
+    rows = []
+    t_float, pf = timed(lambda: predict(model, imgs, args.batch_size, dev).numpy(), args.repeats)
+    rows.append(("exact float (PyTorch, BN unfused)", t_float, (pf == labels).mean(), len(imgs)))
+    t, p = timed(lambda: q.predict(imgs, args.batch_size, dev), args.repeats)
+    rows.append(("exact int8 engine", t, (p == labels).mean(), len(imgs)))
+    for name, a in cases.items():
+        net = ApproxNetwork(q, a, device=dev)
+        t, p = timed(lambda: net.predict(imgs, args.batch_size), args.repeats)
+        rows.append((name, t, (p == labels).mean(), len(imgs)))
+    sub = test.sample(args.lut_images, seed=1)
+    n_lut = len(sub)
+    net = ApproxNetwork(q, lut_case, device=dev)
+    t, p = timed(lambda: net.predict(sub.images, args.batch_size), 1)
+    rows.append((f"lookup-table path (Mitchell/DRUM/trunc, kernel-level), scaled from {n_lut}", t * len(imgs) / n_lut,
+                 (p == sub.labels).mean(), n_lut))
+
+    dev_name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{len(imgs)} test images of {args.data}, batch {args.batch_size}, {dev_name}, torch {torch.__version__}")
+    print(f"{'case':62s} {'seconds':>9s} {'x float':>8s} {'accuracy':>9s} {'images':>7s}")
+    for name, t, acc, n in rows:
+        print(f"{name:62s} {t:9.3f} {t / t_float:8.2f} {acc:9.4f} {n:7d}")
+
+
+if __name__ == "__main__":
+    main()

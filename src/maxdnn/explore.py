@@ -1,0 +1,506 @@
+"""MAx-DNN exploration: resilience analysis, layer/filter/kernel approaches, NSGA-II search.
+
+Data: the search evaluates on a validation split carved from the training
+images (the same seeded hold-out ``maxdnn train`` keeps out of training); final
+numbers of the Pareto-front points are measured on the test split. The test
+split is never used to choose anything.
+
+Resilience (cached in RUN_DIR/resilience.npz):
+- direct, per layer and ROUP configuration: the change of validation loss and
+  accuracy when that layer alone uses the configuration;
+- proxy, per filter and per kernel: a first-order Taylor estimate of the loss
+  change caused by the product errors,
+      S = mean_n | sum_{outputs} dL/dy * (delta accumulator) * s_in * s_w[f] |,
+  with dL/dy the gradient of the float model's loss at the layer's
+  pre-activation output y and the accumulator change computed exactly from
+  the integer operands (R_R(x) R_2P(w) - x w) over the kernel's (or the
+  filter's) products. The proxy is validated against direct single-filter and
+  single-kernel measurements on a sample; the Spearman rank correlations are
+  reported.
+
+Approaches (a genome gives each layer a configuration and, for filter and
+kernel, a fraction of its units; units are approximated least sensitive first):
+- ``layer``: one ROUP configuration per layer;
+- ``filter``: per layer, a fraction of its filters with a ROUP configuration;
+- ``kernel``: the same over kernels (filter x input channel);
+- ``alwann``: ALWANN-style layer-wise assignment, one multiplier per layer
+  from the whole library (every multiplier with a hardware energy model).
+Each approach runs a sweep over (configuration x fraction), applied to every
+layer (for ``layer``: the fraction of layers least sensitive to the
+configuration), and an NSGA-II search (Optuna) over per-layer genomes
+maximising validation accuracy and energy gain.
+
+Every evaluated point is stored as it completes (Optuna storage, SQLite in
+RUN_DIR by default); rerunning resumes without redoing finished points.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .approx import ApproxNetwork, Assignment
+from .data import validation_split
+from .energy import energy_table, hardware_table, network_energy
+from .error_metrics import error_metrics
+from .multipliers import get_multiplier, roup_specs
+from .quant import QuantizedResNet8, calibration_images, quantize
+from .workload import Workload, describe_data
+
+APPROACHES = ("layer", "filter", "kernel", "alwann")
+FRACTION_STEP = 0.125
+
+
+@dataclass
+class Budget:
+    name: str
+    val_images: int
+    proxy_images: int
+    sweep_fractions: tuple[float, ...]
+    library_size: int  # ROUP configurations used (energy/error Pareto-optimal ones first)
+    nsga_trials: int
+    population: int
+    validation_sample: int  # filters / kernels per proxy-validation sample
+
+
+BUDGETS = {
+    "quick": Budget("quick", 1000, 128, (0.25, 0.5, 0.75, 1.0), 8, 36, 12, 8),
+    "full": Budget("full", 5000, 512, tuple(np.arange(1, 9) / 8), 31, 300, 40, 16),
+    "tiny": Budget("tiny", 64, 16, (0.5, 1.0), 3, 6, 4, 3),  # for tests
+}
+
+
+def roup_library(size: int) -> list[str]:
+    """ROUP configurations that save energy, Pareto-optimal in (energy, NMED) first."""
+    hw = hardware_table() or {}
+    cands = []
+    for s in roup_specs(8):
+        e = hw.get(s)
+        if e is None or e >= 1.0:
+            continue
+        cands.append((s, e, error_metrics(get_multiplier(s)).nmed))
+    front = [c for c in cands if not any(o[1] <= c[1] and o[2] <= c[2] and (o[1] < c[1] or o[2] < c[2]) for o in cands)]
+    rest = [c for c in cands if c not in front]
+    ordered = sorted(front, key=lambda c: -c[1]) + sorted(rest, key=lambda c: -c[1])
+    chosen = ordered[:size]
+    return [c[0] for c in sorted(chosen, key=lambda c: -c[1])]
+
+
+def _spearman(a, b) -> float:
+    ra = np.argsort(np.argsort(a)).astype(float)
+    rb = np.argsort(np.argsort(b)).astype(float)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.part")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+class Explorer:
+    def __init__(self, run_dir: str | os.PathLike, workload: Workload, budget: Budget, storage: str | None = None,
+                 seed: int = 0, log=print, progress: bool = True):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.wl = workload
+        self.budget = budget
+        self.seed = seed
+        self.log = log
+        self.progress = progress
+        self.storage_url = storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
+        self._setup()
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        b = self.budget
+        train = self.wl.split("train")
+        _, val_idx = validation_split(len(train), 5000, seed=0)
+        val_idx = np.sort(val_idx[: b.val_images])  # a random sample of the hold-out (class mix kept)
+        self.val = train.subset(val_idx)
+        self.test = self.wl.split("test")
+        qpath = self.run_dir / "quantized.npz"
+        if qpath.exists():
+            self.q = QuantizedResNet8.load(qpath)
+        else:
+            self.q = quantize(self.wl.model, calibration_images(train.images, 1000))
+            self.q.save(qpath)
+        self.library = roup_library(b.library_size)
+        self.table = energy_table(["exact"] + roup_specs(8))
+        run_json = self.run_dir / "run.json"
+        info = {"model": self.wl.model_path, "data": str(self.wl.data_path), "budget": json.loads(json.dumps(asdict(b))), "seed": self.seed,
+                "storage": self.storage_url, "library": self.library,
+                "validation": f"{len(self.val)} held-out training images of {describe_data(train)}",
+                "test": describe_data(self.test), "energy_source": self.table.source}
+        if run_json.exists():
+            old = json.loads(run_json.read_text())
+            for k in ("model", "data", "budget", "seed"):
+                if old.get(k) != info[k]:
+                    raise ValueError(f"{run_json}: this run was made with {k}={old.get(k)!r}; use another RUN_DIR")
+            info["baseline"] = old.get("baseline")
+        if not info.get("baseline"):
+            val_acc, val_loss = self._val_metrics(Assignment.uniform(self.q, "exact"))
+            test_acc = float((self.q.predict(self.test.images) == self.test.labels).mean())
+            info["baseline"] = {"val_accuracy": val_acc, "val_loss": val_loss, "test_accuracy": test_acc,
+                                "val_images": len(self.val), "test_images": len(self.test)}
+        self.info = info
+        _atomic_json(run_json, info)
+
+    def _val_metrics(self, a: Assignment) -> tuple[float, float]:
+        net = ApproxNetwork(self.q, a)
+        correct, loss = 0, 0.0
+        for i in range(0, len(self.val), 250):
+            x = torch.as_tensor(self.val.images[i:i + 250])
+            y = torch.as_tensor(self.val.labels[i:i + 250])
+            logits = net.logits(x).double() * self.q.logit_scale
+            correct += int((logits.argmax(1) == y).sum())
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        return correct / len(self.val), loss / len(self.val)
+
+    def evaluate(self, a: Assignment) -> dict:
+        acc, loss = self._val_metrics(a)
+        en = network_energy(self.q, a, self.table)
+        return {"val_accuracy": acc, "val_loss": loss, "energy": en["energy"], "energy_gain": en["energy_gain"]}
+
+    # ------------------------------------------------------------------ resilience
+    def resilience(self) -> dict:
+        path = self.run_dir / "resilience.npz"
+        if path.exists():
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        t0 = time.time()
+        layers = list(self.q.layers)
+        specs = self.library
+        res: dict[str, np.ndarray] = {}
+        exact = self.evaluate(Assignment.uniform(self.q, "exact"))
+        direct_loss = np.zeros((len(layers), len(specs)))
+        direct_acc = np.zeros((len(layers), len(specs)))
+        pairs = [(li, si) for li in range(len(layers)) for si in range(len(specs))]
+        for li, si in self._bar(pairs, "resilience: layer x configuration"):
+            a = Assignment(["exact", specs[si]], {n: np.full(self.q.layers[n].weight.shape[:2], int(n == layers[li]))
+                                                  for n in layers})
+            r = self.evaluate(a)
+            direct_loss[li, si] = r["val_loss"] - exact["val_loss"]
+            direct_acc[li, si] = exact["val_accuracy"] - r["val_accuracy"]
+        res["direct_loss"], res["direct_acc"] = direct_loss, direct_acc
+        proxy = taylor_proxy(self.q, self.wl.model, self.val.images[: self.budget.proxy_images],
+                             self.val.labels[: self.budget.proxy_images], specs)
+        for name in layers:
+            res[f"kernel/{name}"] = proxy[name]["kernel"]  # [S, F, C]
+            res[f"filter/{name}"] = proxy[name]["filter"]  # [S, F]
+        res["layer_proxy"] = np.array([[proxy[n]["layer"][s] for s in range(len(specs))] for n in layers])
+        res["validation"] = self._validate_proxy(res, exact)
+        res["seconds"] = np.array(time.time() - t0)
+        tmp = path.with_name(path.name + f".{os.getpid()}.part.npz")
+        np.savez(tmp, **res)
+        tmp.replace(path)
+        return res
+
+    def _validate_proxy(self, res, exact) -> np.ndarray:
+        """Spearman rho of proxy vs direct loss change: [layer-level, filter sample, kernel sample]."""
+        layers = list(self.q.layers)
+        specs = self.library
+        mid = len(specs) // 2
+        rho_layer = _spearman(res["layer_proxy"][:, mid], res["direct_loss"][:, mid])
+        rng = np.random.default_rng(self.seed)
+        k = self.budget.validation_sample
+        fl = "s2.conv2" if "s2.conv2" in layers else layers[-2]
+        kl = "s3.conv2" if "s3.conv2" in layers else layers[-2]
+        fshape = self.q.layers[fl].weight.shape[:2]
+        kshape = self.q.layers[kl].weight.shape[:2]
+        filters = rng.choice(fshape[0], size=min(k, fshape[0]), replace=False)
+        kernels = rng.choice(kshape[0] * kshape[1], size=min(k, kshape[0] * kshape[1]), replace=False)
+        d_f, d_k = [], []
+        jobs = [("f", int(f)) for f in filters] + [("k", int(q)) for q in kernels]
+        for kind, idx in self._bar(jobs, "resilience: proxy validation"):
+            name = fl if kind == "f" else kl
+            shape = fshape if kind == "f" else kshape
+            m = np.zeros(shape, dtype=np.int64)
+            if kind == "f":
+                m[idx] = 1
+            else:
+                m.flat[idx] = 1
+            a = Assignment(["exact", specs[mid]], {name: m})
+            r = self.evaluate(a)
+            (d_f if kind == "f" else d_k).append(r["val_loss"] - exact["val_loss"])
+        rho_f = _spearman(res[f"filter/{fl}"][mid][filters], d_f)
+        rho_k = _spearman(res[f"kernel/{kl}"][mid].reshape(-1)[kernels], d_k)
+        self.log(f"proxy vs direct (Spearman, {specs[mid]}): layers {rho_layer:.2f}, "
+                 f"{len(filters)} filters of {fl} {rho_f:.2f}, {len(kernels)} kernels of {kl} {rho_k:.2f}")
+        return np.array([rho_layer, rho_f, rho_k])
+
+    # ------------------------------------------------------------------ genomes
+    def build(self, approach: str, genome: dict[str, tuple[str, float]], res: dict) -> Assignment:
+        """Assignment for per-layer (spec, fraction) genes (missing layers: exact)."""
+        specs = ["exact"] + sorted({g[0] for g in genome.values()} - {"exact"})
+        maps = {}
+        for name, layer in self.q.layers.items():
+            shape = layer.weight.shape[:2]
+            spec, frac = genome.get(name, ("exact", 0.0))
+            m = np.zeros(shape, dtype=np.int64)
+            if spec != "exact" and frac > 0:
+                idx = specs.index(spec)
+                if approach in ("layer", "alwann"):
+                    m[:] = idx
+                else:
+                    si = self.library.index(spec)
+                    if approach == "filter":
+                        order = np.argsort(res[f"filter/{name}"][si], kind="stable")
+                        m[order[: int(round(frac * shape[0]))]] = idx
+                    else:
+                        order = np.argsort(res[f"kernel/{name}"][si].reshape(-1), kind="stable")
+                        m.flat[order[: int(round(frac * m.size))]] = idx
+            maps[name] = m
+        return Assignment(specs, maps)
+
+    @staticmethod
+    def summary(genome: dict[str, tuple[str, float]]) -> str:
+        parts = [f"{n}={s}" + (f"@{f:g}" if f < 1 else "") for n, (s, f) in genome.items() if s != "exact" and f > 0]
+        return "; ".join(parts) if parts else "all exact"
+
+    # ------------------------------------------------------------------ searches
+    def _storage(self):
+        import optuna
+
+        if self.storage_url.startswith("sqlite"):
+            return optuna.storages.RDBStorage(self.storage_url, engine_kwargs={"connect_args": {"timeout": 60}})
+        return optuna.storages.RDBStorage(self.storage_url, heartbeat_interval=20, grace_period=60)
+
+    def _study(self, name: str, sampler=None):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(study_name=name, storage=self._storage(), directions=["maximize", "maximize"],
+                                    sampler=sampler, load_if_exists=True)
+        if self.storage_url.startswith("sqlite"):
+            # a single-machine run: trials left RUNNING belong to an interrupted process
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        else:
+            optuna.storages.fail_stale_trials(study)
+        return study
+
+    def _record(self, study, trial, approach, source, genome, res):
+        a = self.build(approach, genome, res)
+        r = self.evaluate(a)
+        for k, v in r.items():
+            trial.set_user_attr(k, v)
+        trial.set_user_attr("approach", approach)
+        trial.set_user_attr("source", source)
+        trial.set_user_attr("summary", self.summary(genome))
+        trial.set_user_attr("genome", json.dumps(genome))
+        trial.set_user_attr("granularity", a.granularity())
+        study.tell(trial, [r["val_accuracy"], r["energy_gain"]])
+        return r
+
+    def sweep(self, approach: str, res: dict) -> None:
+        import optuna
+
+        study = self._study(f"{approach}-sweep", optuna.samplers.RandomSampler(seed=self.seed))
+        fractions = self.budget.sweep_fractions
+        done = {(t.user_attrs["config"], round(t.user_attrs["fraction"], 6))
+                for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+        grid = [(s, float(f)) for s in self.library for f in fractions if (s, round(float(f), 6)) not in done]
+        layers = list(self.q.layers)
+        for spec, frac in self._bar(grid, f"{approach}: sweep"):
+            trial = study.ask()
+            trial.set_user_attr("config", spec)
+            trial.set_user_attr("fraction", frac)
+            self._record(study, trial, approach, "sweep", self._sweep_genome(approach, spec, frac, res, layers), res)
+
+    def _sweep_genome(self, approach, spec, frac, res, layers):
+        if approach in ("layer", "alwann"):
+            si = self.library.index(spec)
+            order = np.argsort(res["direct_loss"][:, si], kind="stable")
+            chosen = {layers[i] for i in order[: int(round(frac * len(layers)))]}
+            return {n: (spec, 1.0) for n in layers if n in chosen}
+        return {n: (spec, frac) for n in layers}
+
+    def nsga(self, approach: str, res: dict) -> None:
+        import optuna
+
+        sampler = optuna.samplers.NSGAIISampler(population_size=self.budget.population, seed=self.seed)
+        study = self._study(f"{approach}-nsga2", sampler)
+        done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+        todo = max(self.budget.nsga_trials - done, 0)
+        if approach == "alwann":  # the whole library: every multiplier with a hardware energy model that saves energy
+            hw = hardware_table() or {}
+            choices = ["exact"] + [s for s in roup_specs(8) if s in hw and hw[s] < 1.0]
+        else:
+            choices = ["exact"] + self.library
+        layers = list(self.q.layers)
+        if not study.get_trials(deepcopy=False):
+            # first generation: seeded with the sweep's validation-Pareto genomes (random genomes alone
+            # start far from the useful, mildly approximated region)
+            for genome in self._seed_genomes(approach)[: self.budget.population // 2]:
+                params = {}
+                for n in layers:
+                    spec, frac = genome.get(n, ("exact", 0.0))
+                    params[f"cfg:{n}"] = spec if spec in choices else "exact"
+                    if approach not in ("layer", "alwann"):
+                        params[f"frac:{n}"] = frac
+                study.enqueue_trial(params)
+        for _ in self._bar(range(todo), f"{approach}: NSGA-II"):
+            trial = study.ask()
+            genome = {}
+            for n in layers:
+                spec = trial.suggest_categorical(f"cfg:{n}", choices)
+                frac = 1.0 if approach in ("layer", "alwann") else trial.suggest_float(f"frac:{n}", 0.0, 1.0, step=FRACTION_STEP)
+                genome[n] = (spec, frac)
+            self._record(study, trial, approach, "nsga2", genome, res)
+
+    def _seed_genomes(self, approach: str) -> list[dict]:
+        source = "layer" if approach == "alwann" else approach
+        front = pareto_front([p for p in self.points([source]) if p["source"] == "sweep"])
+        # most accurate first
+        return [{k: tuple(v) for k, v in json.loads(p["genome"]).items()} for p in sorted(front, key=lambda p: -p["val_accuracy"])]
+
+    def _bar(self, items, desc):
+        from tqdm import tqdm
+
+        return tqdm(list(items), desc=desc, disable=not self.progress, leave=False, mininterval=1)
+
+    # ------------------------------------------------------------------ points and test evaluation
+    def points(self, approaches=APPROACHES) -> list[dict]:
+        import optuna
+
+        out = []
+        for ap in approaches:
+            for kind in ("sweep", "nsga2"):
+                try:
+                    study = optuna.load_study(study_name=f"{ap}-{kind}", storage=self._storage())
+                except KeyError:
+                    continue
+                for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+                    u = t.user_attrs
+                    out.append({"approach": ap, "source": kind, "trial": t.number, "summary": u["summary"],
+                                "genome": u["genome"], "granularity": u.get("granularity", ""),
+                                "val_accuracy": u["val_accuracy"], "val_loss": u["val_loss"],
+                                "energy": u["energy"], "energy_gain": u["energy_gain"]})
+        return out
+
+    def evaluate_front(self, approaches=APPROACHES, res=None) -> None:
+        """Test accuracy of every validation-Pareto point (stored in RUN_DIR/test_eval.json)."""
+        res = res if res is not None else self.resilience()
+        path = self.run_dir / "test_eval.json"
+        done = json.loads(path.read_text()) if path.exists() else {}
+        front_dir = self.run_dir / "pareto"
+        front_dir.mkdir(exist_ok=True)
+        todo = []
+        for ap in approaches:
+            pts = [p for p in self.points([ap])]
+            for p in pareto_front(pts):
+                key = point_key(p)
+                if key not in done:
+                    todo.append((ap, p, key))
+        for ap, p, key in self._bar(todo, "test set: Pareto points"):
+            genome = {k: tuple(v) for k, v in json.loads(p["genome"]).items()}
+            a = self.build(ap, genome, res)
+            pred = ApproxNetwork(self.q, a).predict(self.test.images)
+            a.meta = {"approach": ap, "summary": p["summary"], "val_accuracy": p["val_accuracy"],
+                      "energy_gain": p["energy_gain"]}
+            a.save(front_dir / f"{ap}-{p['source']}-{p['trial']}.json")
+            done[key] = {"test_accuracy": float((pred == self.test.labels).mean()), "test_images": int(len(self.test))}
+            _atomic_json(path, done)
+
+
+def point_key(p: dict) -> str:
+    return hashlib.sha256(f"{p['approach']}|{p['genome']}".encode()).hexdigest()[:16]
+
+
+def pareto_front(points: list[dict], acc="val_accuracy", gain="energy_gain") -> list[dict]:
+    """Points not dominated in (accuracy, energy gain), both maximised; sorted by gain."""
+    front = []
+    for p in points:
+        if not any(q[acc] >= p[acc] and q[gain] >= p[gain] and (q[acc] > p[acc] or q[gain] > p[gain]) for q in points):
+            front.append(p)
+    uniq = {}
+    for p in front:
+        uniq.setdefault((p[acc], p[gain]), p)
+    return sorted(uniq.values(), key=lambda p: p[gain])
+
+
+def taylor_proxy(q: QuantizedResNet8, model, images: np.ndarray, labels: np.ndarray, specs: list[str]) -> dict:
+    """First-order Taylor sensitivity of every layer, filter and kernel to each spec (see module docstring)."""
+    from .models import SameConv2d  # noqa: F401
+
+    model = model.eval()
+    # gradient of the float loss at each multiplying layer's pre-activation output
+    points = {"conv1": model.bn1, "fc": model.fc}
+    for s in ("s1", "s2", "s3"):
+        st = getattr(model, s)
+        points[f"{s}.conv1"], points[f"{s}.conv2"] = st.bn1, st.bn2
+        if st.proj is not None:
+            points[f"{s}.proj"] = st.proj
+    outs = {}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            output.retain_grad()
+            outs[name] = output
+
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in points.items()]
+    x = torch.as_tensor(images).float().requires_grad_(False)
+    loss = F.cross_entropy(model(x), torch.as_tensor(labels), reduction="sum")
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    grads = {n: o.grad.detach().double() for n, o in outs.items()}
+    taps: dict = {}
+    q.forward_int(torch.as_tensor(images), taps=taps)
+    mults = [get_multiplier(s) for s in specs]
+    result = {}
+    for name, layer in q.layers.items():
+        g = grads[name]
+        if g.dim() == 2:
+            g = g[:, :, None, None]
+        n, f = g.shape[:2]
+        g = g.reshape(n, f, -1)  # [N, F, L]
+        xin = taps[name].double()
+        kh, kw = layer.weight.shape[2:]
+        w = torch.as_tensor(layer.weight, dtype=torch.float64).reshape(f, -1)  # [F, C*K]
+        scale = torch.as_tensor(layer.acc_scale)[None, :, None]  # [1, F, 1]
+
+        def a_for(xt):
+            cols = F.unfold(F.pad(xt, layer.pads), (kh, kw), stride=layer.stride)  # [N, CK, L]
+            return torch.bmm(g, cols.transpose(1, 2))  # [N, F, CK]
+
+        a0 = a_for(xin) * w[None]
+        by_r = {}
+        kern, filt, lay = [], [], []
+        c = layer.weight.shape[1]
+        for m in mults:
+            if m.r not in by_r:
+                by_r[m.r] = a_for(torch.as_tensor(m.x_transform(xin.long().numpy()), dtype=torch.float64))
+            wt = torch.as_tensor(m.w_transform(layer.weight).reshape(f, -1), dtype=torch.float64)
+            d = (by_r[m.r] * wt[None] - a0) * scale  # [N, F, CK]
+            dk = d.reshape(n, f, c, kh * kw).sum(3)  # [N, F, C]
+            kern.append(dk.abs().mean(0).numpy())
+            filt.append(dk.sum(2).abs().mean(0).numpy())
+            lay.append(float(dk.sum((1, 2)).abs().mean()))
+        result[name] = {"kernel": np.stack(kern), "filter": np.stack(filt), "layer": lay}
+    return result
+
+
+def run_exploration(explorer: Explorer, approaches=APPROACHES) -> dict:
+    """Resilience, then per approach its sweep (not for alwann) and NSGA-II, then test-set numbers."""
+    t0 = time.time()
+    res = explorer.resilience()
+    for ap in approaches:
+        if ap != "alwann":
+            explorer.sweep(ap, res)
+        explorer.nsga(ap, res)
+    explorer.evaluate_front(approaches, res)
+    return {"seconds": time.time() - t0}

@@ -1,0 +1,180 @@
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import LOSSLESS_ZIP, REPO, need
+from maxdnn.explore import BUDGETS, Explorer, pareto_front, run_exploration, taylor_proxy
+from maxdnn.report import best_at_thresholds, read_points, write_report
+from maxdnn.workload import Workload
+
+TINY = BUDGETS["tiny"]
+
+
+def expected_points(ex):
+    n_sweep = len(ex.library) * len(TINY.sweep_fractions)
+    return {("layer", "sweep"): n_sweep, ("filter", "sweep"): n_sweep, ("kernel", "sweep"): n_sweep,
+            ("layer", "nsga2"): TINY.nsga_trials, ("filter", "nsga2"): TINY.nsga_trials,
+            ("kernel", "nsga2"): TINY.nsga_trials, ("alwann", "nsga2"): TINY.nsga_trials}
+
+
+def counts(points):
+    out = {}
+    for p in points:
+        out[(p["approach"], p["source"])] = out.get((p["approach"], p["source"]), 0) + 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    ex = Explorer(run, Workload.open(None, need(LOSSLESS_ZIP)), TINY, progress=False, log=lambda m: None)
+    run_exploration(ex)
+    write_report(run, ex)
+    return run, ex
+
+
+def test_tiny_exploration_end_to_end(finished_run):
+    run, ex = finished_run
+    for f in ["points.csv", "pareto.png", "pareto.svg", "report.md", "run.json", "resilience.npz", "study.db"]:
+        assert (run / f).exists(), f
+    assert counts(ex.points()) == expected_points(ex)
+    info = json.loads((run / "run.json").read_text())
+    assert info["baseline"]["val_images"] == TINY.val_images and info["baseline"]["test_images"] == 1000
+    # no point is evaluated twice within a sweep
+    pts = ex.points()
+    for ap in ("layer", "filter", "kernel"):
+        sums = [p["genome"] for p in pts if p["approach"] == ap and p["source"] == "sweep"]
+        assert len(sums) == len(set(sums))
+    # front points have test numbers and a saved assignment
+    rows = read_points(run / "points.csv")
+    front = [r for r in rows if r["on_front"]]
+    assert front and all(r["test_accuracy"] is not None for r in front)
+    assert len(list((run / "pareto").glob("*.json"))) == len(front)
+
+
+def test_report_recomputable_from_points_csv(finished_run):
+    run, _ = finished_run
+    rows = read_points(run / "points.csv")
+    best = best_at_thresholds(rows)
+    text = (run / "report.md").read_text()
+    for ap, per in best.items():
+        line = next(l for l in text.splitlines() if l.startswith(f"| {ap} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")[1:]]
+        for cell, (t, r) in zip(cells, per.items()):
+            if r is None:
+                assert cell == "-"
+            else:
+                gain = float(re.match(r"([-\d.]+)%", cell).group(1))
+                assert gain == pytest.approx(100 * r["energy_gain"], abs=0.05)
+    # front flags agree with a recomputation from the csv
+    for ap in {r["approach"] for r in rows}:
+        mine = [r for r in rows if r["approach"] == ap]
+        front = pareto_front(mine)
+        vals = {(r["val_accuracy"], r["energy_gain"]) for r in front}
+        assert vals == {(r["val_accuracy"], r["energy_gain"]) for r in mine if r["on_front"]}
+
+
+def test_resume_after_interruption_loses_and_repeats_nothing(tmp_path, monkeypatch):
+    wl = Workload.open(None, need(LOSSLESS_ZIP))
+    ex = Explorer(tmp_path, wl, TINY, progress=False, log=lambda m: None)
+    ex.resilience()
+    calls = {"n": 0}
+    real = Explorer.evaluate
+
+    def interrupting(self, a):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise KeyboardInterrupt
+        return real(self, a)
+
+    monkeypatch.setattr(Explorer, "evaluate", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run_exploration(ex)
+    done_first = len(ex.points())
+    assert done_first == 8
+    monkeypatch.setattr(Explorer, "evaluate", real)
+    calls2 = {"n": 0}
+
+    def counting(self, a):
+        calls2["n"] += 1
+        return real(self, a)
+
+    monkeypatch.setattr(Explorer, "evaluate", counting)
+    ex2 = Explorer(tmp_path, wl, TINY, progress=False, log=lambda m: None)
+    run_exploration(ex2)
+    total = sum(expected_points(ex2).values())
+    assert counts(ex2.points()) == expected_points(ex2)
+    assert calls2["n"] == total - done_first  # nothing finished was redone
+
+
+def test_resume_after_kill_9(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "maxdnn", "explore", "--data", str(need(LOSSLESS_ZIP)), "--budget", "tiny",
+           "--out", str(run), "--approach", "filter"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import sqlite3
+
+    deadline = time.time() + 120
+    n = 0
+    while time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+        try:
+            with sqlite3.connect(run / "study.db") as db:
+                n = db.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+        except sqlite3.Error:
+            continue
+        if n >= 2:
+            break
+    assert p.poll() is None, "finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ex = Explorer(run, Workload.open(None, LOSSLESS_ZIP), TINY, progress=False, log=lambda m: None)
+    pts = ex.points(["filter"])
+    assert counts(pts) == {("filter", "sweep"): len(ex.library) * len(TINY.sweep_fractions), ("filter", "nsga2"): TINY.nsga_trials}
+    sweep = [p["genome"] for p in pts if p["source"] == "sweep"]
+    assert len(sweep) == len(set(sweep))
+
+
+def test_run_dir_mismatch_is_refused(finished_run):
+    run, _ = finished_run
+    with pytest.raises(ValueError, match="budget"):
+        Explorer(run, Workload.open(None, LOSSLESS_ZIP), BUDGETS["quick"], progress=False, log=lambda m: None)
+
+
+def test_taylor_proxy_tracks_exact_accumulator_change(qnet, lossless_test):
+    """With a linear loss the proxy's signed sum is exact: check it against the integer engines."""
+    from maxdnn.models import load_model
+
+    model = load_model()
+    imgs = lossless_test.images[:8]
+    res = taylor_proxy(qnet, model, imgs, lossless_test.labels[:8], ["roup-p0r0", "roup-p1r2"])
+    for name in ["s2.conv2", "fc"]:
+        k = res[name]["kernel"]
+        assert k.shape == (2,) + qnet.layers[name].weight.shape[:2]
+        assert np.all(k[0] == 0)  # the exact multiplier changes nothing
+        assert k[1].sum() > 0 and res[name]["filter"][1].shape == (qnet.layers[name].weight.shape[0],)
+
+
+def test_cli_report_and_errors(finished_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from maxdnn.cli import app
+
+    run, _ = finished_run
+    r = CliRunner().invoke(app, ["report", str(run)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert r.exit_code == 2 and "not an exploration run" in r.output
+    r = CliRunner().invoke(app, ["explore", "--out", str(tmp_path / "x"), "--approach", "nope", "--data", str(LOSSLESS_ZIP)])
+    assert r.exit_code == 2
