@@ -122,3 +122,34 @@ def test_integer_model_properties(qnet):
         assert layer.weight.min() >= -127 and layer.weight.max() <= 127, name
         assert np.abs(layer.bias).max() < 2**31
     assert qnet.layers["s2.conv1"].pads == (0, 1, 0, 1)
+
+
+def test_extreme_layers_past_2_24_bit_exact(qnet, rng):
+    """Weights at +-127 and saturated inputs push accumulators past 2^24 (float64 paths), exactly."""
+    import copy
+
+    from maxdnn.approx import ApproxNetwork, kernel_assignment
+    from maxdnn.quant import QuantizedResNet8, Requant
+
+    q = copy.deepcopy(qnet)
+    q.__dict__.pop("_tp", None)
+    for name, layer in q.layers.items():
+        layer.weight = np.where(rng.random(layer.weight.shape) < 0.9, 127, -127).astype(np.int64)
+        layer.bias = rng.integers(-2**20, 2**20, layer.weight.shape[0])
+        layer.__dict__.pop("exact_bound", None)
+    for edge, r in q.requant.items():
+        name = edge if edge in q.layers else None
+        bound = q.layers[name].requant_bound() if name else 255
+        # every requantization stays exact in float64
+        assert ((bound * r.m0 + 2.0 ** (r.shift - 1)) < 2**53).all(), edge
+    assert max(l.exact_bound for l in q.layers.values()) > 1 << 24
+    imgs = np.full((2, 3, 32, 32), 255, dtype=np.uint8)
+    imgs[1] = rng.integers(200, 256, (3, 32, 32))
+    assert np.array_equal(reference_forward(q, imgs), q.forward_int(torch.as_tensor(imgs)).numpy())
+    specs = ["exact", "roup-p1r1", "mitchell"]
+    a = kernel_assignment(specs, {n: rng.integers(0, 3, l.weight.shape[:2]) for n, l in q.layers.items()})
+    from maxdnn.multipliers import get_multiplier
+
+    mults = [get_multiplier(s) for s in specs]
+    ref = reference_forward(q, imgs, lambda name: (lambda f, c: mults[a.maps[name][f, c]]))
+    assert np.array_equal(ApproxNetwork(q, a).logits(torch.as_tensor(imgs)).numpy(), ref)

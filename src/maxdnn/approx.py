@@ -274,20 +274,30 @@ class LayerPlan:
         owner = np.concatenate([g.filters for g in groups])
         self.disjoint = len(owner) == len(np.unique(owner))
         dev = self.device
-        if self.disjoint:
-            # one convolution per group over its own filters, outputs put back in filter order
+        f_out, c_in = w.shape[:2]
+        # transforms are applied after padding when every transform maps 0 to 0 (pad once, C channels)
+        zero_safe = all(g.round_bit is not None or int(g.x_table[0 - x_min]) == 0 if x_min <= 0 else True for g in groups)
+        left, r, t, b = self.pads
+        self.prepad = zero_safe and not (left == r == t == b) and len(groups) > 1
+        if len(groups) == 1:
+            g = groups[0]
+            bound = int(np.abs(g.weight).reshape(f_out, -1).sum(1).max()) * g.x_max
+            self.mode, self.conv_args = "single", (torch.as_tensor(g.weight, device=dev), bound, 1)
+        elif self.disjoint:
+            # one convolution per group over its own filters (total work: one exact convolution);
+            # the outputs are put back in filter order
             self.sub = []
             for g in groups:
                 wg = g.weight[g.filters]
                 bound = int(np.abs(wg).reshape(len(wg), -1).sum(1).max()) * g.x_max
                 self.sub.append((g, torch.as_tensor(wg, device=dev), bound))
-            self.inverse = torch.as_tensor(np.argsort(owner), device=dev)
-            self.identity_order = bool((owner == np.arange(len(owner))).all())
+            self.mode, self.conv_args = "per-group", (None, 0, 1)
+            self.pick = torch.as_tensor(np.argsort(owner), device=dev)
         else:
-            # stacked: [F, G*C, kh, kw]
+            # stacked: [F, G*C, kh, kw] over the stacked transformed activations
             wcat = np.concatenate([g.weight for g in groups], axis=1)
-            per_f = sum(np.abs(g.weight).reshape(len(w), -1).sum(1) * g.x_max for g in groups)
-            self.stacked = (torch.as_tensor(wcat, device=dev), int(per_f.max()))
+            per_f = sum(np.abs(g.weight).reshape(f_out, -1).sum(1) * g.x_max for g in groups)
+            self.mode, self.conv_args = "stacked", (torch.as_tensor(wcat, device=dev), int(per_f.max()), 1)
 
     def _plan_lut(self, w, mults, amap, used):
         if any(m.bits > 8 for m in mults):
@@ -299,32 +309,55 @@ class LayerPlan:
         self.w_min = mults[used[0]].w_format.min
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact accumulators for integer-valued x (any dtype); a float or int64 tensor of integers."""
         if self.separable:
             return self._separable(x)
+        xi = x.to(torch.int64)
         if x.device.type == "cpu":
-            return torch.from_numpy(lut_conv_numba(x.numpy(), self.w, self.kmap, self.luts, self.x_min, self.w_min,
+            return torch.from_numpy(lut_conv_numba(xi.numpy(), self.w, self.kmap, self.luts, self.x_min, self.w_min,
                                                    self.stride, self.pads))
-        return lut_conv_torch(x, self.w, self.kmap, self.luts, self.x_min, self.w_min, self.stride, self.pads)
+        return lut_conv_torch(xi, self.w, self.kmap, self.luts, self.x_min, self.w_min, self.stride, self.pads)
 
-    def _transform(self, g: _Group, x: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
+    def _transform_into(self, g: _Group, x: torch.Tensor, xf: torch.Tensor, out: torch.Tensor) -> None:
         if g.round_bit is None:
-            return g.x_table[x - self.x_min].to(xf.dtype)
-        if g.round_bit == 0:
-            return xf
-        # R_t(x) = 2^t floor(x / 2^t + 1/2): exact in float for |x| < 2^24
-        step = float(1 << g.round_bit)
-        return torch.floor((xf + step / 2) / step) * step
+            out.copy_(g.x_table[x.to(torch.int64) - self.x_min])
+        elif g.round_bit == 0:
+            out.copy_(xf)
+        else:
+            # R_t(x) = 2^t floor((x + 2^(t-1)) / 2^t): exact in float for |x| < 2^24
+            step = float(1 << g.round_bit)
+            torch.add(xf, step / 2, out=out)
+            out.mul_(1.0 / step).floor_().mul_(step)
 
     def _separable(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(torch.float32)
-        if self.disjoint:
-            outs = [float_conv_exact(self._transform(g, x, xf), wg, self.stride, self.pads, bound)
-                    for g, wg, bound in self.sub]
-            out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
-            return out if self.identity_order else out.index_select(1, self.inverse)
-        wcat, bound = self.stacked
-        xcat = torch.cat([self._transform(g, x, xf) for g in self.groups], 1)
-        return float_conv_exact(xcat, wcat, self.stride, self.pads, bound)
+        xf = x if x.dtype == torch.float32 else x.to(torch.float32)
+        weight, bound, groups = self.conv_args
+        pads = self.pads
+        if self.prepad:
+            xf = F.pad(xf, pads)
+            x = F.pad(x, pads)
+            pads = (0, 0, 0, 0)
+        if self.mode == "single":
+            g = self.groups[0]
+            if g.round_bit == 0:
+                xt = xf
+            else:
+                xt = torch.empty_like(xf)
+                self._transform_into(g, x, xf, xt)
+            return float_conv_exact(xt, weight, self.stride, pads, bound)
+        if self.mode == "per-group":
+            outs = []
+            for g, wg, gb in self.sub:
+                xt = torch.empty_like(xf)
+                self._transform_into(g, x, xf, xt)
+                outs.append(float_conv_exact(xt, wg, self.stride, pads, gb))
+            dtype = torch.float64 if any(o.dtype == torch.float64 for o in outs) else torch.float32
+            return torch.cat([o.to(dtype) for o in outs], 1).index_select(1, self.pick)
+        n, c = xf.shape[:2]
+        buf = torch.empty((n, c * len(self.groups)) + tuple(xf.shape[2:]), dtype=torch.float32, device=xf.device)
+        for k, g in enumerate(self.groups):
+            self._transform_into(g, x, xf, buf[:, k * c:(k + 1) * c])
+        return float_conv_exact(buf, weight, self.stride, pads, bound)
 
 
 def _to_torch(a, device=None):
@@ -358,7 +391,7 @@ def approx_conv2d(x, w, specs, assignment, stride: int = 1, padding=0, bits: int
         if lo < xmin or hi > xmax:
             raise ValueError(f"activations outside the multiplier's x range [{xmin}, {xmax}]")
     plan = LayerPlan(w_np, mults, amap, stride, _pads(padding, *w_np.shape[2:]), device=xt.device, x_min=xmin, x_max=xmax)
-    out = plan(xt)
+    out = plan(xt).to(torch.int64)  # integers held exactly: the cast loses nothing
     return out if is_torch else out.cpu().numpy()
 
 

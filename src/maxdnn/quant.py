@@ -46,16 +46,16 @@ FLOAT32_EXACT = 1 << 24
 QUANT_FORMAT = "maxdnn-qresnet8-v1"
 
 
-def quantize_multiplier(m: float) -> tuple[int, int]:
-    """(m0, shift) with m0 in [2^30, 2^31) and m0 / 2^shift ~= m (m > 0)."""
+def quantize_multiplier(m: float, bits: int = 31) -> tuple[int, int]:
+    """(m0, shift) with m0 in [2^(bits-1), 2^bits) and m0 / 2^shift ~= m (m > 0)."""
     if m <= 0:
         raise ValueError(f"requantization multiplier must be positive, got {m}")
     frac, exp = math.frexp(m)  # m = frac * 2^exp, frac in [0.5, 1)
-    m0 = int(round(frac * (1 << 31)))
-    if m0 == 1 << 31:
+    m0 = int(round(frac * (1 << bits)))
+    if m0 == 1 << bits:
         m0 //= 2
         exp += 1
-    shift = 31 - exp
+    shift = bits - exp
     if shift < 1 or shift > 62:
         raise ValueError(f"requantization multiplier {m} out of range")
     return m0, shift
@@ -84,6 +84,11 @@ class QLayer:
     def acc_scale(self) -> np.ndarray:
         return self.in_scale * self.w_scale
 
+    def requant_bound(self, bits: int = 8) -> int:
+        """|accumulator + bias| bound for any multiplier with |product| <= 2^(2 bits - 1)."""
+        k = int(np.prod(self.weight.shape[1:]))
+        return k * (1 << (2 * bits - 1)) + int(np.abs(self.bias).max())
+
     @cached_property
     def exact_bound(self) -> int:
         """Worst-case |partial sum| of the exact layer over 0..255 inputs."""
@@ -98,8 +103,11 @@ class Requant:
     shift: np.ndarray  # int64 [F]
 
     @classmethod
-    def from_scales(cls, acc_scale, out_scale) -> "Requant":
-        pairs = [quantize_multiplier(float(a) / out_scale) for a in np.atleast_1d(acc_scale)]
+    def from_scales(cls, acc_scale, out_scale, acc_bound: int) -> "Requant":
+        """m0 gets at most 31 bits, fewer where needed so that |acc| * m0 + 2^(shift-1) < 2^53
+        for every |acc| <= acc_bound: the fast engine then requantizes exactly in float64."""
+        bits = min(31, 52 - int(acc_bound).bit_length())
+        pairs = [quantize_multiplier(float(a) / out_scale, bits) for a in np.atleast_1d(acc_scale)]
         return cls(np.array([p[0] for p in pairs], dtype=np.int64), np.array([p[1] for p in pairs], dtype=np.int64))
 
 
@@ -122,14 +130,17 @@ class QuantizedResNet8:
         if key not in cache:
             cache[key] = {
                 "w": {n: torch.as_tensor(l.weight, device=device) for n, l in self.layers.items()},
-                "b": {n: torch.as_tensor(l.bias, device=device).view(1, -1, 1, 1) for n, l in self.layers.items()},
-                "rq": {n: (torch.as_tensor(r.m0, device=device).view(1, -1, 1, 1),
-                           torch.as_tensor(r.shift, device=device).view(1, -1, 1, 1)) for n, r in self.requant.items()},
+                "b": {n: torch.as_tensor(l.bias, device=device, dtype=torch.float64).view(1, -1, 1, 1)
+                      for n, l in self.layers.items()},
+                "rq": {n: (torch.as_tensor(r.m0, device=device, dtype=torch.float64).view(1, -1, 1, 1),
+                           torch.as_tensor(2.0 ** (r.shift - 1), device=device).view(1, -1, 1, 1),
+                           torch.as_tensor(2.0 ** -r.shift.astype(np.float64), device=device).view(1, -1, 1, 1))
+                       for n, r in self.requant.items()},
             }
         return cache[key]
 
     def exact_conv(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Exact int64 accumulators (without bias) of layer ``name`` for int64 input x."""
+        """Exact accumulators (without bias; float tensor of integers) of layer ``name``."""
         layer = self.layers[name]
         w = self._torch_params(x.device)["w"][name]
         return float_conv_exact(x, w, layer.stride, layer.pads, layer.exact_bound)
@@ -139,35 +150,45 @@ class QuantizedResNet8:
                     taps: dict | None = None) -> torch.Tensor:
         """Integer logits [N, 10] (int64) for integer pixels x [N, 3, 32, 32].
 
-        ``conv(name, x_int64) -> int64 accumulators`` replaces the exact
-        convolution of every multiplying layer (the approximate engine plugs in
-        here). ``taps``, when given, receives each layer's integer input.
+        ``conv(name, x) -> accumulators`` replaces the exact convolution of
+        every multiplying layer (the approximate engine plugs in here); x is a
+        float32 tensor of integers 0..255 and the result a float tensor of the
+        exact integer accumulators. ``taps``, when given, receives each layer's
+        input.
+
+        Every value is an integer held exactly in floating point: activations
+        (0..255) and pooled sums in float32; accumulators are exact by the
+        conv's own bound; requantization runs in float64, where
+        (acc + bias) * m0 + 2^(shift-1) < 2^53 holds by the choice of m0's
+        width (``Requant.from_scales``), so floor(... * 2^-shift) equals the
+        integer formula (acc * m0 + 2^(shift-1)) >> shift exactly.
         """
         conv = conv or self.exact_conv
         p = self._torch_params(x.device)
-        x = x.to(torch.int64)
+        x = x.to(torch.float32)
 
-        def layer(name, inp):
+        def layer_rq(name, inp, edge=None):
             if taps is not None:
                 taps[name] = inp
-            return conv(name, inp) + p["b"][name]
+            t = conv(name, inp).to(torch.float64).add_(p["b"][name])
+            return rq(edge or name, t)
 
-        def rq(edge, acc):
-            m0, sh = p["rq"][edge]
-            return (acc * m0 + (1 << (sh - 1))) >> sh
+        def rq(edge, t):
+            m0, half, inv = p["rq"][edge]
+            return t.to(torch.float64).mul_(m0).add_(half).mul_(inv).floor_()
 
         def relu8(v):
-            return v.clamp(0, ACT_MAX)
+            return v.clamp_(0, ACT_MAX).to(torch.float32)
 
-        a = relu8(rq("conv1", layer("conv1", x)))
+        a = relu8(layer_rq("conv1", x))
         for s, proj in STACKS:
-            y = relu8(rq(f"{s}.conv1", layer(f"{s}.conv1", a)))
-            y = rq(f"{s}.conv2", layer(f"{s}.conv2", y))
-            sc = rq(f"{s}.proj", layer(f"{s}.proj", a)) if proj else rq(f"{s}.identity", a)
-            a = relu8(y + sc)
-        pooled = (a.sum(dim=(2, 3), keepdim=True) + 32) >> 6
-        logits = rq("fc", layer("fc", pooled))
-        return logits.flatten(1)
+            y = relu8(layer_rq(f"{s}.conv1", a))
+            y = layer_rq(f"{s}.conv2", y)
+            sc = layer_rq(f"{s}.proj", a) if proj else rq(f"{s}.identity", a)
+            a = relu8(y.add_(sc))
+        pooled = torch.floor((a.sum(dim=(2, 3), keepdim=True) + 32) / 64)
+        logits = layer_rq("fc", pooled)
+        return logits.flatten(1).to(torch.int64)
 
     def predict(self, images: np.ndarray, batch_size: int = 100, device: str = "cpu", conv=None) -> np.ndarray:
         out = []
@@ -219,8 +240,8 @@ def layer_bound(weight: np.ndarray, x_max: int) -> int:
     return int(np.abs(weight).reshape(len(weight), -1).sum(1).max()) * int(x_max)
 
 
-def float_conv_exact(x: torch.Tensor, w: torch.Tensor, stride: int, pads, bound: int) -> torch.Tensor:
-    """Exact integer convolution through a float one.
+def float_conv_exact(x: torch.Tensor, w: torch.Tensor, stride: int, pads, bound: int, groups: int = 1) -> torch.Tensor:
+    """Exact integer convolution through a float one (returns the float result; its values are integers).
 
     ``bound`` must bound every |partial sum| (e.g. max_f sum|w_f| * max|x|):
     below 2^24 float32 represents every partial sum exactly, whatever the
@@ -233,27 +254,30 @@ def float_conv_exact(x: torch.Tensor, w: torch.Tensor, stride: int, pads, bound:
     dtype = torch.float32 if bound < FLOAT32_EXACT else torch.float64
     left, r, t, b = pads
     symmetric = left == r == t == b
-    xp = x.to(dtype) if symmetric else F.pad(x.to(dtype), pads)
-    wf = w.to(dtype)
+    xp = x if x.dtype == dtype else x.to(dtype)
+    wf = w if w.dtype == dtype else w.to(dtype)
     if x.device.type == "cuda":
-        n = xp.shape[0]
-        kh, kw = wf.shape[2:]
-        if symmetric and left:
+        if left or r or t or b:
             xp = F.pad(xp, pads)
+        n = xp.shape[0]
+        f_out, _, kh, kw = wf.shape
         ho = (xp.shape[2] - kh) // stride + 1
         wo = (xp.shape[3] - kw) // stride + 1
-        cols = F.unfold(xp, (kh, kw), stride=stride)  # [N, C*kh*kw, L]
+        cols = F.unfold(xp, (kh, kw), stride=stride)  # [N, C*kh*kw, L], channel-major
         prev = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            out = torch.matmul(wf.reshape(wf.shape[0], -1), cols)
+            if groups == 1:
+                out = torch.matmul(wf.reshape(f_out, -1), cols)
+            else:
+                cols = cols.view(n, groups, -1, cols.shape[-1])  # [N, G, C/G*K, L]
+                out = torch.matmul(wf.reshape(groups, f_out // groups, -1)[None], cols)  # [N, G, F/G, L]
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
-        out = out.view(n, -1, ho, wo)
-    else:
-        out = F.conv2d(xp, wf, stride=stride, padding=left if symmetric else 0)
-    # every value is an exactly represented integer: the cast loses nothing
-    return out.to(torch.int64)
+        return out.reshape(n, f_out, ho, wo)
+    if not symmetric:
+        xp = F.pad(xp, pads)
+    return F.conv2d(xp, wf, stride=stride, padding=left if symmetric else 0, groups=groups)
 
 
 # ---------------------------------------------------------------- quantization
@@ -316,20 +340,21 @@ def quantize(model: ResNet8, calib_images: np.ndarray, percentile: float = 99.99
 
     requant: dict[str, Requant] = {}
     hw = add("conv1", model.conv1, model.bn1, act["input"], hw)
-    requant["conv1"] = Requant.from_scales(layers["conv1"].acc_scale, act["conv1"])
+    requant["conv1"] = Requant.from_scales(layers["conv1"].acc_scale, act["conv1"], layers["conv1"].requant_bound())
     prev = "conv1"
     for s, proj in STACKS:
         st = getattr(model, s)
         hw_in = hw
         hw = add(f"{s}.conv1", st.conv1, st.bn1, act[prev], hw_in)
-        requant[f"{s}.conv1"] = Requant.from_scales(layers[f"{s}.conv1"].acc_scale, act[f"{s}.conv1"])
+        requant[f"{s}.conv1"] = Requant.from_scales(layers[f"{s}.conv1"].acc_scale, act[f"{s}.conv1"],
+                                                    layers[f"{s}.conv1"].requant_bound())
         add(f"{s}.conv2", st.conv2, st.bn2, act[f"{s}.conv1"], hw)
-        requant[f"{s}.conv2"] = Requant.from_scales(layers[f"{s}.conv2"].acc_scale, act[s])
+        requant[f"{s}.conv2"] = Requant.from_scales(layers[f"{s}.conv2"].acc_scale, act[s], layers[f"{s}.conv2"].requant_bound())
         if proj:
             add(f"{s}.proj", st.proj, None, act[prev], hw_in)
-            requant[f"{s}.proj"] = Requant.from_scales(layers[f"{s}.proj"].acc_scale, act[s])
+            requant[f"{s}.proj"] = Requant.from_scales(layers[f"{s}.proj"].acc_scale, act[s], layers[f"{s}.proj"].requant_bound())
         else:
-            requant[f"{s}.identity"] = Requant.from_scales([act[prev]], act[s])
+            requant[f"{s}.identity"] = Requant.from_scales([act[prev]], act[s], ACT_MAX)
         prev = s
     # dense layer as a 1x1 convolution over the pooled [N, 64, 1, 1] activations
     fc_w = model.fc.weight.detach().double().numpy()[:, :, None, None]
@@ -340,7 +365,7 @@ def quantize(model: ResNet8, calib_images: np.ndarray, percentile: float = 99.99
     add("fc", fc, None, act[prev], (1, 1))
     acc_scale = layers["fc"].acc_scale
     logit_scale = float(acc_scale.min())
-    requant["fc"] = Requant.from_scales(acc_scale, logit_scale)
+    requant["fc"] = Requant.from_scales(acc_scale, logit_scale, layers["fc"].requant_bound())
     return QuantizedResNet8(layers, requant, act, logit_scale, {"percentile": percentile, "calib_images": len(calib_images)})
 
 
