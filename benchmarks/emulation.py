@@ -24,7 +24,7 @@ from maxdnn.approx import ApproxNetwork, filter_assignment, kernel_assignment, l
 from maxdnn.data import load_cifar10
 from maxdnn.models import load_model, predict
 from maxdnn.multipliers import roup_specs
-from maxdnn.quant import calibration_images, quantize, reference_forward
+from maxdnn.quant import QuantizedResNet8, calibration_images, quantize, reference_forward
 
 
 def timed(fn, repeats=3):
@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quantized", help="A saved quantized model (.npz) instead of calibrating on the train split.")
     args = ap.parse_args()
     dev = args.device
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -57,7 +58,10 @@ def main():
     test = load_cifar10(args.data, "test").sample(args.images)
     imgs, labels = test.images, test.labels
     model = load_model()
-    q = quantize(model, calibration_images(load_cifar10(args.data, "train").images))
+    if args.quantized:
+        q = QuantizedResNet8.load(args.quantized)
+    else:
+        q = quantize(model, calibration_images(load_cifar10(args.data, "train").images))
     rng = np.random.default_rng(0)
     roup = roup_specs(8)
     hidden = [n for n in q.layers]

@@ -159,3 +159,21 @@ def test_assignment_not_json(tmp_path):
     p.write_text("{")
     with pytest.raises(AssignmentError, match="not valid JSON"):
         Assignment.load(p)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_paths_bit_exact(qnet, rng):
+    imgs = rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
+    specs = roup_specs(8)
+    cases = [
+        layer_assignment(qnet, {n: str(rng.choice(specs)) for n in qnet.layers}),
+        filter_assignment(qnet, {n: [str(rng.choice(specs)) for _ in range(l.weight.shape[0])] for n, l in qnet.layers.items()}),
+        kernel_assignment(specs, {n: rng.integers(0, len(specs), l.weight.shape[:2]) for n, l in qnet.layers.items()}),
+        kernel_assignment(LUT, {n: rng.integers(0, len(LUT), l.weight.shape[:2]) for n, l in qnet.layers.items()}),
+    ]
+    assert np.array_equal(qnet.forward_int(torch.as_tensor(imgs, device="cuda")).cpu().numpy(), reference_forward(qnet, imgs))
+    for a in cases:
+        mults = a.multipliers()
+        ref = reference_forward(qnet, imgs, lambda name: (lambda f, c: mults[a.maps[name][f, c]]))
+        got = ApproxNetwork(qnet, a, device="cuda").logits(torch.as_tensor(imgs, device="cuda")).cpu().numpy()
+        assert np.array_equal(got, ref), a.granularity()
