@@ -97,3 +97,31 @@ def test_augment_is_per_sample_crop_and_flip():
         found = any(torch.equal(out[n, 0], w) or torch.equal(out[n, 0], w.flip(1))
                     for dy in range(3) for dx in range(3) for w in [xp[n, 0, dy:dy + 4, dx:dx + 4]])
         assert found
+
+
+def test_cli_train_resume_mismatch_one_line(tmp_path):
+    import zipfile
+
+    from typer.testing import CliRunner
+    from PIL import Image
+    import io
+
+    from maxdnn.cli import app
+    from maxdnn.data import CLASSES
+
+    z = tmp_path / "d.zip"
+    r = np.random.default_rng(0)
+    with zipfile.ZipFile(z, "w") as zf:
+        for c in CLASSES:
+            for i in range(3):
+                buf = io.BytesIO()
+                Image.fromarray(r.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+                zf.writestr(f"train/{c}/{i}.png", buf.getvalue())
+    out = tmp_path / "m.pt"
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--data", str(z), "--out", str(out), "--epochs", "1", "--holdout", "0", "--batch-size", "16"])
+    assert res.exit_code == 0, res.output
+    assert load_model(out).meta["train_images"] == 30
+    torch.save({"epochs": 5, "seed": 0}, tmp_path / "m.pt.state")
+    res = runner.invoke(app, ["train", "--data", str(z), "--out", str(out), "--epochs", "1", "--holdout", "0"])
+    assert res.exit_code == 2 and "saved run has epochs=5" in res.output

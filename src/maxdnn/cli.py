@@ -119,10 +119,13 @@ def train(
     tr, _ = validation_split(len(ds), holdout, seed=0) if holdout else (slice(None), None)
     sub = ds.subset(tr)
     typer.echo(f"training on {len(sub)} images of {ds.source} (train split, {holdout} held out)", err=True)
-    run_train(sub.images, sub.labels, out, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-              meta={"data": str(ds.source), "train_images": len(sub), "holdout": holdout,
-                    "command": f"maxdnn train --data {data} --out {out.name} --epochs {epochs} --batch-size {batch_size} "
-                               f"--lr {lr} --seed {seed} --holdout {holdout}"})
+    command = (f"maxdnn train --data {data} --out {out.name} --epochs {epochs} --batch-size {batch_size} "
+               f"--lr {lr} --seed {seed} --holdout {holdout}")
+    meta = {"data": str(ds.source), "train_images": len(sub), "holdout": holdout, "command": command}
+    try:
+        run_train(sub.images, sub.labels, out, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, meta=meta)
+    except ValueError as e:  # a saved state from other settings
+        fail(str(e))
     typer.echo(str(out))
 
 

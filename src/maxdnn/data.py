@@ -72,12 +72,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MAXDNN_CACHE", Path.home() / ".cache" / "maxdnn"))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _file_digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    return _file_digest(path, "sha256")
 
 
 def _folder_key(path: Path) -> str:
@@ -90,11 +94,7 @@ def _folder_key(path: Path) -> str:
 
 
 def md5sum(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+    return _file_digest(path, "md5")
 
 
 # ---------------------------------------------------------------- official archive
