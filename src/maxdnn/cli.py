@@ -235,13 +235,9 @@ def report(run_dir: Path):
     if not (run_dir / "run.json").exists():
         fail(f"{run_dir}: not an exploration run (no run.json)")
     try:
-        from .explore import Explorer, BUDGETS
-        from .workload import Workload
+        from .explore import Explorer
 
-        info = json.loads((run_dir / "run.json").read_text())
-        ex = Explorer.__new__(Explorer)  # only the study storage is needed to read the points
-        ex.run_dir, ex.storage_url = run_dir, info["storage"]
-        path = write_report(run_dir, ex)
+        path = write_report(run_dir, Explorer.reader(run_dir))
     except ReportError as e:
         fail(str(e))
     typer.echo(str(path))

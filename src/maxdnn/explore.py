@@ -121,6 +121,15 @@ class Explorer:
         self.storage_url = storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
         self._setup()
 
+    @classmethod
+    def reader(cls, run_dir: str | os.PathLike) -> "Explorer":
+        """An explorer that only reads a finished or running run's points (no data, no model)."""
+        run_dir = Path(run_dir)
+        ex = cls.__new__(cls)
+        ex.run_dir = run_dir
+        ex.storage_url = json.loads((run_dir / "run.json").read_text())["storage"]
+        return ex
+
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
         b = self.budget
@@ -432,8 +441,6 @@ def pareto_front(points: list[dict], acc="val_accuracy", gain="energy_gain") -> 
 
 def taylor_proxy(q: QuantizedResNet8, model, images: np.ndarray, labels: np.ndarray, specs: list[str]) -> dict:
     """First-order Taylor sensitivity of every layer, filter and kernel to each spec (see module docstring)."""
-    from .models import SameConv2d  # noqa: F401
-
     model = model.eval()
     # gradient of the float loss at each multiplying layer's pre-activation output
     points = {"conv1": model.bn1, "fc": model.fc}

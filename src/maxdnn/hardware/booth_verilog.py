@@ -78,7 +78,10 @@ def booth_multiplier_verilog(p: int = 0, r: int = 0, bits: int = 8, x_signed: bo
         m = ext
     columns: list[list[str]] = [[] for _ in range(out_w)]
     const = 0
-    wb = lambda i: "1'b0" if i < 0 else f"w[{i}]"  # noqa: E731
+
+    def wb(i: int) -> str:
+        return "1'b0" if i < 0 else f"w[{i}]"
+
     for j in range(p, bits // 2):
         b2, b1, b0 = wb(2 * j + 1), wb(2 * j), wb(2 * j - 1)
         one = b.wire(f"{b1} ^ {b0}")
