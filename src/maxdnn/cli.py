@@ -218,7 +218,7 @@ def explore(
     run_exploration(ex, aps)
     res = ex.resilience()
     info = json.loads((out / "run.json").read_text())
-    info["resilience"] = ", ".join(f"{k} {v:.2f}" for k, v in zip(["layers", "filters", "kernels"], res["validation"]))
+    info["resilience"] = ", ".join(f"{k} {v:.2f}" for k, v in zip(["layers", "filter bins", "kernel bins"], res["validation"]))
     info["wall_seconds"] = info.get("wall_seconds", 0) + (time.time() - t0)
     tmp = out / "run.json.part"
     tmp.write_text(json.dumps(info, indent=1))
