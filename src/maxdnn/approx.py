@@ -354,7 +354,9 @@ class LayerPlan:
             dtype = torch.float64 if any(o.dtype == torch.float64 for o in outs) else torch.float32
             return torch.cat([o.to(dtype) for o in outs], 1).index_select(1, self.pick)
         n, c = xf.shape[:2]
-        buf = torch.empty((n, c * len(self.groups)) + tuple(xf.shape[2:]), dtype=torch.float32, device=xf.device)
+        fmt = torch.channels_last if xf.is_contiguous(memory_format=torch.channels_last) and xf.dim() == 4 else torch.contiguous_format
+        buf = torch.empty((n, c * len(self.groups)) + tuple(xf.shape[2:]), dtype=torch.float32, device=xf.device,
+                          memory_format=fmt)
         for k, g in enumerate(self.groups):
             self._transform_into(g, x, xf, buf[:, k * c:(k + 1) * c])
         return float_conv_exact(buf, weight, self.stride, pads, bound)
