@@ -1,4 +1,3 @@
-import csv
 import json
 import os
 import re
@@ -10,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import LOSSLESS_ZIP, REPO, need
+from conftest import LOSSLESS_ZIP, need
 from maxdnn.explore import BUDGETS, Explorer, pareto_front, run_exploration, taylor_proxy
 from maxdnn.report import best_at_thresholds, read_points, write_report
 from maxdnn.workload import Workload

@@ -129,7 +129,6 @@ def test_extreme_layers_past_2_24_bit_exact(qnet, rng):
     import copy
 
     from maxdnn.approx import ApproxNetwork, kernel_assignment
-    from maxdnn.quant import QuantizedResNet8, Requant
 
     q = copy.deepcopy(qnet)
     q.__dict__.pop("_tp", None)

@@ -32,8 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_path, write_json
 from .multipliers import Multiplier, SpecError, get_multiplier, round_at
-from .quant import ACT_MAX, FLOAT32_EXACT, QuantizedResNet8, float_conv_exact
+from .quant import ACT_MAX, QuantizedResNet8, conv_out_hw, float_conv_exact, layer_bound
 
 ASSIGNMENT_FORMAT = "maxdnn-assignment-v1"
 
@@ -90,12 +91,9 @@ class Assignment:
         if arrays:
             npz = path.with_suffix(".npz")
             doc["arrays"] = npz.name
-            tmp = npz.with_name(npz.name + ".part.npz")
-            np.savez_compressed(tmp, **arrays)
-            tmp.replace(npz)
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        tmp.replace(path)
+            with atomic_path(npz, ".npz") as tmp:
+                np.savez_compressed(tmp, **arrays)
+        write_json(path, doc)
 
     @classmethod
     def load(cls, path: str | os.PathLike, qnet: QuantizedResNet8 | None = None) -> "Assignment":
@@ -202,8 +200,8 @@ def kernel_assignment(specs: list[str], maps: dict[str, np.ndarray], bits: int =
 # ---------------------------------------------------------------- emulation
 
 
-def _as_multipliers(specs, bits) -> list[Multiplier]:
-    return [s if isinstance(s, Multiplier) else get_multiplier(s, bits) for s in specs]
+def _as_multipliers(specs, bits, x_signed=False) -> list[Multiplier]:
+    return [s if isinstance(s, Multiplier) else get_multiplier(s, bits, x_signed) for s in specs]
 
 
 def _pads(padding, kh, kw):
@@ -240,7 +238,6 @@ class LayerPlan:
     def __init__(self, w: np.ndarray, mults: list[Multiplier], amap: np.ndarray, stride: int, pads,
                  device="cpu", x_min: int = 0, x_max: int = ACT_MAX):
         self.stride, self.pads = stride, tuple(pads)
-        self.shape = w.shape
         amap = np.broadcast_to(np.asarray(amap, dtype=np.int64), w.shape[:2])
         used = np.unique(amap)
         self.separable = all(mults[i].separable for i in used)
@@ -276,28 +273,26 @@ class LayerPlan:
         dev = self.device
         f_out, c_in = w.shape[:2]
         # transforms are applied after padding when every transform maps 0 to 0 (pad once, C channels)
-        zero_safe = all(g.round_bit is not None or int(g.x_table[0 - x_min]) == 0 if x_min <= 0 else True for g in groups)
+        zero_safe = all(g.round_bit is not None or int(g.x_table[-x_min]) == 0 for g in groups)
         left, r, t, b = self.pads
         self.prepad = zero_safe and not (left == r == t == b) and len(groups) > 1
         if len(groups) == 1:
             g = groups[0]
-            bound = int(np.abs(g.weight).reshape(f_out, -1).sum(1).max()) * g.x_max
-            self.mode, self.conv_args = "single", (torch.as_tensor(g.weight, device=dev), bound, 1)
+            self.mode, self.conv_args = "single", (torch.as_tensor(g.weight, device=dev), layer_bound(g.weight, g.x_max))
         elif self.disjoint:
             # one convolution per group over its own filters (total work: one exact convolution);
             # the outputs are put back in filter order
             self.sub = []
             for g in groups:
                 wg = g.weight[g.filters]
-                bound = int(np.abs(wg).reshape(len(wg), -1).sum(1).max()) * g.x_max
-                self.sub.append((g, torch.as_tensor(wg, device=dev), bound))
-            self.mode, self.conv_args = "per-group", (None, 0, 1)
+                self.sub.append((g, torch.as_tensor(wg, device=dev), layer_bound(wg, g.x_max)))
+            self.mode = "per-group"
             self.pick = torch.as_tensor(np.argsort(owner), device=dev)
         else:
             # stacked: [F, G*C, kh, kw] over the stacked transformed activations
             wcat = np.concatenate([g.weight for g in groups], axis=1)
             per_f = sum(np.abs(g.weight).reshape(f_out, -1).sum(1) * g.x_max for g in groups)
-            self.mode, self.conv_args = "stacked", (torch.as_tensor(wcat, device=dev), int(per_f.max()), 1)
+            self.mode, self.conv_args = "stacked", (torch.as_tensor(wcat, device=dev), int(per_f.max()))
 
     def _plan_lut(self, w, mults, amap, used):
         if any(m.bits > 8 for m in mults):
@@ -331,7 +326,6 @@ class LayerPlan:
 
     def _separable(self, x: torch.Tensor) -> torch.Tensor:
         xf = x if x.dtype == torch.float32 else x.to(torch.float32)
-        weight, bound, groups = self.conv_args
         pads = self.pads
         if self.prepad:
             xf = F.pad(xf, pads)
@@ -344,6 +338,7 @@ class LayerPlan:
             else:
                 xt = torch.empty_like(xf)
                 self._transform_into(g, x, xf, xt)
+            weight, bound = self.conv_args
             return float_conv_exact(xt, weight, self.stride, pads, bound)
         if self.mode == "per-group":
             outs = []
@@ -359,6 +354,7 @@ class LayerPlan:
                           memory_format=fmt)
         for k, g in enumerate(self.groups):
             self._transform_into(g, x, xf, buf[:, k * c:(k + 1) * c])
+        weight, bound = self.conv_args
         return float_conv_exact(buf, weight, self.stride, pads, bound)
 
 
@@ -379,7 +375,7 @@ def approx_conv2d(x, w, specs, assignment, stride: int = 1, padding=0, bits: int
     device, or ``device``), else a numpy array.
     """
     is_torch = isinstance(x, torch.Tensor)
-    mults = [s if isinstance(s, Multiplier) else get_multiplier(s, bits, x_signed) for s in specs]
+    mults = _as_multipliers(specs, bits, x_signed)
     w_np = w.cpu().numpy() if isinstance(w, torch.Tensor) else np.asarray(w)
     w_np = w_np.astype(np.int64)
     amap = np.asarray(assignment, dtype=np.int64)
@@ -413,11 +409,8 @@ def approx_linear(x, w, specs, assignment, bits: int = 8, x_signed: bool = False
 def lut_conv_numba(x, w, kmap, luts, x_min, w_min, stride, pads):
     from ._lut_kernel import lut_conv
 
-    left, r, t, b = pads
-    n, c, h, wd = x.shape
-    kh, kw = w.shape[2:]
-    ho = (h + t + b - kh) // stride + 1
-    wo = (wd + left + r - kw) // stride + 1
+    left, _, t, _ = pads
+    ho, wo = conv_out_hw(x.shape[2:], w.shape[2:], stride, pads)
     return lut_conv(np.ascontiguousarray(x, dtype=np.int64), np.ascontiguousarray(w), np.ascontiguousarray(kmap),
                     np.ascontiguousarray(luts), x_min, w_min, stride, t, left, ho, wo)
 
@@ -445,8 +438,7 @@ def lut_conv_torch(x, w, kmap, luts, x_min, w_min, stride, pads, filter_chunk: i
         idx = base[None, :, :, None] + cols[:, None, :, :] * nw  # [N, Fc, K, L]
         prod = lut[idx] * valid[:, None, :, :]
         out[:, f0:f1] = prod.sum(2)
-    ho = (h + t + b - kh) // stride + 1
-    return out.view(n, f, ho, -1)
+    return out.view(n, f, *conv_out_hw((h, wd), (kh, kw), stride, pads))
 
 
 # ---------------------------------------------------------------- network runner
@@ -469,5 +461,5 @@ class ApproxNetwork:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.qnet.forward_int(x, self.conv)
 
-    def predict(self, images: np.ndarray, batch_size: int = 100, progress: bool = False) -> np.ndarray:
+    def predict(self, images: np.ndarray, batch_size: int = 100) -> np.ndarray:
         return self.qnet.predict(images, batch_size=batch_size, device=self.device, conv=self.conv)

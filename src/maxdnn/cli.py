@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from .atomic import atomic_path, write_json, write_text
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Approximate multipliers in quantized DNNs (MAx-DNN).")
 
 
@@ -49,9 +51,8 @@ def multipliers(
         if len(mults) != 1:
             fail("--lut needs exactly one --spec")
         table = mults[0].lut()
-        tmp = lut.with_name(lut.name + ".part.npy")
-        np.save(tmp, table)
-        tmp.replace(lut)
+        with atomic_path(lut, ".npy") as tmp:
+            np.save(tmp, table)
         typer.echo(f"wrote {lut}: shape {table.shape}, lut[x - {mults[0].x_format.min}, w - {mults[0].w_format.min}]", err=True)
     rows = [error_metrics(m).as_dict() for m in mults]
     if as_json:
@@ -220,9 +221,7 @@ def explore(
     info = json.loads((out / "run.json").read_text())
     info["resilience"] = ", ".join(f"{k} {v:.2f}" for k, v in zip(["layers", "filter bins", "kernel bins"], res["validation"]))
     info["wall_seconds"] = info.get("wall_seconds", 0) + (time.time() - t0)
-    tmp = out / "run.json.part"
-    tmp.write_text(json.dumps(info, indent=1))
-    tmp.replace(out / "run.json")
+    write_json(out / "run.json", info)
     path = write_report(out, ex)
     typer.echo(path.read_text())
 
@@ -256,9 +255,7 @@ def hardware_verilog(spec: str, out: Path = typer.Option(..., help="Verilog file
         v = verilog_for(spec)
     except NoHardwareError as e:
         fail(str(e))
-    tmp = out.with_name(out.name + ".part")
-    tmp.write_text(v)
-    tmp.replace(out)
+    write_text(out, v)
     typer.echo(str(out))
 
 
@@ -319,10 +316,7 @@ def hardware_report_cmd(
         doc = {"unit": "NAND2-toggle equivalents per multiplication (unit-delay, glitches counted)",
                "area_unit": "NAND2 equivalents (NanGate 45nm X1 areas)",
                "streams": {s.name: len(s.x) for s in built}, "designs": rows}
-        save_table.parent.mkdir(parents=True, exist_ok=True)
-        tmp = save_table.with_name(save_table.name + ".part")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        tmp.replace(save_table)
+        write_json(save_table, doc)
     if as_json:
         typer.echo(json.dumps([{k: r[k] for k in ("spec", "area_nand2", "depth", "energy", "energy_rel", "gates")} for r in rows], indent=1))
         return

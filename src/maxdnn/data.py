@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SPLITS = ("train", "test")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -64,8 +65,12 @@ class Dataset:
         """
         if n is None or n >= len(self):
             return self
-        idx = np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
-        return self.subset(idx)
+        return self.subset(sample_indices(len(self), n, seed))
+
+
+def sample_indices(total: int, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a fixed seeded random sample of min(n, total) of ``total`` items."""
+    return np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
 
 
 def cache_dir() -> Path:
@@ -289,10 +294,8 @@ def load_cifar10(path: str | os.PathLike, split: str = "test", use_cache: bool =
                 cached.unlink(missing_ok=True)
     images, labels = _LOADERS[kind](real, split)
     if use_cache:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, images=images, labels=labels)
-        tmp.replace(cached)
+        with atomic_path(cached, ".npz") as tmp:
+            np.savez(tmp, images=images, labels=labels)
     return Dataset(images, labels, str(path), split)
 
 
@@ -307,19 +310,16 @@ def download_cifar10(dest_dir: str | os.PathLike | None = None, url: str = CIFAR
     dest = dest_dir / ARCHIVE_NAME
     if dest.exists() and md5sum(dest) == md5:
         return dest
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"{url}: download failed ({e})") from None
-    got = md5sum(tmp)
-    if got != md5:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"{url}: checksum mismatch (MD5 {got}, expected {md5})")
-    tmp.replace(dest)
+    with atomic_path(dest) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+        except OSError as e:
+            raise DataError(f"{url}: download failed ({e})") from None
+        got = md5sum(tmp)
+        if got != md5:
+            raise DataError(f"{url}: checksum mismatch (MD5 {got}, expected {md5})")
     return dest
 
 

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .approx import ApproxNetwork, Assignment
+from .atomic import atomic_path, write_json
 from .data import validation_split
 from .energy import energy_table, hardware_table, network_energy
 from .error_metrics import error_metrics
@@ -100,12 +101,6 @@ def _spearman(a, b) -> float:
     if ra.std() == 0 or rb.std() == 0:
         return float("nan")
     return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.part")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 class Explorer:
@@ -163,7 +158,7 @@ class Explorer:
             info["baseline"] = {"val_accuracy": val_acc, "val_loss": val_loss, "test_accuracy": test_acc,
                                 "val_images": len(self.val), "test_images": len(self.test)}
         self.info = info
-        _atomic_json(run_json, info)
+        write_json(run_json, info)
 
     def _val_metrics(self, a: Assignment) -> tuple[float, float]:
         net = ApproxNetwork(self.q, a)
@@ -210,9 +205,8 @@ class Explorer:
         res["layer_proxy"] = np.array([[proxy[n]["layer"][s] for s in range(len(specs))] for n in layers])
         res["validation"] = self._validate_proxy(res, exact)
         res["seconds"] = np.array(time.time() - t0)
-        tmp = path.with_name(path.name + f".{os.getpid()}.part.npz")
-        np.savez(tmp, **res)
-        tmp.replace(path)
+        with atomic_path(path, ".npz") as tmp:
+            np.savez(tmp, **res)
         return res
 
     def _validate_proxy(self, res, exact) -> np.ndarray:
@@ -414,8 +408,7 @@ class Explorer:
         front_dir.mkdir(exist_ok=True)
         todo = []
         for ap in approaches:
-            pts = [p for p in self.points([ap])]
-            for p in pareto_front(pts):
+            for p in pareto_front(self.points([ap])):
                 key = point_key(p)
                 if key not in done:
                     todo.append((ap, p, key))
@@ -427,7 +420,7 @@ class Explorer:
                       "energy_gain": p["energy_gain"]}
             a.save(front_dir / f"{ap}-{p['source']}-{p['trial']}.json")
             done[key] = {"test_accuracy": float((pred == self.test.labels).mean()), "test_images": int(len(self.test))}
-            _atomic_json(path, done)
+            write_json(path, done)
 
 
 def point_key(p: dict) -> str:

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .atomic import atomic_path
 CHECKPOINT_FORMAT = "maxdnn-resnet8-v1"
 DEFAULT_CHECKPOINT = "resnet8-cifar10-jpeg.pt"
 
@@ -93,12 +94,9 @@ MULTIPLYING_LAYERS = ["conv1", "s1.conv1", "s1.conv2", "s2.conv1", "s2.conv2", "
 
 
 def save_checkpoint(model: ResNet8, path: str | os.PathLike, meta: dict | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    torch.save({"format": CHECKPOINT_FORMAT, "input_scale": model.input_scale,
-                "state_dict": model.state_dict(), "meta": meta or {}}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, "input_scale": model.input_scale,
+                    "state_dict": model.state_dict(), "meta": meta or {}}, tmp)
 
 
 def default_checkpoint() -> Path:

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_path
+from .data import sample_indices
 from .models import MULTIPLYING_LAYERS, ResNet8, SameConv2d
 
 ACT_MAX = 255
@@ -61,6 +63,12 @@ def quantize_multiplier(m: float, bits: int = 31) -> tuple[int, int]:
     return m0, shift
 
 
+def conv_out_hw(in_hw, k_hw, stride: int, pads) -> tuple[int, int]:
+    """Output height and width of a convolution with (left, right, top, bottom) padding."""
+    left, r, t, b = pads
+    return ((in_hw[0] + t + b - k_hw[0]) // stride + 1, (in_hw[1] + left + r - k_hw[1]) // stride + 1)
+
+
 @dataclass
 class QLayer:
     """One multiplying layer: int8 weights, int32 bias, geometry."""
@@ -76,9 +84,7 @@ class QLayer:
 
     @property
     def out_hw(self) -> tuple[int, int]:
-        kh, kw = self.weight.shape[2:]
-        left, r, t, b = self.pads
-        return ((self.in_hw[0] + t + b - kh) // self.stride + 1, (self.in_hw[1] + left + r - kw) // self.stride + 1)
+        return conv_out_hw(self.in_hw, self.weight.shape[2:], self.stride, self.pads)
 
     @property
     def acc_scale(self) -> np.ndarray:
@@ -214,9 +220,8 @@ class QuantizedResNet8:
             arrays[f"R/{n}/shift"] = r.shift
         for n, s in self.act_scales.items():
             arrays[f"A/{n}"] = np.array(s)
-        tmp = path.with_name(path.name + ".part.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+        with atomic_path(path, ".npz") as tmp:
+            np.savez(tmp, **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "QuantizedResNet8":
@@ -242,7 +247,7 @@ def layer_bound(weight: np.ndarray, x_max: int) -> int:
     return int(np.abs(weight).reshape(len(weight), -1).sum(1).max()) * int(x_max)
 
 
-def float_conv_exact(x: torch.Tensor, w: torch.Tensor, stride: int, pads, bound: int, groups: int = 1) -> torch.Tensor:
+def float_conv_exact(x: torch.Tensor, w: torch.Tensor, stride: int, pads, bound: int) -> torch.Tensor:
     """Exact integer convolution through a float one (returns the float result; its values are integers).
 
     ``bound`` must bound every |partial sum| (e.g. max_f sum|w_f| * max|x|):
@@ -261,25 +266,18 @@ def float_conv_exact(x: torch.Tensor, w: torch.Tensor, stride: int, pads, bound:
     if x.device.type == "cuda":
         if left or r or t or b:
             xp = F.pad(xp, pads)
-        n = xp.shape[0]
         f_out, _, kh, kw = wf.shape
-        ho = (xp.shape[2] - kh) // stride + 1
-        wo = (xp.shape[3] - kw) // stride + 1
         cols = F.unfold(xp, (kh, kw), stride=stride)  # [N, C*kh*kw, L], channel-major
         prev = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            if groups == 1:
-                out = torch.matmul(wf.reshape(f_out, -1), cols)
-            else:
-                cols = cols.view(n, groups, -1, cols.shape[-1])  # [N, G, C/G*K, L]
-                out = torch.matmul(wf.reshape(groups, f_out // groups, -1)[None], cols)  # [N, G, F/G, L]
+            out = torch.matmul(wf.reshape(f_out, -1), cols)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
-        return out.reshape(n, f_out, ho, wo)
+        return out.reshape(xp.shape[0], f_out, *conv_out_hw(xp.shape[2:], (kh, kw), stride, (0, 0, 0, 0)))
     if not symmetric:
         xp = F.pad(xp, pads)
-    return F.conv2d(xp, wf, stride=stride, padding=left if symmetric else 0, groups=groups)
+    return F.conv2d(xp, wf, stride=stride, padding=left if symmetric else 0)
 
 
 # ---------------------------------------------------------------- quantization
@@ -327,34 +325,33 @@ def quantize(model: ResNet8, calib_images: np.ndarray, percentile: float = 99.99
     act = {"input": model.input_scale}
     act.update({k: v / ACT_MAX for k, v in ranges.items()})
     layers: dict[str, QLayer] = {}
-    hw = (32, 32)
+    requant: dict[str, Requant] = {}
 
-    def add(name, conv, bn, in_scale, in_hw):
+    def add(name, conv, bn, in_scale, in_hw, out_scale):
+        """Quantize one layer and its requantization to ``out_scale`` (None: its smallest
+        accumulator scale); returns its output size."""
         w, b = _fold_bn(conv, bn)
         absmax = np.abs(w).reshape(len(w), -1).max(1)
         w_scale = np.where(absmax > 0, absmax / 127.0, 1.0)
         wq = np.clip(np.round(w / w_scale[:, None, None, None]), -127, 127).astype(np.int64)
         bq = np.round(b / (in_scale * w_scale)).astype(np.int64)
         pads = conv.pads(*in_hw) if isinstance(conv, SameConv2d) else (0, 0, 0, 0)
-        layers[name] = QLayer(name, wq, bq, conv.stride[0] if isinstance(conv, SameConv2d) else 1, pads,
-                              float(in_scale), w_scale, in_hw)
-        return layers[name].out_hw
+        layer = QLayer(name, wq, bq, conv.stride[0] if isinstance(conv, SameConv2d) else 1, pads,
+                       float(in_scale), w_scale, in_hw)
+        layers[name] = layer
+        out_scale = float(layer.acc_scale.min()) if out_scale is None else out_scale
+        requant[name] = Requant.from_scales(layer.acc_scale, out_scale, layer.requant_bound())
+        return layer.out_hw
 
-    requant: dict[str, Requant] = {}
-    hw = add("conv1", model.conv1, model.bn1, act["input"], hw)
-    requant["conv1"] = Requant.from_scales(layers["conv1"].acc_scale, act["conv1"], layers["conv1"].requant_bound())
+    hw = add("conv1", model.conv1, model.bn1, act["input"], (32, 32), act["conv1"])
     prev = "conv1"
     for s, proj in STACKS:
         st = getattr(model, s)
         hw_in = hw
-        hw = add(f"{s}.conv1", st.conv1, st.bn1, act[prev], hw_in)
-        requant[f"{s}.conv1"] = Requant.from_scales(layers[f"{s}.conv1"].acc_scale, act[f"{s}.conv1"],
-                                                    layers[f"{s}.conv1"].requant_bound())
-        add(f"{s}.conv2", st.conv2, st.bn2, act[f"{s}.conv1"], hw)
-        requant[f"{s}.conv2"] = Requant.from_scales(layers[f"{s}.conv2"].acc_scale, act[s], layers[f"{s}.conv2"].requant_bound())
+        hw = add(f"{s}.conv1", st.conv1, st.bn1, act[prev], hw_in, act[f"{s}.conv1"])
+        add(f"{s}.conv2", st.conv2, st.bn2, act[f"{s}.conv1"], hw, act[s])
         if proj:
-            add(f"{s}.proj", st.proj, None, act[prev], hw_in)
-            requant[f"{s}.proj"] = Requant.from_scales(layers[f"{s}.proj"].acc_scale, act[s], layers[f"{s}.proj"].requant_bound())
+            add(f"{s}.proj", st.proj, None, act[prev], hw_in, act[s])
         else:
             requant[f"{s}.identity"] = Requant.from_scales([act[prev]], act[s], ACT_MAX)
         prev = s
@@ -364,16 +361,13 @@ def quantize(model: ResNet8, calib_images: np.ndarray, percentile: float = 99.99
     with torch.no_grad():
         fc.weight.copy_(torch.from_numpy(fc_w))
         fc.bias.copy_(model.fc.bias.detach())
-    add("fc", fc, None, act[prev], (1, 1))
-    acc_scale = layers["fc"].acc_scale
-    logit_scale = float(acc_scale.min())
-    requant["fc"] = Requant.from_scales(acc_scale, logit_scale, layers["fc"].requant_bound())
+    add("fc", fc, None, act[prev], (1, 1), None)  # logits share one scale: the smallest accumulator scale
+    logit_scale = float(layers["fc"].acc_scale.min())
     return QuantizedResNet8(layers, requant, act, logit_scale, {"percentile": percentile, "calib_images": len(calib_images)})
 
 
 def calibration_images(train_images: np.ndarray, n: int = 1000, seed: int = 0) -> np.ndarray:
-    idx = np.sort(np.random.default_rng(seed).choice(len(train_images), size=min(n, len(train_images)), replace=False))
-    return train_images[idx]
+    return train_images[sample_indices(len(train_images), n, seed)]
 
 
 # ---------------------------------------------------------------- reference engine

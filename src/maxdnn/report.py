@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+from .atomic import atomic_path, write_text
+
 THRESHOLDS = (0.5, 1.0, 2.0, 4.0)
 COLUMNS = ["approach", "source", "trial", "on_front", "granularity", "summary", "val_accuracy", "val_images",
            "test_accuracy", "test_images", "energy", "energy_gain", "val_loss_pts", "test_loss_pts"]
@@ -47,12 +49,10 @@ def write_points(run_dir: Path, explorer) -> Path:
                 "test_loss_pts": 100 * (base["test_accuracy"] - t["test_accuracy"]) if t else "",
             })
     path = run_dir / "points.csv"
-    tmp = path.with_name(path.name + f".{os.getpid()}.part")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    tmp.replace(path)
     return path
 
 
@@ -103,9 +103,8 @@ def plot(rows: list[dict], baseline_label: str, run_dir: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     for ext in ("png", "svg"):
-        tmp = run_dir / f"pareto.part.{ext}"
-        fig.savefig(tmp, dpi=130)
-        tmp.replace(run_dir / f"pareto.{ext}")
+        with atomic_path(run_dir / f"pareto.{ext}", f".{ext}") as tmp:
+            fig.savefig(tmp, dpi=130)
     plt.close(fig)
 
 
@@ -167,7 +166,5 @@ def write_report(run_dir: str | os.PathLike, explorer=None) -> Path:
     lines += ["", "## Files", "", "- `points.csv`: every evaluated point", "- `pareto.png`, `pareto.svg`: the fronts",
               "- `pareto/`: the assignment of every front point (`maxdnn evaluate --assign ...`)", ""]
     path = run_dir / "report.md"
-    tmp = path.with_name(path.name + f".{os.getpid()}.part")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    write_text(path, "\n".join(lines))
     return path

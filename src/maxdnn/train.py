@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .atomic import atomic_path
 from .models import ResNet8, save_checkpoint
 
 
@@ -97,10 +98,9 @@ def train(
             rec.update(eval_fn(model))
         history.append(rec)
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()), flush=True)
-        tmp = state_path.with_name(state_path.name + ".part")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "gen": gen.get_state(), "epoch": epoch + 1, "epochs": epochs, "seed": seed}, tmp)
-        tmp.replace(state_path)
+        with atomic_path(state_path) as tmp:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "gen": gen.get_state(), "epoch": epoch + 1, "epochs": epochs, "seed": seed}, tmp)
     model = model.cpu().eval()
     save_checkpoint(model, out, meta={**(meta or {}), "epochs": epochs, "batch_size": batch_size, "lr": lr,
                                       "weight_decay": weight_decay, "seed": seed})

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_json
 from ..data import cache_dir
 from ..multipliers import ROUP, Exact, SpecError, get_multiplier
 from .booth_verilog import booth_multiplier_verilog
@@ -67,12 +67,6 @@ def _hw_cache() -> Path:
     return d
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.part")
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(path)
-
-
 def netlist_for(spec: str, bits: int = 8) -> Netlist:
     """The synthesized netlist of ``spec`` (cached by Verilog hash)."""
     v = verilog_for(spec, bits)
@@ -84,7 +78,7 @@ def netlist_for(spec: str, bits: int = 8) -> Netlist:
         except (ValueError, KeyError):
             path.unlink(missing_ok=True)
     net, doc = synthesize(v)
-    _atomic_json(path, doc)
+    write_json(path, doc, indent=None)
     return net
 
 
@@ -146,7 +140,7 @@ def stream_energy(net: Netlist, stream: Stream) -> dict:
     n = max(len(stream.x) - 1, 1)
     res = {"energy": float((toggles * weights).sum() / n), "energy_zero_delay": float((zero * weights).sum() / n),
            "toggles": float(toggles.sum() / n), "pairs": int(len(stream.x))}
-    _atomic_json(path, res)
+    write_json(path, res, indent=None)
     return res
 
 
