@@ -41,3 +41,10 @@ def test_multipliers_16_bit_sampled():
     r = runner.invoke(app, ["multipliers", "--bits", "16", "--spec", "roup-p2r3", "--json"])
     assert r.exit_code == 0
     assert json.loads(r.stdout)[0]["samples"] > 0
+
+
+def test_lut_unwritable_path_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = runner.invoke(app, ["multipliers", "--spec", "exact", "--lut", str(blocker / "sub" / "lut.npy")])
+    assert r.exit_code == 2 and "cannot write" in r.output and len(r.output.strip().splitlines()) == 1

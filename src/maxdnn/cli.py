@@ -51,8 +51,11 @@ def multipliers(
         if len(mults) != 1:
             fail("--lut needs exactly one --spec")
         table = mults[0].lut()
-        with atomic_path(lut, ".npy") as tmp:
-            np.save(tmp, table)
+        try:
+            with atomic_path(lut, ".npy") as tmp:
+                np.save(tmp, table)
+        except OSError as e:
+            fail(f"{lut}: cannot write ({e.strerror})")
         typer.echo(f"wrote {lut}: shape {table.shape}, lut[x - {mults[0].x_format.min}, w - {mults[0].w_format.min}]", err=True)
     rows = [error_metrics(m).as_dict() for m in mults]
     if as_json:
@@ -255,7 +258,10 @@ def hardware_verilog(spec: str, out: Path = typer.Option(..., help="Verilog file
         v = verilog_for(spec)
     except NoHardwareError as e:
         fail(str(e))
-    write_text(out, v)
+    try:
+        write_text(out, v)
+    except OSError as e:
+        fail(f"{out}: cannot write ({e.strerror})")
     typer.echo(str(out))
 
 
