@@ -1,9 +1,9 @@
 """Emulation speed: bit-exact approximate inference against exact float inference, in one process.
 
-    python benchmarks/emulation.py --data PATH/cifar10-jpeg.zip [--images 10000] [--device cpu|cuda]
+    python benchmarks/emulation.py --data PATH/cifar10-jpeg.zip [--model M] [--images 10000] [--device cpu|cuda]
 
 Times, on the same images and batch size: exact float inference of the
-ResNet-8 (the baseline), the exact int8 engine, ROUP emulation with random
+network (``--model``: a zoo name, .pt, .h5 or .pt2; default resnet8; the baseline), the exact int8 engine, ROUP emulation with random
 layer-, filter- and kernel-level assignments (kernel-level twice: two
 configurations per layer, as MAx-DNN's kernel-level approach produces, and all
 32 ROUP configurations at random), and the generic lookup-table path (numba on
@@ -23,9 +23,12 @@ import torch
 
 from maxdnn.approx import ApproxNetwork, filter_assignment, kernel_assignment, layer_assignment
 from maxdnn.data import load_cifar10
+from maxdnn.graph import QuantizedGraph
 from maxdnn.models import load_model, predict
 from maxdnn.multipliers import roup_specs
-from maxdnn.quant import QuantizedResNet8, calibration_images, quantize, reference_forward
+from maxdnn.quant import calibration_images
+from maxdnn.reference import reference_forward
+from maxdnn.torch_frontend import quantize_module
 
 
 def timed(fn, repeats=3):
@@ -50,7 +53,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quantized", help="A saved quantized model (.npz) instead of calibrating on the train split.")
+    ap.add_argument("--model", default=None, help="zoo name, .pt, .h5 or .pt2 (default resnet8)")
+    ap.add_argument("--quantized", help="A saved quantized graph (.npz) instead of calibrating on the train split.")
     args = ap.parse_args()
     dev = args.device
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -58,11 +62,11 @@ def main():
 
     test = load_cifar10(args.data, "test").sample(args.images)
     imgs, labels = test.images, test.labels
-    model = load_model()
+    model = load_model(args.model)
     if args.quantized:
-        q = QuantizedResNet8.load(args.quantized)
+        q = QuantizedGraph.load(args.quantized)
     else:
-        q = quantize(model, calibration_images(load_cifar10(args.data, "train").images))
+        q = quantize_module(model, calibration_images(load_cifar10(args.data, "train").images))
     rng = np.random.default_rng(0)
     roup = roup_specs(8)
     hidden = [n for n in q.layers]
@@ -83,8 +87,7 @@ def main():
     # correctness first: every case against the integer reference engine
     few = imgs[:4]
     for name, a in list(cases.items()) + [("lut", lut_case)]:
-        mults = a.multipliers()
-        ref = reference_forward(q, few, lambda n, a=a, m=mults: (lambda f, c: m[a.maps[n][f, c]]))
+        ref = reference_forward(q, few, a.reference_products(q))
         got = ApproxNetwork(q, a, device=dev).logits(torch.as_tensor(few, device=dev)).cpu().numpy()
         assert np.array_equal(ref, got), f"{name}: not bit-exact"
 

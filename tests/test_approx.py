@@ -17,7 +17,7 @@ from maxdnn.approx import (
     lut_conv_torch,
 )
 from maxdnn.multipliers import get_multiplier, roup_specs
-from maxdnn.quant import reference_conv, reference_forward
+from maxdnn.reference import reference_conv, reference_forward
 
 SEPARABLE = ["exact", "roup-p1r2", "roup-p3r7", "roup-p0r3", "roup-p2r0", "drum-k4", "ppp-j0k2"]
 LUT = SEPARABLE + ["mitchell", "trunc-k6"]

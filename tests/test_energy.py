@@ -2,7 +2,7 @@ import numpy as np
 
 from maxdnn.approx import Assignment, layer_assignment
 from maxdnn.energy import multiplication_counts, network_energy, provisional_energy
-from maxdnn.quant import reference_conv
+from maxdnn.reference import reference_conv
 
 
 def test_counts_match_products_formed(qnet):

@@ -3,14 +3,9 @@ import pytest
 import torch
 
 from conftest import JPEG_ZIP, MLPERF_H5, need
-from maxdnn.quant import (
-    QuantizedResNet8,
-    exact_prod,
-    float_conv_exact,
-    quantize_multiplier,
-    reference_conv,
-    reference_forward,
-)
+from maxdnn.graph import QuantizedGraph
+from maxdnn.quant import float_conv_exact, quantize_multiplier
+from maxdnn.reference import exact_prod, reference_conv, reference_forward
 
 
 def scalar_conv(x, w, stride, pads):
@@ -81,7 +76,8 @@ def test_fast_engine_equals_reference_random_and_real(qnet, lossless_test, rng):
 def test_mlperf_model_int8_equals_reference(lossless_test):
     from maxdnn.data import load_cifar10
     from maxdnn.models import load_model
-    from maxdnn.quant import calibration_images, quantize
+    from maxdnn.quant import calibration_images
+    from maxdnn.torch_frontend import quantize_module as quantize
 
     from conftest import LOSSLESS_ZIP
 
@@ -95,7 +91,8 @@ def test_mlperf_model_int8_equals_reference(lossless_test):
 def test_quantization_costs_at_most_one_point_on_jpeg_test_set():
     from maxdnn.data import load_cifar10
     from maxdnn.models import load_model, predict
-    from maxdnn.quant import calibration_images, quantize
+    from maxdnn.quant import calibration_images
+    from maxdnn.torch_frontend import quantize_module as quantize
 
     test = load_cifar10(need(JPEG_ZIP), "test")
     train = load_cifar10(JPEG_ZIP, "train")
@@ -110,7 +107,7 @@ def test_quantization_costs_at_most_one_point_on_jpeg_test_set():
 
 def test_save_load_roundtrip(qnet, tmp_path, rng):
     qnet.save(tmp_path / "q.npz")
-    q2 = QuantizedResNet8.load(tmp_path / "q.npz")
+    q2 = QuantizedGraph.load(tmp_path / "q.npz")
     x = torch.as_tensor(rng.integers(0, 256, (3, 3, 32, 32)))
     assert torch.equal(qnet.forward_int(x), q2.forward_int(x))
     for n, l in qnet.layers.items():
@@ -136,11 +133,10 @@ def test_extreme_layers_past_2_24_bit_exact(qnet, rng):
         layer.weight = np.where(rng.random(layer.weight.shape) < 0.9, 127, -127).astype(np.int64)
         layer.bias = rng.integers(-2**20, 2**20, layer.weight.shape[0])
         layer.__dict__.pop("exact_bound", None)
-    for edge, r in q.requant.items():
-        name = edge if edge in q.layers else None
-        bound = q.layers[name].requant_bound() if name else 255
+    for name, layer in q.layers.items():
+        r = layer.requant
         # every requantization stays exact in float64
-        assert ((bound * r.m0 + 2.0 ** (r.shift - 1)) < 2**53).all(), edge
+        assert ((layer.requant_bound() * r.m0 + 2.0 ** (r.shift - 1)) < 2**53).all(), name
     assert max(l.exact_bound for l in q.layers.values()) > 1 << 24
     imgs = np.full((2, 3, 32, 32), 255, dtype=np.uint8)
     imgs[1] = rng.integers(200, 256, (3, 32, 32))

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from .atomic import atomic_path, write_json
 from .multipliers import Multiplier, SpecError, get_multiplier, round_at
-from .quant import ACT_MAX, QuantizedResNet8, conv_out_hw, float_conv_exact, layer_bound
+from .graph import QuantizedGraph
+from .quant import ACT_MAX, conv_out_hw, float_conv_exact, layer_bound
 
 ASSIGNMENT_FORMAT = "maxdnn-assignment-v1"
 
@@ -68,8 +69,15 @@ class Assignment:
     def multipliers(self, x_signed: bool = False) -> list[Multiplier]:
         return [get_multiplier(s, self.bits, x_signed) for s in self.specs]
 
+    def reference_products(self, qnet: QuantizedGraph):
+        """``prod_for_layer`` for ``maxdnn.reference.reference_forward``: layer -> (f, c) -> product function
+        (multipliers take each layer's operand signedness)."""
+        self.bind(qnet)
+        mults = {s: self.multipliers(x_signed=s) for s in (False, True)}
+        return lambda name: (lambda f, c: mults[qnet.layers[name].x_signed][self.maps[name][f, c]])
+
     @classmethod
-    def uniform(cls, qnet: QuantizedResNet8, spec: str = "exact", bits: int = 8) -> "Assignment":
+    def uniform(cls, qnet: QuantizedGraph, spec: str = "exact", bits: int = 8) -> "Assignment":
         return cls([spec], {n: np.zeros(l.weight.shape[:2], dtype=np.int64) for n, l in qnet.layers.items()}, bits)
 
     # ---- JSON (+ npz for kernel-level layers)
@@ -96,7 +104,7 @@ class Assignment:
         write_json(path, doc)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, qnet: QuantizedResNet8 | None = None) -> "Assignment":
+    def load(cls, path: str | os.PathLike, qnet: QuantizedGraph | None = None) -> "Assignment":
         path = Path(path)
         try:
             doc = json.loads(path.read_text())
@@ -143,7 +151,7 @@ class Assignment:
             a.bind(qnet, where=str(path))
         return a
 
-    def bind(self, qnet: QuantizedResNet8, where: str = "assignment") -> "Assignment":
+    def bind(self, qnet: QuantizedGraph, where: str = "assignment") -> "Assignment":
         """Validate against a network and expand to full [F, C] arrays (missing layers: exact)."""
         full = {}
         for name in self.maps:
@@ -236,19 +244,26 @@ class LayerPlan:
     """
 
     def __init__(self, w: np.ndarray, mults: list[Multiplier], amap: np.ndarray, stride: int, pads,
-                 device="cpu", x_min: int = 0, x_max: int = ACT_MAX):
-        self.stride, self.pads = stride, tuple(pads)
+                 device="cpu", x_min: int = 0, x_max: int = ACT_MAX, groups: int = 1):
+        self.stride, self.pads, self.conv_groups = stride, tuple(pads), groups
         amap = np.broadcast_to(np.asarray(amap, dtype=np.int64), w.shape[:2])
         used = np.unique(amap)
         self.separable = all(mults[i].separable for i in used)
         self.device = torch.device(device)
         self.x_min = x_min
         if self.separable:
-            self._plan_separable(w, mults, amap, used, x_min, x_max)
+            if groups > 1 and len({mults[i].x_transform(np.arange(x_min, x_max + 1)).tobytes() for i in used}) > 1:
+                # several activation transforms in a grouped conv: run it as the equivalent dense conv
+                # (zero weights outside each filter's group form no product)
+                w, amap, mask = _dense(w, amap, groups)
+                self.conv_groups = 1
+                self._plan_separable(w, mults, amap, used, x_min, x_max, mask)
+            else:
+                self._plan_separable(w, mults, amap, used, x_min, x_max)
         else:
             self._plan_lut(w, mults, amap, used)
 
-    def _plan_separable(self, w, mults, amap, used, x_min, x_max):
+    def _plan_separable(self, w, mults, amap, used, x_min, x_max, mask=None):
         xs = np.arange(x_min, x_max + 1, dtype=np.int64)
         by_key: dict[bytes, list[int]] = {}
         tables = {}
@@ -263,6 +278,8 @@ class LayerPlan:
             for i in members:
                 sel = amap == i
                 wt[sel] = mults[i].w_transform(w[sel])
+            if mask is not None:
+                wt[~mask] = 0
             filters = np.nonzero(np.isin(amap, members).any(1))[0]
             rb = next((r for r in range(16) if np.array_equal(t, round_at(xs, r))), None)
             groups.append(_Group(rb, None if rb is not None else torch.as_tensor(t, device=self.device),
@@ -279,6 +296,8 @@ class LayerPlan:
         if len(groups) == 1:
             g = groups[0]
             self.mode, self.conv_args = "single", (torch.as_tensor(g.weight, device=dev), layer_bound(g.weight, g.x_max))
+            if mask is not None:
+                raise AssertionError("dense expansion is only used with several transforms")
         elif self.disjoint:
             # one convolution per group over its own filters (total work: one exact convolution);
             # the outputs are put back in filter order
@@ -308,10 +327,16 @@ class LayerPlan:
         if self.separable:
             return self._separable(x)
         xi = x.to(torch.int64)
-        if x.device.type == "cpu":
-            return torch.from_numpy(lut_conv_numba(xi.numpy(), self.w, self.kmap, self.luts, self.x_min, self.w_min,
-                                                   self.stride, self.pads))
-        return lut_conv_torch(xi, self.w, self.kmap, self.luts, self.x_min, self.w_min, self.stride, self.pads)
+        outs = []
+        fg, cg = self.w.shape[0] // self.conv_groups, self.w.shape[1]
+        for g in range(self.conv_groups):  # a grouped conv is one conv per group
+            xg, wg, kg = xi[:, g * cg:(g + 1) * cg], self.w[g * fg:(g + 1) * fg], self.kmap[g * fg:(g + 1) * fg]
+            if x.device.type == "cpu":
+                outs.append(torch.from_numpy(lut_conv_numba(xg.contiguous().numpy(), wg, kg, self.luts, self.x_min,
+                                                            self.w_min, self.stride, self.pads)))
+            else:
+                outs.append(lut_conv_torch(xg, wg, kg, self.luts, self.x_min, self.w_min, self.stride, self.pads))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
     def _transform_into(self, g: _Group, x: torch.Tensor, xf: torch.Tensor, out: torch.Tensor) -> None:
         if g.round_bit is None:
@@ -339,7 +364,7 @@ class LayerPlan:
                 xt = torch.empty_like(xf)
                 self._transform_into(g, x, xf, xt)
             weight, bound = self.conv_args
-            return float_conv_exact(xt, weight, self.stride, pads, bound)
+            return float_conv_exact(xt, weight, self.stride, pads, bound, self.conv_groups)
         if self.mode == "per-group":
             outs = []
             for g, wg, gb in self.sub:
@@ -358,6 +383,23 @@ class LayerPlan:
         return float_conv_exact(buf, weight, self.stride, pads, bound)
 
 
+def _dense(w: np.ndarray, amap: np.ndarray, groups: int):
+    """A grouped conv's weights [F, C/g, kh, kw] as dense [F, C, kh, kw] (zeros outside each filter's group),
+    its assignment spread the same way, and the mask of real kernels."""
+    f, cg = w.shape[:2]
+    fg = f // groups
+    dense = np.zeros((f, cg * groups) + w.shape[2:], dtype=w.dtype)
+    dmap = np.zeros((f, cg * groups), dtype=np.int64)
+    mask = np.zeros((f, cg * groups) + w.shape[2:], dtype=bool)
+    dmap[:] = amap[:, :1]
+    for g in range(groups):
+        rows, cols = slice(g * fg, (g + 1) * fg), slice(g * cg, (g + 1) * cg)
+        dense[rows, cols] = w[rows]
+        dmap[rows, cols] = amap[rows]
+        mask[rows, cols] = True
+    return dense, dmap, mask
+
+
 def _to_torch(a, device=None):
     if isinstance(a, torch.Tensor):
         return a.to(torch.int64) if device is None else a.to(device=device, dtype=torch.int64)
@@ -365,7 +407,7 @@ def _to_torch(a, device=None):
 
 
 def approx_conv2d(x, w, specs, assignment, stride: int = 1, padding=0, bits: int = 8, x_signed: bool = False,
-                  device=None):
+                  device=None, groups: int = 1):
     """Exact int64 accumulators of a conv where kernel (f, c) uses multiplier ``specs[assignment[f, c]]``.
 
     x: integer [N, C, H, W]; w: integer [F, C, kh, kw]; specs: spec strings or
@@ -388,7 +430,8 @@ def approx_conv2d(x, w, specs, assignment, stride: int = 1, padding=0, bits: int
         lo, hi = int(xt.min()), int(xt.max())
         if lo < xmin or hi > xmax:
             raise ValueError(f"activations outside the multiplier's x range [{xmin}, {xmax}]")
-    plan = LayerPlan(w_np, mults, amap, stride, _pads(padding, *w_np.shape[2:]), device=xt.device, x_min=xmin, x_max=xmax)
+    plan = LayerPlan(w_np, mults, amap, stride, _pads(padding, *w_np.shape[2:]), device=xt.device, x_min=xmin, x_max=xmax,
+                     groups=groups)
     out = plan(xt).to(torch.int64)  # integers held exactly: the cast loses nothing
     return out if is_torch else out.cpu().numpy()
 
@@ -447,12 +490,15 @@ def lut_conv_torch(x, w, kmap, luts, x_min, w_min, stride, pads, filter_chunk: i
 class ApproxNetwork:
     """A quantized network with an assignment: bit-exact approximate inference."""
 
-    def __init__(self, qnet: QuantizedResNet8, assignment: Assignment, device="cpu"):
+    def __init__(self, qnet: QuantizedGraph, assignment: Assignment, device="cpu"):
         self.qnet = qnet
         self.assignment = assignment.bind(qnet)
-        mults = assignment.multipliers()
-        self.plans = {name: LayerPlan(l.weight, mults, assignment.maps[name], l.stride, l.pads, device=device)
-                      for name, l in qnet.layers.items()}
+        mults = {s: assignment.multipliers(x_signed=s) for s in {l.x_signed for l in qnet.layers.values()}}
+        self.plans = {}
+        for name, l in qnet.layers.items():
+            x_min, x_max = l.in_q.operand_range
+            self.plans[name] = LayerPlan(l.weight, mults[l.x_signed], assignment.maps[name], l.stride, l.pads,
+                                         device=device, x_min=x_min, x_max=x_max, groups=l.groups)
         self.device = device
 
     def conv(self, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,10 @@ def _root() -> None:
     """Approximate multipliers in quantized DNNs (MAx-DNN)."""
 
 
+MODEL_HELP = ("Model: a zoo name (resnet8, resnet20), a maxdnn checkpoint (.pt), MLPerf Tiny's Keras ResNet-8 (.h5) "
+              "or a torch.export program (.pt2) of any CNN taking float 0..255 pixels NCHW. Default: resnet8.")
+
+
 class UserError(Exception):
     """A problem with the user's input: reported as one line, exit code 2."""
 
@@ -114,8 +118,9 @@ def train(
     seed: int = typer.Option(0),
     holdout: int = typer.Option(5000, help="Training images held out as the validation split (seeded)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    arch: str = typer.Option("resnet8", help="Zoo architecture: resnet8 or resnet20."),
 ):
-    """Train ResNet-8 on the training split minus the validation hold-out."""
+    """Train a zoo network on the training split minus the validation hold-out."""
     from .data import validation_split
     from .train import train as run_train
 
@@ -123,11 +128,16 @@ def train(
     tr, _ = validation_split(len(ds), holdout, seed=0) if holdout else (slice(None), None)
     sub = ds.subset(tr)
     typer.echo(f"training on {len(sub)} images of {ds.source} (train split, {holdout} held out)", err=True)
-    command = (f"maxdnn train --data {data} --out {out.name} --epochs {epochs} --batch-size {batch_size} "
+    from .models import ARCHITECTURES
+
+    if arch not in ARCHITECTURES:
+        fail(f"--arch {arch}: expected one of {', '.join(ARCHITECTURES)}")
+    command = (f"maxdnn train --arch {arch} --data {data} --out {out.name} --epochs {epochs} --batch-size {batch_size} "
                f"--lr {lr} --seed {seed} --holdout {holdout}")
     meta = {"data": str(ds.source), "train_images": len(sub), "holdout": holdout, "command": command}
     try:
-        run_train(sub.images, sub.labels, out, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, meta=meta)
+        run_train(sub.images, sub.labels, out, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                  meta=meta, arch=arch)
     except ValueError as e:  # a saved state from other settings
         fail(str(e))
     typer.echo(str(out))
@@ -135,7 +145,7 @@ def train(
 
 @app.command()
 def evaluate(
-    model: Optional[str] = typer.Option(None, help="maxdnn checkpoint (.pt, default: the committed one) or Keras .h5."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
     data: Optional[str] = typer.Option(None, envvar="MAXDNN_DATA", help="CIFAR-10 source (archive, folder or zip)."),
     precision: str = typer.Option("float", help="float or int8 (int8 is implied by --assign)."),
     split: str = typer.Option("test"),
@@ -192,7 +202,7 @@ def evaluate(
 def explore(
     out: Path = typer.Option(..., help="Run directory (rerun the same command to resume)."),
     data: Optional[str] = typer.Option(None, envvar="MAXDNN_DATA", help="CIFAR-10 source."),
-    model: Optional[str] = typer.Option(None, help="Model (default: the committed ResNet-8)."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
     approach: str = typer.Option("all", help="layer, filter, kernel, alwann or all."),
     budget: str = typer.Option("quick", help="quick or full."),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: SQLite in the run directory)."),
@@ -245,6 +255,39 @@ def report(run_dir: Path):
     typer.echo(str(path))
 
 
+@app.command()
+def layers(
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    data: Optional[str] = typer.Option(None, envvar="MAXDNN_DATA", help="CIFAR-10 source (calibration images)."),
+    calib: int = typer.Option(1000, help="Calibration images (seeded sample of the train split)."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """The multiplying layers of the quantized model: the names assignments are written against."""
+    from .data import DataError
+    from .models import ModelError
+    from .workload import Workload
+
+    try:
+        q = Workload.open(model, _data_or_fail(data)).quantized(calib)
+    except (DataError, ModelError) as e:
+        fail(str(e))
+    rows = q.describe_layers()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{model or 'resnet8'}: {len(rows)} multiplying layers, "
+                    f"{sum(r['multiplications'] for r in rows):,} multiplications per image (padding excluded)")
+    for c in ["name", "kind", "weight [F, C/groups, kh, kw]", "stride", "input", "multiplications"]:
+        t.add_column(c, justify="left" if c in ("name", "kind") else "right")
+    for r in rows:
+        t.add_row(r["name"], r["kind"], str(r["weight_shape"]), str(r["stride"]),
+                  f"{r['input']} {r['input_range'][0]}..{r['input_range'][1]}", f"{r['multiplications']:,}")
+    Console(width=140).print(t)
+
+
 hardware_app = typer.Typer(no_args_is_help=True, help="Gate-level netlists, area, depth and energy of the multipliers.")
 app.add_typer(hardware_app, name="hardware")
 
@@ -268,9 +311,10 @@ def hardware_verilog(spec: str, out: Path = typer.Option(..., help="Verilog file
 @hardware_app.command("report")
 def hardware_report_cmd(
     spec: Optional[list[str]] = typer.Option(None, "--spec", help="Designs (default: exact and every 8-bit ROUP)."),
-    stream: Optional[list[str]] = typer.Option(None, "--stream", help="uniform and/or resnet8 (repeatable; default uniform)."),
-    data: Optional[str] = typer.Option(None, envvar="MAXDNN_DATA", help="CIFAR-10 source for the resnet8 stream."),
-    model: Optional[str] = typer.Option(None, help="Model for the resnet8 stream (default: the committed one)."),
+    stream: Optional[list[str]] = typer.Option(None, "--stream", help="uniform and/or model (repeatable; default uniform). "
+                                               "'resnet8' is the model stream of the committed ResNet-8 under the name the energy table uses."),
+    data: Optional[str] = typer.Option(None, envvar="MAXDNN_DATA", help="CIFAR-10 source for the model stream."),
+    model: Optional[str] = typer.Option(None, help="Model for the model stream (zoo name, .pt, .h5 or .pt2; default resnet8)."),
     as_json: bool = typer.Option(False, "--json"),
     save_table: Optional[Path] = typer.Option(None, help="Also write the table (JSON) that energy accounting reads."),
 ):
@@ -279,15 +323,17 @@ def hardware_report_cmd(
 
     from tqdm import tqdm
 
-    from .hardware.power import NoHardwareError, design_params, hardware_report, resnet8_stream, uniform_stream
+    from .hardware.power import NoHardwareError, design_params, hardware_report, model_stream, uniform_stream
     from .hardware.synth import SynthesisError
     from .multipliers import roup_specs
 
     specs = list(spec) if spec else ["exact"] + [s for s in roup_specs(8) if s != "roup-p0r0"]
     streams = list(stream) if stream else ["uniform"]
     for s in streams:
-        if s not in ("uniform", "resnet8"):
-            fail(f"--stream {s}: expected uniform or resnet8")
+        if s not in ("uniform", "model", "resnet8"):
+            fail(f"--stream {s}: expected uniform or model")
+        if s == "resnet8" and model not in (None, "resnet8"):
+            fail("--stream resnet8 is the committed ResNet-8's stream; use --stream model with --model")
     try:
         for s in specs:
             design_params(s)
@@ -310,7 +356,10 @@ def hardware_report_cmd(
                 imgs = calibration_images(wl.split("train").images, 2, seed=1)
             except (DataError, ModelError) as e:
                 fail(str(e))
-            built.append(resnet8_stream(q, imgs))
+            try:
+                built.append(model_stream(q, imgs, name=s))
+            except ValueError as e:
+                fail(f"{model}: {e}")
     bar = tqdm(total=len(specs), desc="designs", disable=as_json, leave=False)
     try:
         rows = hardware_report(specs, built, progress=lambda _: bar.update())

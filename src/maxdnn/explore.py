@@ -53,7 +53,7 @@ from .data import validation_split
 from .energy import energy_table, hardware_table, network_energy
 from .error_metrics import error_metrics
 from .multipliers import get_multiplier, roup_specs
-from .quant import QuantizedResNet8, calibration_images, quantize
+from .graph import QuantizedGraph
 from .workload import Workload, describe_data
 
 APPROACHES = ("layer", "filter", "kernel", "alwann")
@@ -135,9 +135,9 @@ class Explorer:
         self.test = self.wl.split("test")
         qpath = self.run_dir / "quantized.npz"
         if qpath.exists():
-            self.q = QuantizedResNet8.load(qpath)
+            self.q = QuantizedGraph.load(qpath)
         else:
-            self.q = quantize(self.wl.model, calibration_images(train.images, 1000))
+            self.q = self.wl.quantized()
             self.q.save(qpath)
         self.library = roup_library(b.library_size)
         self.table = energy_table(["exact"] + roup_specs(8))
@@ -197,7 +197,7 @@ class Explorer:
             direct_loss[li, si] = r["val_loss"] - exact["val_loss"]
             direct_acc[li, si] = exact["val_accuracy"] - r["val_accuracy"]
         res["direct_loss"], res["direct_acc"] = direct_loss, direct_acc
-        proxy = taylor_proxy(self.q, self.wl.model, self.val.images[: self.budget.proxy_images],
+        proxy = taylor_proxy(self.q, self.val.images[: self.budget.proxy_images],
                              self.val.labels[: self.budget.proxy_images], specs)
         for name in layers:
             res[f"kernel/{name}"] = proxy[name]["kernel"]  # [S, F, C]
@@ -213,7 +213,8 @@ class Explorer:
         """Spearman rho of proxy vs direct loss change: [layers, filter bins, kernel bins].
 
         Layers: proxy and direct change of every layer for the library's middle
-        configuration. Filters (of s2.conv2) and kernels (of s3.conv2): the
+        configuration. Filters (of the hidden layer with the most
+        multiplications, besides the kernel layer) and kernels (of the hidden layer with the most kernels): the
         units are sorted by proxy and cut into ``validation_sample`` equal bins;
         each bin alone is approximated and its direct loss change measured
         (single units change the loss by less than the measurement's noise).
@@ -223,8 +224,7 @@ class Explorer:
         mid = len(specs) // 2
         rho_layer = _spearman(res["layer_proxy"][:, mid], res["direct_loss"][:, mid])
         k = self.budget.validation_sample
-        fl = "s2.conv2" if "s2.conv2" in layers else layers[-2]
-        kl = "s3.conv2" if "s3.conv2" in layers else layers[-2]
+        fl, kl = proxy_validation_layers(self.q)
         jobs = []
         for kind, name in (("filter", fl), ("kernel", kl)):
             proxy = res[f"{kind}/{name}"][mid].reshape(-1)
@@ -439,61 +439,59 @@ def pareto_front(points: list[dict], acc="val_accuracy", gain="energy_gain") -> 
     return sorted(uniq.values(), key=lambda p: p[gain])
 
 
-def taylor_proxy(q: QuantizedResNet8, model, images: np.ndarray, labels: np.ndarray, specs: list[str]) -> dict:
-    """First-order Taylor sensitivity of every layer, filter and kernel to each spec (see module docstring)."""
-    model = model.eval()
-    # gradient of the float loss at each multiplying layer's pre-activation output
-    points = {"conv1": model.bn1, "fc": model.fc}
-    for s in ("s1", "s2", "s3"):
-        st = getattr(model, s)
-        points[f"{s}.conv1"], points[f"{s}.conv2"] = st.bn1, st.bn2
-        if st.proj is not None:
-            points[f"{s}.proj"] = st.proj
-    outs = {}
+def proxy_validation_layers(q: QuantizedGraph) -> tuple[str, str]:
+    """(filter layer, kernel layer) whose bins validate the proxy: the hidden layer with the most
+    kernels, and the hidden layer with the most multiplications besides it."""
+    from .energy import multiplication_counts
 
-    def keep(name):
-        def hook(module, inputs, output):
-            output.retain_grad()
-            outs[name] = output
+    counts = multiplication_counts(q)
+    hidden = [n for n in q.layers if n != q.output.name] or list(q.layers)
+    kl = max(hidden, key=lambda n: (int(np.prod(q.layers[n].weight.shape[:2])), -hidden.index(n)))
+    rest = [n for n in hidden if n != kl] or hidden
+    fl = max(rest, key=lambda n: (counts[n] * int(np.prod(q.layers[n].weight.shape[:2])), -rest.index(n)))
+    return fl, kl
 
-        return hook
 
-    hooks = [m.register_forward_hook(keep(n)) for n, m in points.items()]
-    x = torch.as_tensor(images).float().requires_grad_(False)
-    loss = F.cross_entropy(model(x), torch.as_tensor(labels), reduction="sum")
+def taylor_proxy(q: QuantizedGraph, images: np.ndarray, labels: np.ndarray, specs: list[str]) -> dict:
+    """First-order Taylor sensitivity of every layer, filter and kernel to each spec (see module docstring).
+
+    The gradient is that of the loss of the graph's real-valued twin (``QuantizedGraph.float_forward``)
+    at each multiplying layer's real pre-activation output."""
+    outs: dict = {}
+    x = torch.as_tensor(images)
+    logits = q.float_forward(x, outputs=outs)
+    loss = F.cross_entropy(logits, torch.as_tensor(labels), reduction="sum")
     loss.backward()
-    for h in hooks:
-        h.remove()
     grads = {n: o.grad.detach().double() for n, o in outs.items()}
     taps: dict = {}
-    q.forward_int(torch.as_tensor(images), taps=taps)
-    mults = [get_multiplier(s) for s in specs]
+    q.forward_int(x, taps=taps)
     result = {}
     for name, layer in q.layers.items():
+        mults = [get_multiplier(s, x_signed=layer.x_signed) for s in specs]
         g = grads[name]
-        if g.dim() == 2:
-            g = g[:, :, None, None]
         n, f = g.shape[:2]
-        g = g.reshape(n, f, -1)  # [N, F, L]
+        groups = layer.groups
+        g = g.reshape(n, groups, f // groups, -1)  # [N, G, F/G, L]
         xin = taps[name].double()
-        kh, kw = layer.weight.shape[2:]
-        w = torch.as_tensor(layer.weight, dtype=torch.float64).reshape(f, -1)  # [F, C*K]
+        cg, kh, kw = layer.weight.shape[1:]
+        w = torch.as_tensor(layer.weight, dtype=torch.float64).reshape(f, -1)  # [F, C/G*K]
         scale = torch.as_tensor(layer.acc_scale)[None, :, None]  # [1, F, 1]
 
         def a_for(xt):
-            cols = F.unfold(F.pad(xt, layer.pads), (kh, kw), stride=layer.stride)  # [N, CK, L]
-            return torch.bmm(g, cols.transpose(1, 2))  # [N, F, CK]
+            cols = F.unfold(F.pad(xt, layer.pads), (kh, kw), stride=layer.stride)  # [N, C*K, L]
+            cols = cols.reshape(n, groups, cg * kh * kw, -1)
+            return torch.einsum("ngfl,ngkl->ngfk", g, cols).reshape(n, f, -1)  # [N, F, C/G*K]
 
         a0 = a_for(xin) * w[None]
         by_r = {}
         kern, filt, lay = [], [], []
-        c = layer.weight.shape[1]
         for m in mults:
-            if m.r not in by_r:
-                by_r[m.r] = a_for(torch.as_tensor(m.x_transform(xin.long().numpy()), dtype=torch.float64))
+            key = m.x_transform(np.arange(-128, 256)).tobytes()
+            if key not in by_r:
+                by_r[key] = a_for(torch.as_tensor(m.x_transform(xin.long().numpy()), dtype=torch.float64))
             wt = torch.as_tensor(m.w_transform(layer.weight).reshape(f, -1), dtype=torch.float64)
-            d = (by_r[m.r] * wt[None] - a0) * scale  # [N, F, CK]
-            dk = d.reshape(n, f, c, kh * kw).sum(3)  # [N, F, C]
+            d = (by_r[key] * wt[None] - a0) * scale  # [N, F, C/G*K]
+            dk = d.reshape(n, f, cg, kh * kw).sum(3)  # [N, F, C/G]
             kern.append(dk.abs().mean(0).numpy())
             filt.append(dk.sum(2).abs().mean(0).numpy())
             lay.append(float(dk.sum((1, 2)).abs().mean()))

@@ -1,9 +1,11 @@
-"""ResNet-8 for CIFAR-10 (the MLPerf Tiny shape), checkpoints and Keras import.
+"""The model zoo (ResNet-8, ResNet-20 for CIFAR-10), checkpoints and the Keras import.
 
-The network takes raw 0..255 pixels (float, NCHW) and multiplies them by a
-fixed ``input_scale`` (1 for the MLPerf model, 1/255 for maxdnn's own).
-Convolutions use TensorFlow's "same" padding (stride-2 layers pad one extra
-row/column at the bottom/right), so Keras weights import unchanged.
+Every zoo network takes raw 0..255 pixels (float, NCHW) and multiplies them by
+a fixed ``input_scale`` (1 for the MLPerf model, 1/255 for maxdnn's own).
+ResNet-8 (the MLPerf Tiny shape) uses TensorFlow's "same" padding (stride-2
+layers pad one extra row/column at the bottom/right), so Keras weights import
+unchanged. ResNet-20 is He et al.'s CIFAR network (3 stages of 3 basic blocks,
+16/32/64 filters) with 1x1 projection shortcuts where the shape changes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .atomic import atomic_path
-CHECKPOINT_FORMAT = "maxdnn-resnet8-v1"
+CHECKPOINT_FORMAT = "maxdnn-model-v1"
+LEGACY_FORMATS = {"maxdnn-resnet8-v1": "resnet8"}
 DEFAULT_CHECKPOINT = "resnet8-cifar10-jpeg.pt"
 
 
@@ -88,41 +91,121 @@ class ResNet8(nn.Module):
         return self.fc(x)
 
 
+class BasicBlock(nn.Module):
+    """conv3x3+BN+ReLU, conv3x3+BN, shortcut (identity or 1x1 projection + BN), add, ReLU."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNet20(nn.Module):
+    """ResNet-20 for CIFAR-10 (He et al. 2016): 3 stages x 3 basic blocks, 16/32/64 filters."""
+
+    def __init__(self, num_classes: int = 10, input_scale: float = 1.0 / 255.0, blocks: int = 3):
+        super().__init__()
+        self.input_scale = float(input_scale)
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, cin = [], 16
+        for i, cout in enumerate((16, 32, 64)):
+            stage = [BasicBlock(cin if b == 0 else cout, cout, 2 if (b == 0 and i > 0) else 1) for b in range(blocks)]
+            layers.append(nn.Sequential(*stage))
+            cin = cout
+        self.layer1, self.layer2, self.layer3 = layers
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x * self.input_scale)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+ARCHITECTURES = {"resnet8": ResNet8, "resnet20": ResNet20}
+# built-in names -> committed checkpoints (names without one can be trained with ``maxdnn train --arch``)
+ZOO_CHECKPOINTS = {"resnet8": "resnet8-cifar10-jpeg.pt", "resnet20": "resnet20-cifar10-jpeg.pt"}
+
+
+def build_model(arch: str, input_scale: float = 1.0 / 255.0) -> nn.Module:
+    if arch not in ARCHITECTURES:
+        raise ModelError(f"unknown architecture '{arch}' (built in: {', '.join(ARCHITECTURES)})")
+    return ARCHITECTURES[arch](input_scale=input_scale)
+
+
+def arch_of(model: nn.Module) -> str:
+    for name, cls in ARCHITECTURES.items():
+        if type(model) is cls:
+            return name
+    raise ModelError(f"{type(model).__name__} is not a built-in architecture")
+
+
 # Multiplying layers in execution order: the names assignments and reports use.
 MULTIPLYING_LAYERS = ["conv1", "s1.conv1", "s1.conv2", "s2.conv1", "s2.conv2", "s2.proj",
                       "s3.conv1", "s3.conv2", "s3.proj", "fc"]
 
 
-def save_checkpoint(model: ResNet8, path: str | os.PathLike, meta: dict | None = None) -> None:
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "input_scale": model.input_scale,
+        torch.save({"format": CHECKPOINT_FORMAT, "arch": arch_of(model), "input_scale": model.input_scale,
                     "state_dict": model.state_dict(), "meta": meta or {}}, tmp)
 
 
-def default_checkpoint() -> Path:
-    return Path(str(resources.files("maxdnn") / "checkpoints" / DEFAULT_CHECKPOINT))
+def default_checkpoint(name: str = "resnet8") -> Path:
+    return Path(str(resources.files("maxdnn") / "checkpoints" / ZOO_CHECKPOINTS[name]))
 
 
-def load_model(path: str | os.PathLike | None = None) -> ResNet8:
-    """A maxdnn checkpoint (.pt; default: the committed one) or a Keras MLPerf Tiny ResNet-8 (.h5)."""
-    path = Path(path) if path else default_checkpoint()
-    if not path.exists():
-        raise ModelError(f"{path}: no such model file")
-    if path.suffix.lower() in (".h5", ".hdf5", ".keras"):
-        return import_keras_resnet8(path)
+def load_checkpoint(path: str | os.PathLike) -> nn.Module:
+    """A maxdnn checkpoint (.pt) of a zoo architecture."""
+    path = Path(path)
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"{path}: not a readable maxdnn checkpoint ({type(e).__name__})") from None
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise ModelError(f"{path}: not a maxdnn ResNet-8 checkpoint (format {ck.get('format') if isinstance(ck, dict) else None!r})")
-    model = ResNet8(input_scale=ck["input_scale"])
+    fmt = ck.get("format") if isinstance(ck, dict) else None
+    if fmt not in (CHECKPOINT_FORMAT, *LEGACY_FORMATS):
+        raise ModelError(f"{path}: not a maxdnn checkpoint (format {fmt!r})")
+    arch = LEGACY_FORMATS.get(fmt) or ck.get("arch")
+    model = build_model(arch, input_scale=ck["input_scale"])
     try:
         model.load_state_dict(ck["state_dict"])
     except RuntimeError as e:
-        raise ModelError(f"{path}: weights do not fit ResNet-8 ({str(e).splitlines()[0]})") from None
+        raise ModelError(f"{path}: weights do not fit {arch} ({str(e).splitlines()[0]})") from None
     model.meta = ck.get("meta", {})
     return model.eval()
+
+
+def load_model(path: str | os.PathLike | None = None) -> nn.Module:
+    """A float model: a zoo name (``resnet8``, ``resnet20``: the committed checkpoint; default
+    resnet8), a maxdnn checkpoint (.pt), MLPerf Tiny's Keras ResNet-8 (.h5) or a ``torch.export``
+    program (.pt2) of any CNN taking float 0..255 pixels NCHW."""
+    if path is None or str(path) in ZOO_CHECKPOINTS:
+        name = str(path or "resnet8")
+        path = default_checkpoint(name)
+        if not path.exists():
+            raise ModelError(f"{name}: no committed checkpoint ({path.name}); train one with "
+                             f"'maxdnn train --arch {name}' and pass it with --model")
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such model file")
+    suffix = path.suffix.lower()
+    if suffix in (".h5", ".hdf5", ".keras"):
+        return import_keras_resnet8(path)
+    if suffix == ".pt2":
+        from .torch_frontend import load_exported
+
+        return load_exported(path)
+    return load_checkpoint(path)
 
 
 def import_keras_resnet8(path: str | os.PathLike) -> ResNet8:

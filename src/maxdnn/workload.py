@@ -8,8 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from .data import Dataset, load_cifar10, resolve_data
-from .models import ResNet8, default_checkpoint, load_model
-from .quant import QuantizedResNet8, calibration_images, quantize
+import torch.nn as nn
+
+from .graph import QuantizedGraph
+from .models import load_model
+from .quant import calibration_images
+from .torch_frontend import quantize_module
 
 
 def describe_data(ds: Dataset) -> str:
@@ -29,22 +33,23 @@ def describe_data(ds: Dataset) -> str:
 
 @dataclass
 class Workload:
-    model: ResNet8
+    model: nn.Module
     model_path: str
     data_path: Path
 
     @classmethod
     def open(cls, model: str | None, data: str | None) -> "Workload":
-        return cls(load_model(model), str(model or default_checkpoint()), resolve_data(data))
+        """``model``: a zoo name, .pt checkpoint, Keras .h5 or torch.export .pt2 (default: resnet8)."""
+        return cls(load_model(model), str(model or "resnet8"), resolve_data(data))
 
     def split(self, split: str, limit: int | None = None) -> Dataset:
         """The split, or a fixed seeded random sample of ``limit`` images of it."""
         return load_cifar10(self.data_path, split).sample(limit)
 
-    def quantized(self, calib: int = 1000, percentile: float = 99.99) -> QuantizedResNet8:
-        """8-bit model calibrated on ``calib`` seeded training images of the same data source."""
+    def quantized(self, calib: int = 1000, percentile: float = 99.99) -> QuantizedGraph:
+        """8-bit integer graph calibrated on ``calib`` seeded training images of the same data source."""
         train = load_cifar10(self.data_path, "train")
-        q = quantize(self.model, calibration_images(train.images, calib), percentile)
+        q = quantize_module(self.model, calibration_images(train.images, calib), percentile)
         q.meta.update({"model": self.model_path, "calibration": f"{calib} images of {describe_data(train)}"})
         return q
 

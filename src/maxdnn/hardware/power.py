@@ -10,8 +10,10 @@ beside it.
 
 Streams:
 - ``uniform``: 20,000 seeded uniform random (x, w) pairs;
-- ``resnet8``: the (activation, weight) pairs the quantized ResNet-8 feeds its
-  multipliers, in weight-stationary order: a processing element holds one
+- ``model`` (named ``resnet8`` in the committed table, which was measured on
+  the committed ResNet-8): the (activation, weight) pairs a quantized network
+  feeds its multipliers (layers with unsigned 8-bit inputs, which the designs
+  take), in weight-stationary order: a processing element holds one
   weight w[f, c, i, j] and sees, image after image, the activations under that
   tap for every output position in raster order (padding positions skipped).
   Taps are drawn at random in proportion to each layer's multiplication count;
@@ -97,8 +99,9 @@ def uniform_stream(n: int = UNIFORM_PAIRS, seed: int = 0, bits: int = 8) -> Stre
     return Stream("uniform", r.integers(0, 1 << bits, n), r.integers(-(1 << (bits - 1)), 1 << (bits - 1), n))
 
 
-def resnet8_stream(qnet, images: np.ndarray, n_taps: int = 40, max_pairs: int = 40_000, seed: int = 0) -> Stream:
-    """Weight-stationary (activation, weight) pairs of the quantized ResNet-8 (see module docstring)."""
+def model_stream(qnet, images: np.ndarray, n_taps: int = 40, max_pairs: int = 40_000, seed: int = 0,
+                 name: str = "model") -> Stream:
+    """Weight-stationary (activation, weight) pairs of a quantized graph (see module docstring)."""
     import torch
 
     from ..energy import multiplication_counts
@@ -106,7 +109,9 @@ def resnet8_stream(qnet, images: np.ndarray, n_taps: int = 40, max_pairs: int = 
     taps: dict = {}
     qnet.forward_int(torch.as_tensor(images), taps=taps)
     counts = multiplication_counts(qnet)
-    names = list(qnet.layers)
+    names = [n for n, l in qnet.layers.items() if not l.x_signed]
+    if not names:
+        raise ValueError("the model has no layer with unsigned 8-bit inputs for the unsigned-x designs")
     per_layer = np.array([counts[n] * qnet.layers[n].weight.shape[0] * qnet.layers[n].weight.shape[1] for n in names], float)
     rng = np.random.default_rng(seed)
     xs, ws = [], []
@@ -114,6 +119,7 @@ def resnet8_stream(qnet, images: np.ndarray, n_taps: int = 40, max_pairs: int = 
         layer = qnet.layers[names[li]]
         f, c, kh, kw = layer.weight.shape
         fi, ci, i, j = rng.integers(f), rng.integers(c), rng.integers(kh), rng.integers(kw)
+        xc = (fi // (f // layer.groups)) * c + ci  # the input channel kernel (fi, ci) reads
         inp = taps[names[li]].numpy()
         left, _, t, _ = layer.pads
         ho, wo = layer.out_hw
@@ -123,11 +129,11 @@ def resnet8_stream(qnet, images: np.ndarray, n_taps: int = 40, max_pairs: int = 
                 for ow in range(wo):
                     yy, zz = oh * layer.stride + i - t, ow * layer.stride + j - left
                     if 0 <= yy < h and 0 <= zz < wd:
-                        xs.append(inp[n, ci, yy, zz])
+                        xs.append(inp[n, xc, yy, zz])
                         ws.append(layer.weight[fi, ci, i, j])
     x = np.asarray(xs[:max_pairs], dtype=np.int64)
     w = np.asarray(ws[:max_pairs], dtype=np.int64)
-    return Stream("resnet8", x, w)
+    return Stream(name, x, w)
 
 
 def stream_energy(net: Netlist, stream: Stream) -> dict:

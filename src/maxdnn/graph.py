@@ -1,0 +1,495 @@
+"""The 8-bit integer graph of a quantized CNN and its fast exact engine.
+
+A ``QuantizedGraph`` is a list of integer nodes in execution order; every node
+names the nodes it reads. A stored integer q of a tensor stands for the real
+value ``scale * (q - zero_point)`` (``QParams``). 8-bit tensors are unsigned
+(0..255, zero point 0: after a ReLU) or signed (-128..127, zero point 0: a
+layer input that can be negative, e.g. a normalized image or a linear
+bottleneck); a "wide" tensor (no clamp) is a convolution's output requantized
+straight into the scale of the addition that consumes it.
+
+Nodes:
+
+- ``MulLayer`` (conv or linear, the multiplying layers): the operand x - zp of
+  the input times int8 symmetric per-channel weights, accumulated with an
+  int32 bias, requantized per output channel by a fixed-point multiplier
+  ((acc * m0 + 2^(shift-1)) >> shift, round half up), plus the output zero
+  point, clamped (the fused ReLU / ReLU6 / clamp) unless wide. Any stride,
+  explicit (left, right, top, bottom) zero padding (no product is formed
+  there), groups (depthwise included);
+- ``Add`` and ``Concat``: each input requantized into the output scale (or
+  already in it), summed or concatenated along channels, clamped;
+- ``Affine``: per-channel integer rescale with offset (an input normalization
+  (x - mean) / std quantized by the importer);
+- ``Clamp`` (a ReLU that could not be fused), ``MaxPool``, ``AvgPool`` (global
+  or windowed; the mean is rounded half up: floor((sum + n/2) / n)) and
+  ``Flatten``.
+
+``QuantizedGraph.forward_int`` is the fast exact engine: every value is an
+integer held exactly in floating point (8-bit tensors in float32, wide ones and
+requantization in float64, where (acc + bias) * m0 + 2^(shift-1) < 2^53 holds
+by the choice of m0's width). ``maxdnn.reference.reference_forward`` is the
+slow integer ground truth it is tested against. ``float_forward`` runs the same
+graph in real numbers without rounding (dequantized weights; differentiable),
+for gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .atomic import atomic_path
+from .quant import Requant, conv_out_hw, float_conv_exact, layer_bound
+
+GRAPH_FORMAT = "maxdnn-qgraph-v1"
+U8 = (0, 255)
+S8 = (-128, 127)
+
+
+class GraphError(ValueError):
+    """A malformed or unreadable quantized graph, as one line."""
+
+
+@dataclass
+class QParams:
+    """real = scale * (q - zero_point); stored q in [lo, hi] (None: wide, unclamped)."""
+
+    scale: float
+    zero_point: int = 0
+    lo: int | None = 0
+    hi: int | None = 255
+
+    @property
+    def wide(self) -> bool:
+        return self.lo is None
+
+    @property
+    def operand_range(self) -> tuple[int, int]:
+        """Range of q - zero_point (what a multiplier sees)."""
+        return self.lo - self.zero_point, self.hi - self.zero_point
+
+    def to_json(self):
+        return [self.scale, self.zero_point, self.lo, self.hi]
+
+    @classmethod
+    def from_json(cls, v):
+        return cls(float(v[0]), int(v[1]), None if v[2] is None else int(v[2]), None if v[3] is None else int(v[3]))
+
+
+@dataclass
+class Node:
+    name: str
+    inputs: list[str]
+    out: QParams
+
+    kind: ClassVar[str] = "node"
+    arrays: ClassVar[tuple[str, ...]] = ()  # array attributes saved beside the JSON description
+
+    def params(self) -> dict:
+        return {}
+
+
+@dataclass
+class MulLayer(Node):
+    """A multiplying layer: conv2d or linear (a 1x1 conv over [N, C, 1, 1])."""
+
+    op: str = "conv"  # "conv" or "linear"
+    weight: np.ndarray = None  # int64 [F, C/groups, kh, kw]
+    bias: np.ndarray = None  # int64 [F], accumulator units
+    w_scale: np.ndarray = None  # float64 [F]
+    requant: Requant = None
+    in_q: QParams = None
+    stride: int = 1
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # (left, right, top, bottom)
+    groups: int = 1
+    in_hw: tuple[int, int] = (1, 1)
+
+    kind = "mul"
+    arrays = ("weight", "bias", "w_scale", "m0", "shift")
+
+    @property
+    def in_scale(self) -> float:
+        return self.in_q.scale
+
+    @property
+    def acc_scale(self) -> np.ndarray:
+        return self.in_q.scale * self.w_scale
+
+    @property
+    def x_signed(self) -> bool:
+        return self.in_q.operand_range[0] < 0
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return conv_out_hw(self.in_hw, self.weight.shape[2:], self.stride, self.pads)
+
+    def requant_bound(self, bits: int = 8) -> int:
+        """|accumulator + bias| bound for any multiplier with |product| <= 2^(2 bits - 1)."""
+        k = int(np.prod(self.weight.shape[1:]))
+        return k * (1 << (2 * bits - 1)) + int(np.abs(self.bias).max())
+
+    @cached_property
+    def exact_bound(self) -> int:
+        lo, hi = self.in_q.operand_range
+        return layer_bound(self.weight, max(abs(lo), abs(hi)))
+
+    def params(self):
+        return {"op": self.op, "in_q": self.in_q.to_json(), "stride": self.stride, "pads": list(self.pads),
+                "groups": self.groups, "in_hw": list(self.in_hw)}
+
+
+@dataclass
+class Merge(Node):
+    """Add or Concat: input i requantized by ``requants[i]`` (None: already in the output scale)."""
+
+    in_zps: list[int] = field(default_factory=list)
+    requants: list[Requant | None] = field(default_factory=list)
+
+    def params(self):
+        return {"in_zps": self.in_zps, "requants": [None if r is None else [r.m0.tolist(), r.shift.tolist()]
+                                                    for r in self.requants]}
+
+
+class Add(Merge):
+    kind = "add"
+
+
+class Concat(Merge):
+    kind = "concat"
+
+
+@dataclass
+class Affine(Node):
+    """Per channel c: requant((q - zp_in) + offset[c]) + zp_out, clamped; the real value of
+    (q - zp_in) + offset[c] is acc_scale[c] times it."""
+
+    in_zp: int = 0
+    in_scale: float = 1.0
+    offset: np.ndarray = None  # int64 [C], input units
+    acc_scale: np.ndarray = None  # float64 [C]
+    requant: Requant = None
+
+    kind = "affine"
+    arrays = ("offset", "acc_scale", "m0", "shift")
+
+    def params(self):
+        return {"in_zp": self.in_zp, "in_scale": self.in_scale}
+
+
+@dataclass
+class Clamp(Node):
+    kind = "clamp"
+
+
+@dataclass
+class Pool(Node):
+    """Max or average pooling; ``kernel`` None: global (over the whole map)."""
+
+    op: str = "max"  # "max" or "avg"
+    kernel: tuple[int, int] | None = None
+    stride: int = 1
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    count_include_pad: bool = True
+
+    kind = "pool"
+
+    def params(self):
+        return {"op": self.op, "kernel": None if self.kernel is None else list(self.kernel), "stride": self.stride,
+                "pads": list(self.pads), "count_include_pad": self.count_include_pad}
+
+
+@dataclass
+class Flatten(Node):
+    kind = "flatten"
+
+
+NODE_TYPES = {c.kind: c for c in (MulLayer, Add, Concat, Affine, Clamp, Pool, Flatten)}
+
+
+def _chan(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t.view((1, -1) + (1,) * (ndim - 2))
+
+
+@dataclass
+class QuantizedGraph:
+    input_q: QParams
+    input_shape: tuple[int, int, int]  # C, H, W
+    nodes: list[Node]
+    meta: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------ structure
+    @cached_property
+    def layers(self) -> dict[str, MulLayer]:
+        """The multiplying layers in execution order, by name."""
+        return {n.name: n for n in self.nodes if isinstance(n, MulLayer)}
+
+    @property
+    def output(self) -> Node:
+        return self.nodes[-1]
+
+    @property
+    def output_scale(self) -> float:
+        return self.output.out.scale
+
+    logit_scale = output_scale
+
+    def describe_layers(self) -> list[dict]:
+        from .energy import multiplication_counts
+
+        counts = multiplication_counts(self)
+        return [{"name": n, "kind": "depthwise conv" if l.groups > 1 and l.groups == l.weight.shape[0] and l.weight.shape[1] == 1
+                 else ("grouped conv" if l.groups > 1 else l.op),
+                 "weight_shape": list(l.weight.shape), "stride": l.stride, "groups": l.groups, "input_hw": list(l.in_hw),
+                 "multiplications": counts[n] * int(l.weight.shape[0] * l.weight.shape[1]),
+                 "input": "signed" if l.x_signed else "unsigned", "input_range": list(l.in_q.operand_range)}
+                for n, l in self.layers.items()]
+
+    # ------------------------------------------------------------ fast exact engine
+    def _torch_params(self, device):
+        key = str(device)
+        cache = self.__dict__.setdefault("_tp", {})
+        if key not in cache:
+            def rq(r):
+                return (torch.as_tensor(r.m0, device=device, dtype=torch.float64),
+                        torch.as_tensor(2.0 ** (r.shift - 1), device=device),
+                        torch.as_tensor(2.0 ** -r.shift.astype(np.float64), device=device))
+
+            p = {}
+            for n in self.nodes:
+                if isinstance(n, MulLayer):
+                    p[n.name] = {"w": torch.as_tensor(n.weight, device=device),
+                                 "b": torch.as_tensor(n.bias, device=device, dtype=torch.float64), "rq": rq(n.requant)}
+                elif isinstance(n, Merge):
+                    p[n.name] = {"rq": [None if r is None else rq(r) for r in n.requants]}
+                elif isinstance(n, Affine):
+                    p[n.name] = {"off": torch.as_tensor(n.offset, device=device, dtype=torch.float64), "rq": rq(n.requant)}
+            cache[key] = p
+        return cache[key]
+
+    def exact_conv(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Exact accumulators (without bias; a float tensor of integers) of layer ``name`` for operands x."""
+        layer = self.layers[name]
+        w = self._torch_params(x.device)[name]["w"]
+        return float_conv_exact(x, w, layer.stride, layer.pads, layer.exact_bound, layer.groups)
+
+    @torch.no_grad()
+    def forward_int(self, x: torch.Tensor, conv: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+                    taps: dict | None = None) -> torch.Tensor:
+        """The graph's integer output (int64) for integer input x [N, C, H, W].
+
+        ``conv(name, operands) -> accumulators`` replaces the exact product of
+        every multiplying layer (the approximate engine plugs in here): the
+        operands are q - zero_point of the layer's input as a float32 tensor of
+        integers ([N, C, H, W]; [N, C, 1, 1] for linear layers), the result a
+        float tensor of the exact integer accumulators. ``taps``, when given,
+        receives each layer's operands.
+        """
+        conv = conv or self.exact_conv
+        p = self._torch_params(x.device)
+        vals: dict[str, torch.Tensor] = {"input": x.to(torch.float32)}
+        if x.device.type == "cpu" and x.dim() == 4:
+            vals["input"] = vals["input"].contiguous(memory_format=torch.channels_last)  # oneDNN prefers NHWC
+
+        def requant(t, r):
+            m0, half, inv = (_chan(v, t.dim()) for v in r)
+            return t.to(torch.float64).mul_(m0).add_(half).mul_(inv).floor_()
+
+        def finish(t, q: QParams):
+            if q.zero_point:
+                t = t.add_(q.zero_point)
+            if q.wide:
+                return t.to(torch.float64)
+            return t.clamp_(q.lo, q.hi).to(torch.float32)
+
+        for n in self.nodes:
+            ins = [vals[i] for i in n.inputs]
+            if isinstance(n, MulLayer):
+                xin = ins[0]
+                if n.in_q.zero_point:
+                    xin = xin - n.in_q.zero_point
+                if n.op == "linear":
+                    xin = xin[:, :, None, None]
+                if taps is not None:
+                    taps[n.name] = xin
+                acc = conv(n.name, xin).to(torch.float64).add_(_chan(p[n.name]["b"], 4))
+                y = finish(requant(acc, p[n.name]["rq"]), n.out)
+                vals[n.name] = y.flatten(1) if n.op == "linear" else y
+            elif isinstance(n, Merge):
+                parts = []
+                for v, zp, r in zip(ins, n.in_zps, p[n.name]["rq"]):
+                    v = v.to(torch.float64) - zp if zp else v.to(torch.float64)
+                    parts.append(v if r is None else requant(v, r))
+                t = torch.cat(parts, 1) if isinstance(n, Concat) else sum(parts[1:], parts[0].clone())
+                vals[n.name] = finish(t, n.out)
+            elif isinstance(n, Affine):
+                t = ins[0].to(torch.float64) - n.in_zp + _chan(p[n.name]["off"], ins[0].dim())
+                vals[n.name] = finish(requant(t, p[n.name]["rq"]), n.out)
+            elif isinstance(n, Clamp):
+                vals[n.name] = ins[0].clamp(n.out.lo, n.out.hi)
+            elif isinstance(n, Pool):
+                vals[n.name] = _pool_float(ins[0], n)
+            elif isinstance(n, Flatten):
+                vals[n.name] = ins[0].flatten(1)
+            else:  # pragma: no cover - every node type is handled above
+                raise GraphError(f"node {n.name}: unknown kind {n.kind}")
+        return vals[self.output.name].to(torch.int64)
+
+    def predict(self, images: np.ndarray, batch_size: int = 100, device: str = "cpu", conv=None) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = torch.as_tensor(images[i:i + batch_size], device=device)
+            out.append(self.forward_int(x, conv).argmax(1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    # ------------------------------------------------------------ real-valued twin
+    def float_forward(self, x: torch.Tensor, outputs: dict | None = None) -> torch.Tensor:
+        """The graph in real numbers without rounding (dequantized weights and biases, clamps at the
+        real range): differentiable. ``outputs`` receives each multiplying layer's real
+        pre-activation output (acc + bias) * acc_scale, with its gradient retained (a backward pass
+        leaves d loss / d output in its ``.grad``)."""
+        q0 = self.input_q
+        vals = {"input": (x.double() - q0.zero_point) * q0.scale}
+        if outputs is not None:
+            vals["input"].requires_grad_(True)
+        for n in self.nodes:
+            ins = [vals[i] for i in n.inputs]
+            if isinstance(n, MulLayer):
+                w = torch.as_tensor(n.weight * n.w_scale[:, None, None, None])
+                b = torch.as_tensor(n.bias * n.acc_scale)
+                xin = ins[0][:, :, None, None] if n.op == "linear" else F.pad(ins[0], n.pads)
+                y = F.conv2d(xin, w, b, stride=n.stride, groups=n.groups)
+                if outputs is not None:
+                    y.retain_grad()
+                    outputs[n.name] = y
+                y = y.flatten(1) if n.op == "linear" else y
+            elif isinstance(n, Merge):
+                y = torch.cat(ins, 1) if isinstance(n, Concat) else sum(ins[1:], ins[0])
+            elif isinstance(n, Affine):
+                a = torch.as_tensor(n.acc_scale)
+                y = ins[0] * _chan(a / n.in_scale, ins[0].dim()) + _chan(a * n.offset, ins[0].dim())
+            elif isinstance(n, Clamp):
+                y = ins[0]
+            elif isinstance(n, Pool):
+                y = _pool_real(ins[0], n)
+            else:
+                y = ins[0].flatten(1)
+            if not n.out.wide and not isinstance(n, (Pool, Flatten)):
+                s, zp = n.out.scale, n.out.zero_point
+                y = y.clamp((n.out.lo - zp) * s, (n.out.hi - zp) * s)
+            vals[n.name] = y
+        return vals[self.output.name]
+
+    # ------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        arrays = {}
+        doc = {"format": GRAPH_FORMAT, "input_q": self.input_q.to_json(), "input_shape": list(self.input_shape),
+               "meta": self.meta, "nodes": []}
+        for n in self.nodes:
+            doc["nodes"].append({"kind": n.kind, "name": n.name, "inputs": n.inputs, "out": n.out.to_json(),
+                                 **n.params()})
+            for a in n.arrays:
+                if a in ("m0", "shift"):
+                    arrays[f"{n.name}/{a}"] = getattr(n.requant, a)
+                else:
+                    arrays[f"{n.name}/{a}"] = getattr(n, a)
+        with atomic_path(path, ".npz") as tmp:
+            np.savez(tmp, graph=np.array(json.dumps(doc)), **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "QuantizedGraph":
+        path = Path(path)
+        try:
+            with np.load(path) as z:
+                doc = json.loads(str(z["graph"]))
+                if doc.get("format") != GRAPH_FORMAT:
+                    raise GraphError(f"{path}: not a maxdnn quantized graph (format {doc.get('format')!r})")
+                return cls._from_doc(doc, {k: z[k] for k in z.files if k != "graph"})
+        except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
+            if isinstance(e, GraphError):
+                raise
+            raise GraphError(f"{path}: not a readable maxdnn quantized graph ({type(e).__name__})") from None
+
+    @classmethod
+    def _from_doc(cls, doc, arrays) -> "QuantizedGraph":
+        nodes = []
+        for d in doc["nodes"]:
+            name, kind = d["name"], d["kind"]
+            common = {"name": name, "inputs": list(d["inputs"]), "out": QParams.from_json(d["out"])}
+
+            def rq():
+                return Requant(arrays[f"{name}/m0"], arrays[f"{name}/shift"])
+
+            if kind == "mul":
+                nodes.append(MulLayer(**common, op=d["op"], weight=arrays[f"{name}/weight"], bias=arrays[f"{name}/bias"],
+                                      w_scale=arrays[f"{name}/w_scale"], requant=rq(), in_q=QParams.from_json(d["in_q"]),
+                                      stride=int(d["stride"]), pads=tuple(d["pads"]), groups=int(d["groups"]),
+                                      in_hw=tuple(d["in_hw"])))
+            elif kind in ("add", "concat"):
+                rqs = [None if r is None else Requant(np.asarray(r[0], np.int64), np.asarray(r[1], np.int64))
+                       for r in d["requants"]]
+                nodes.append(NODE_TYPES[kind](**common, in_zps=list(d["in_zps"]), requants=rqs))
+            elif kind == "affine":
+                nodes.append(Affine(**common, in_zp=int(d["in_zp"]), in_scale=float(d["in_scale"]),
+                                    offset=arrays[f"{name}/offset"], acc_scale=arrays[f"{name}/acc_scale"], requant=rq()))
+            elif kind == "pool":
+                nodes.append(Pool(**common, op=d["op"], kernel=None if d["kernel"] is None else tuple(d["kernel"]),
+                                  stride=int(d["stride"]), pads=tuple(d["pads"]),
+                                  count_include_pad=bool(d["count_include_pad"])))
+            elif kind in NODE_TYPES:
+                nodes.append(NODE_TYPES[kind](**common))
+            else:
+                raise GraphError(f"node {name}: unknown kind {kind!r}")
+        return cls(QParams.from_json(doc["input_q"]), tuple(doc["input_shape"]), nodes, doc.get("meta", {}))
+
+
+# ---------------------------------------------------------------- pooling
+
+
+def pool_window(n: Pool, hw) -> tuple[tuple[int, int], int, tuple[int, int, int, int]]:
+    """(kernel, stride, pads) of a pool node on an input of size hw (global: the whole map)."""
+    if n.kernel is None:
+        return tuple(hw), 1, (0, 0, 0, 0)
+    return n.kernel, n.stride, n.pads
+
+
+def _pool_float(x: torch.Tensor, n: Pool) -> torch.Tensor:
+    """Exact integer pooling on a float tensor of integers (zero point 0 after subtracting it)."""
+    k, s, pads = pool_window(n, x.shape[2:])
+    zp = n.out.zero_point
+    if n.op == "max":
+        xp = F.pad(x, pads, value=float("-inf")) if any(pads) else x
+        return F.max_pool2d(xp, k, s)
+    x64 = x.to(torch.float64) - zp if zp else x.to(torch.float64)
+    xp = F.pad(x64, pads) if any(pads) else x64
+    sums = F.avg_pool2d(xp, k, s, divisor_override=1)  # exact: integer sums in float64
+    if n.count_include_pad or not any(pads):
+        count = torch.tensor(float(k[0] * k[1]), dtype=torch.float64, device=x.device)
+    else:
+        ones = F.pad(torch.ones((1, 1) + tuple(x.shape[2:]), dtype=torch.float64, device=x.device), pads)
+        count = F.avg_pool2d(ones, k, s, divisor_override=1)
+    # round half up: floor((sum + n/2) / n); the quotient is a multiple of 1/(2n), so float64 floors it exactly
+    out = torch.floor((sums + count / 2) / count)
+    if zp:
+        out = out + zp
+    return out.to(torch.float32)
+
+
+def _pool_real(x: torch.Tensor, n: Pool) -> torch.Tensor:
+    k, s, pads = pool_window(n, x.shape[2:])
+    if n.op == "max":
+        return F.max_pool2d(F.pad(x, pads, value=float("-inf")) if any(pads) else x, k, s)
+    xp = F.pad(x, pads) if any(pads) else x
+    sums = F.avg_pool2d(xp, k, s, divisor_override=1)
+    if n.count_include_pad or not any(pads):
+        return sums / (k[0] * k[1])
+    ones = F.pad(torch.ones((1, 1) + tuple(x.shape[2:]), dtype=x.dtype), pads)
+    return sums / F.avg_pool2d(ones, k, s, divisor_override=1)
