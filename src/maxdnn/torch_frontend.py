@@ -70,7 +70,8 @@ def export(module: nn.Module, shape=(3, 32, 32)):
     try:
         return torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), strict=False)
     except Exception as e:  # noqa: BLE001 - any tracing failure is the model's problem, said in one line
-        raise ModelError(f"{type(module).__name__}: torch.export failed ({str(e).splitlines()[0][:200]})") from None
+        raise ModelError(f"{type(module).__name__}: torch.export failed on input of shape {list(shape)} "
+                         f"({str(e).splitlines()[0][:200]})") from None
 
 
 class ExportedModule(nn.Module):
@@ -82,7 +83,8 @@ class ExportedModule(nn.Module):
         self.program = program
         self.source = source
         self.lowered = lower(program, source)
-        self.gm = program.module()
+        # not a registered submodule: an exported module refuses .train()/.eval(), which predict() calls
+        object.__setattr__(self, "gm", program.module())
         self.meta = {"source": source}
 
     def forward(self, x):
@@ -429,6 +431,8 @@ class _Capture(torch.fx.Interpreter):
         self.keep, self.got = set(keep), {}
 
     def run_node(self, n):
+        if n.op == "call_module" and str(n.target).startswith("_guards"):
+            return None  # shape guards of a static-batch export: the front end runs any batch size
         r = super().run_node(n)
         if n.name in self.keep:
             self.got[n.name] = r
@@ -502,7 +506,11 @@ def quantize_module(module: nn.Module, calibration_images: np.ndarray, percentil
                 raise ModelError(f"{where}: the network does not run on input of shape {list(images.shape[1:])} "
                                  f"({str(e).splitlines()[0][:160]})") from None
             for i in calibrated:
-                v = got[nodes[i].p["fx"]].float()
+                if nodes[i].kind == "affine":  # the normalized input: no single fx value holds it
+                    xb = torch.as_tensor(images[s:s + batch_size]).double()
+                    v = (xb * nodes[i].p["a"].view(1, -1, 1, 1) + nodes[i].p["b"].view(1, -1, 1, 1)).float()
+                else:
+                    v = got[nodes[i].p["fx"]].float()
                 store[i].append((v.abs() if _signed(nodes, i) else v).flatten().numpy())
             if not shapes:
                 shapes = {i: tuple(got[n.p["fx"]].shape[1:]) if n.p.get("fx") in got else tuple(images.shape[1:])
