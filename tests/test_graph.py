@@ -299,3 +299,31 @@ def test_trained_outside_network_int8_within_one_point(tmp_path):
     rows = {row["name"]: row for row in json.loads(r.output)}
     assert rows["dw"]["kind"] == "depthwise conv" and rows["stem"]["input"] == "signed"
     assert rows["c"]["input"] == "signed" and rows["fc"]["multiplications"] == 320
+
+
+def _export_depthwise_32(path):
+    m = random_net(DepthwiseNet)
+    torch.export.save(torch.export.export(m, (torch.zeros(1, 3, 32, 32),)), path)
+    return path
+
+
+@pytest.mark.slow
+def test_exploration_and_model_stream_on_a_pt2_network(tmp_path):
+    """Nothing above the graph knows the network: a tiny exploration and the hardware model stream
+    on a non-zoo .pt2 network with depthwise and signed-input layers."""
+    from maxdnn.explore import BUDGETS, Explorer, run_exploration
+    from maxdnn.hardware.power import model_stream
+    from maxdnn.report import read_points, write_report
+    from maxdnn.workload import Workload
+
+    pt2 = _export_depthwise_32(tmp_path / "dw.pt2")
+    wl = Workload.open(str(pt2), need(LOSSLESS_ZIP))
+    ex = Explorer(tmp_path / "run", wl, BUDGETS["tiny"], progress=False, log=lambda m: None)
+    run_exploration(ex)
+    write_report(tmp_path / "run", ex)
+    rows = read_points(tmp_path / "run" / "points.csv")
+    assert rows and any(r["on_front"] for r in rows)
+    assert {r["approach"] for r in rows} == {"layer", "filter", "kernel", "alwann"}
+    q = ex.q
+    s = model_stream(q, np.asarray(ex.val.images[:1]), n_taps=5)
+    assert len(s.x) > 0 and s.x.min() >= 0 and s.x.max() <= 255  # unsigned-input layers only

@@ -497,6 +497,11 @@ class ApproxNetwork:
         self.plans = {}
         for name, l in qnet.layers.items():
             x_min, x_max = l.in_q.operand_range
+            fmt = mults[l.x_signed][0].x_format
+            if x_min < fmt.min or x_max > fmt.max:
+                raise AssignmentError(f"layer {name}: operands x - zero_point span {x_min}..{x_max} (input zero point "
+                                      f"{l.in_q.zero_point}), wider than the {fmt} multipliers take; approximate "
+                                      f"multipliers need an operand that fits {assignment.bits} bits")
             self.plans[name] = LayerPlan(l.weight, mults[l.x_signed], assignment.maps[name], l.stride, l.pads,
                                          device=device, x_min=x_min, x_max=x_max, groups=l.groups)
         self.device = device
@@ -509,3 +514,6 @@ class ApproxNetwork:
 
     def predict(self, images: np.ndarray, batch_size: int = 100) -> np.ndarray:
         return self.qnet.predict(images, batch_size=batch_size, device=self.device, conv=self.conv)
+
+    def outputs(self, images: np.ndarray, batch_size: int = 100) -> np.ndarray:
+        return self.qnet.outputs(images, batch_size=batch_size, device=self.device, conv=self.conv)

@@ -154,12 +154,17 @@ def evaluate(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     batch_size: int = typer.Option(100),
     as_json: bool = typer.Option(False, "--json"),
+    save_outputs: Optional[Path] = typer.Option(
+        None, help="Write the model's output tensor for every image (.npy, dataset order): the int8 graph's integer "
+                   "output (a TFLite model: the int8 input of its softmax), or the float logits."),
 ):
     """Accuracy (and, with --assign, multiplication energy) of a model on CIFAR-10."""
     from .approx import ApproxNetwork, Assignment, AssignmentError
     from .data import DataError
     from .energy import network_energy
-    from .models import ModelError, predict
+    import numpy as np
+
+    from .models import ModelError, float_outputs
     from .workload import Workload, accuracy, describe_data
 
     if precision not in ("float", "int8"):
@@ -174,22 +179,32 @@ def evaluate(
         ds = wl.split(split, limit)
         result = {"model": wl.model_path, "data": describe_data(ds), "split": split}
         if assign is None and precision == "float":
-            pred = predict(wl.model, ds.images, batch_size, device).numpy()
+            if wl.model is None:
+                fail(f"{wl.model_path}: an int8 model has no float version; use --precision int8")
+            outs = float_outputs(wl.model, ds.images, batch_size, device)
             result.update(precision="float")
         else:
             q = wl.quantized()
             result.update(precision="int8", calibration=q.meta["calibration"])
             if assign is None:
-                pred = q.predict(ds.images, batch_size, device)
+                outs = q.outputs(ds.images, batch_size, device)
             else:
                 a = Assignment.load(assign, q)
                 net = ApproxNetwork(q, a, device=device)
-                pred = net.predict(ds.images, batch_size)
+                outs = net.outputs(ds.images, batch_size)
                 en = network_energy(q, a)
                 result.update(assignment=str(assign), granularity=a.granularity(),
                               **{k: en[k] for k in ("energy", "energy_gain", "energy_unit", "energy_source", "multiplications")})
     except (DataError, ModelError, AssignmentError) as e:
         fail(str(e))
+    pred = outs.argmax(1) if len(outs) else np.zeros(0, dtype=np.int64)
+    if save_outputs is not None:
+        try:
+            with atomic_path(save_outputs, ".npy") as tmp:
+                np.save(tmp, outs)
+        except OSError as e:
+            fail(f"{save_outputs}: cannot write ({e.strerror})")
+        result["outputs"] = f"{save_outputs}: {outs.dtype} {list(outs.shape)}"
     result = {**accuracy(pred, ds.labels), **result}
     if as_json:
         typer.echo(json.dumps(result, indent=1))

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_path
-from .quant import Requant, conv_out_hw, float_conv_exact, layer_bound
+from .quant import Requant, conv_out_hw, float_conv_exact, layer_bound, tflite_multiply_torch, tflite_single_multiply
 
 GRAPH_FORMAT = "maxdnn-qgraph-v1"
 U8 = (0, 255)
@@ -144,7 +144,7 @@ class MulLayer(Node):
 
     def params(self):
         return {"op": self.op, "in_q": self.in_q.to_json(), "stride": self.stride, "pads": list(self.pads),
-                "groups": self.groups, "in_hw": list(self.in_hw)}
+                "groups": self.groups, "in_hw": list(self.in_hw), "rq_mode": self.requant.mode}
 
 
 @dataclass
@@ -155,8 +155,7 @@ class Merge(Node):
     requants: list[Requant | None] = field(default_factory=list)
 
     def params(self):
-        return {"in_zps": self.in_zps, "requants": [None if r is None else [r.m0.tolist(), r.shift.tolist()]
-                                                    for r in self.requants]}
+        return {"in_zps": self.in_zps, "requants": [_rq_json(r) for r in self.requants]}
 
 
 class Add(Merge):
@@ -165,6 +164,29 @@ class Add(Merge):
 
 class Concat(Merge):
     kind = "concat"
+
+
+@dataclass
+class TfliteAdd(Merge):
+    """TFLite's int8 ADD: each input (q - zp) << left_shift rescaled by its own multiplier (TFLite mode),
+    summed, rescaled by ``out_requant``, plus the output zero point, clamped."""
+
+    left_shift: int = 20
+    out_requant: Requant = None
+
+    kind = "add_tflite"
+
+    def params(self):
+        return {**super().params(), "left_shift": self.left_shift, "out_requant": _rq_json(self.out_requant)}
+
+
+def _rq_json(r):
+    return None if r is None else [r.m0.tolist(), r.shift.tolist(), r.mode]
+
+
+def _rq_from_json(v):
+    return None if v is None else Requant(np.asarray(v[0], np.int64), np.asarray(v[1], np.int64),
+                                          v[2] if len(v) > 2 else "half_up")
 
 
 @dataclass
@@ -192,19 +214,24 @@ class Clamp(Node):
 
 @dataclass
 class Pool(Node):
-    """Max or average pooling; ``kernel`` None: global (over the whole map)."""
+    """Max or average pooling; ``kernel`` None: global (over the whole map).
+
+    Average rounding "half_up": floor((sum(q - zp) + n/2) / n) + zp with n the window (or the in-bounds
+    count without ``count_include_pad``); "tflite": TFLite's int8 AVERAGE_POOL_2D, the raw values'
+    in-bounds sum divided by their count, rounded half away from zero, then clamped."""
 
     op: str = "max"  # "max" or "avg"
     kernel: tuple[int, int] | None = None
     stride: int = 1
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
     count_include_pad: bool = True
+    rounding: str = "half_up"
 
     kind = "pool"
 
     def params(self):
         return {"op": self.op, "kernel": None if self.kernel is None else list(self.kernel), "stride": self.stride,
-                "pads": list(self.pads), "count_include_pad": self.count_include_pad}
+                "pads": list(self.pads), "count_include_pad": self.count_include_pad, "rounding": self.rounding}
 
 
 @dataclass
@@ -212,7 +239,7 @@ class Flatten(Node):
     kind = "flatten"
 
 
-NODE_TYPES = {c.kind: c for c in (MulLayer, Add, Concat, Affine, Clamp, Pool, Flatten)}
+NODE_TYPES = {c.kind: c for c in (MulLayer, Add, Concat, TfliteAdd, Affine, Clamp, Pool, Flatten)}
 
 
 def _chan(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -225,6 +252,7 @@ class QuantizedGraph:
     input_shape: tuple[int, int, int]  # C, H, W
     nodes: list[Node]
     meta: dict = field(default_factory=dict)
+    pixel_offset: int = 0  # the input's stored integer is pixel + pixel_offset (TFLite int8 input: -128)
 
     # ------------------------------------------------------------ structure
     @cached_property
@@ -259,6 +287,8 @@ class QuantizedGraph:
         cache = self.__dict__.setdefault("_tp", {})
         if key not in cache:
             def rq(r):
+                if r.mode.startswith("tflite"):
+                    return (r.mode, torch.as_tensor(r.m0, device=device), torch.as_tensor(r.shift, device=device))
                 return (torch.as_tensor(r.m0, device=device, dtype=torch.float64),
                         torch.as_tensor(2.0 ** (r.shift - 1), device=device),
                         torch.as_tensor(2.0 ** -r.shift.astype(np.float64), device=device))
@@ -270,6 +300,8 @@ class QuantizedGraph:
                                  "b": torch.as_tensor(n.bias, device=device, dtype=torch.float64), "rq": rq(n.requant)}
                 elif isinstance(n, Merge):
                     p[n.name] = {"rq": [None if r is None else rq(r) for r in n.requants]}
+                    if isinstance(n, TfliteAdd):
+                        p[n.name]["out"] = rq(n.out_requant)
                 elif isinstance(n, Affine):
                     p[n.name] = {"off": torch.as_tensor(n.offset, device=device, dtype=torch.float64), "rq": rq(n.requant)}
             cache[key] = p
@@ -295,11 +327,16 @@ class QuantizedGraph:
         """
         conv = conv or self.exact_conv
         p = self._torch_params(x.device)
-        vals: dict[str, torch.Tensor] = {"input": x.to(torch.float32)}
+        vals: dict[str, torch.Tensor] = {"input": x.to(torch.float32) + self.pixel_offset if self.pixel_offset
+                                         else x.to(torch.float32)}
         if x.device.type == "cpu" and x.dim() == 4:
             vals["input"] = vals["input"].contiguous(memory_format=torch.channels_last)  # oneDNN prefers NHWC
 
         def requant(t, r):
+            if isinstance(r[0], str):  # TFLite: integer arithmetic (the products exceed float64's exact range)
+                m0, shift = (_chan(v, t.dim()) for v in r[1:])
+                f = tflite_multiply_torch if r[0] == "tflite" else tflite_single_multiply
+                return f(t.to(torch.int64), m0, shift).to(torch.float64)
             m0, half, inv = (_chan(v, t.dim()) for v in r)
             return t.to(torch.float64).mul_(m0).add_(half).mul_(inv).floor_()
 
@@ -323,6 +360,10 @@ class QuantizedGraph:
                 acc = conv(n.name, xin).to(torch.float64).add_(_chan(p[n.name]["b"], 4))
                 y = finish(requant(acc, p[n.name]["rq"]), n.out)
                 vals[n.name] = y.flatten(1) if n.op == "linear" else y
+            elif isinstance(n, TfliteAdd):
+                parts = [requant((v.to(torch.float64) - zp) * float(1 << n.left_shift), r)
+                         for v, zp, r in zip(ins, n.in_zps, p[n.name]["rq"])]
+                vals[n.name] = finish(requant(parts[0] + parts[1], p[n.name]["out"]), n.out)
             elif isinstance(n, Merge):
                 parts = []
                 for v, zp, r in zip(ins, n.in_zps, p[n.name]["rq"]):
@@ -343,12 +384,17 @@ class QuantizedGraph:
                 raise GraphError(f"node {n.name}: unknown kind {n.kind}")
         return vals[self.output.name].to(torch.int64)
 
-    def predict(self, images: np.ndarray, batch_size: int = 100, device: str = "cpu", conv=None) -> np.ndarray:
+    def outputs(self, images: np.ndarray, batch_size: int = 100, device: str = "cpu", conv=None) -> np.ndarray:
+        """The integer output tensor for every image (int64 [N, ...])."""
         out = []
         for i in range(0, len(images), batch_size):
             x = torch.as_tensor(images[i:i + batch_size], device=device)
-            out.append(self.forward_int(x, conv).argmax(1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+            out.append(self.forward_int(x, conv).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0,), dtype=np.int64)
+
+    def predict(self, images: np.ndarray, batch_size: int = 100, device: str = "cpu", conv=None) -> np.ndarray:
+        out = self.outputs(images, batch_size, device, conv)
+        return out.argmax(1) if len(out) else np.zeros(0, dtype=np.int64)
 
     # ------------------------------------------------------------ real-valued twin
     def float_forward(self, x: torch.Tensor, outputs: dict | None = None) -> torch.Tensor:
@@ -357,7 +403,7 @@ class QuantizedGraph:
         pre-activation output (acc + bias) * acc_scale, with its gradient retained (a backward pass
         leaves d loss / d output in its ``.grad``)."""
         q0 = self.input_q
-        vals = {"input": (x.double() - q0.zero_point) * q0.scale}
+        vals = {"input": (x.double() + self.pixel_offset - q0.zero_point) * q0.scale}
         if outputs is not None:
             vals["input"].requires_grad_(True)
         for n in self.nodes:
@@ -392,7 +438,7 @@ class QuantizedGraph:
     def save(self, path: str | os.PathLike) -> None:
         arrays = {}
         doc = {"format": GRAPH_FORMAT, "input_q": self.input_q.to_json(), "input_shape": list(self.input_shape),
-               "meta": self.meta, "nodes": []}
+               "pixel_offset": self.pixel_offset, "meta": self.meta, "nodes": []}
         for n in self.nodes:
             doc["nodes"].append({"kind": n.kind, "name": n.name, "inputs": n.inputs, "out": n.out.to_json(),
                                  **n.params()})
@@ -426,7 +472,7 @@ class QuantizedGraph:
             common = {"name": name, "inputs": list(d["inputs"]), "out": QParams.from_json(d["out"])}
 
             def rq():
-                return Requant(arrays[f"{name}/m0"], arrays[f"{name}/shift"])
+                return Requant(arrays[f"{name}/m0"], arrays[f"{name}/shift"], d.get("rq_mode", "half_up"))
 
             if kind == "mul":
                 nodes.append(MulLayer(**common, op=d["op"], weight=arrays[f"{name}/weight"], bias=arrays[f"{name}/bias"],
@@ -434,21 +480,24 @@ class QuantizedGraph:
                                       stride=int(d["stride"]), pads=tuple(d["pads"]), groups=int(d["groups"]),
                                       in_hw=tuple(d["in_hw"])))
             elif kind in ("add", "concat"):
-                rqs = [None if r is None else Requant(np.asarray(r[0], np.int64), np.asarray(r[1], np.int64))
-                       for r in d["requants"]]
+                rqs = [_rq_from_json(r) for r in d["requants"]]
                 nodes.append(NODE_TYPES[kind](**common, in_zps=list(d["in_zps"]), requants=rqs))
+            elif kind == "add_tflite":
+                nodes.append(TfliteAdd(**common, in_zps=list(d["in_zps"]), requants=[_rq_from_json(r) for r in d["requants"]],
+                                       left_shift=int(d["left_shift"]), out_requant=_rq_from_json(d["out_requant"])))
             elif kind == "affine":
                 nodes.append(Affine(**common, in_zp=int(d["in_zp"]), in_scale=float(d["in_scale"]),
                                     offset=arrays[f"{name}/offset"], acc_scale=arrays[f"{name}/acc_scale"], requant=rq()))
             elif kind == "pool":
                 nodes.append(Pool(**common, op=d["op"], kernel=None if d["kernel"] is None else tuple(d["kernel"]),
                                   stride=int(d["stride"]), pads=tuple(d["pads"]),
-                                  count_include_pad=bool(d["count_include_pad"])))
+                                  count_include_pad=bool(d["count_include_pad"]), rounding=d.get("rounding", "half_up")))
             elif kind in NODE_TYPES:
                 nodes.append(NODE_TYPES[kind](**common))
             else:
                 raise GraphError(f"node {name}: unknown kind {kind!r}")
-        return cls(QParams.from_json(doc["input_q"]), tuple(doc["input_shape"]), nodes, doc.get("meta", {}))
+        return cls(QParams.from_json(doc["input_q"]), tuple(doc["input_shape"]), nodes, doc.get("meta", {}),
+                   int(doc.get("pixel_offset", 0)))
 
 
 # ---------------------------------------------------------------- pooling
@@ -467,7 +516,15 @@ def _pool_float(x: torch.Tensor, n: Pool) -> torch.Tensor:
     zp = n.out.zero_point
     if n.op == "max":
         xp = F.pad(x, pads, value=float("-inf")) if any(pads) else x
-        return F.max_pool2d(xp, k, s)
+        return F.max_pool2d(xp, k, s).clamp_(n.out.lo, n.out.hi)
+    if n.rounding == "tflite":
+        x64 = x.to(torch.float64)
+        xp = F.pad(x64, pads) if any(pads) else x64
+        sums = F.avg_pool2d(xp, k, s, divisor_override=1)
+        ones = F.pad(torch.ones((1, 1) + tuple(x.shape[2:]), dtype=torch.float64, device=x.device), pads)
+        count = F.avg_pool2d(ones, k, s, divisor_override=1)
+        q = torch.floor((sums.abs() + torch.floor(count / 2)) / count)  # exact: a quotient of integers, floored
+        return torch.where(sums > 0, q, -q).clamp_(n.out.lo, n.out.hi).to(torch.float32)
     x64 = x.to(torch.float64) - zp if zp else x.to(torch.float64)
     xp = F.pad(x64, pads) if any(pads) else x64
     sums = F.avg_pool2d(xp, k, s, divisor_override=1)  # exact: integer sums in float64

@@ -275,6 +275,15 @@ def import_keras_resnet8(path: str | os.PathLike) -> ResNet8:
 
 
 @torch.no_grad()
+def float_outputs(model: nn.Module, images, batch_size: int = 100, device: str = "cpu"):
+    """Float logits (numpy float32 [N, classes]) for uint8 images [N, 3, H, W]."""
+    model = model.to(device).eval()
+    out = [model(torch.as_tensor(images[i:i + batch_size], device=device).float()).float().cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy() if out else torch.zeros((0, 0)).numpy()
+
+
+@torch.no_grad()
 def predict(model: nn.Module, images, batch_size: int = 100, device: str = "cpu") -> torch.Tensor:
     """Float predictions for uint8 images [N, 3, 32, 32]."""
     model = model.to(device).eval()

@@ -42,6 +42,62 @@ def quantize_multiplier(m: float, bits: int = 31) -> tuple[int, int]:
     return m0, shift
 
 
+def tflite_quantize_multiplier(m: float) -> tuple[int, int]:
+    """TFLite's QuantizeMultiplier: (Q0.31 significand, exponent) with m ~= q / 2^31 * 2^exponent."""
+    if m == 0:
+        return 0, 0
+    frac, exp = math.frexp(m)
+    q = math.floor(abs(frac) * (1 << 31) + 0.5) * (1 if frac >= 0 else -1)  # std::round: half away from zero
+    if q == 1 << 31:
+        q //= 2
+        exp += 1
+    if exp < -31:
+        return 0, 0
+    return int(q), int(min(exp, 30))
+
+
+def tflite_single_multiply(x, m0, shift):
+    """(x * m0 + 2^(30 - shift)) >> (31 - shift) (numpy or torch int64; shift may broadcast)."""
+    total = 31 - shift
+    if isinstance(x, torch.Tensor):
+        return torch.bitwise_right_shift(x * m0 + torch.bitwise_left_shift(torch.ones_like(total), total - 1), total)
+    total = np.asarray(total, dtype=np.int64)
+    return (np.asarray(x, dtype=np.int64) * m0 + (np.int64(1) << (total - 1))) >> total
+
+
+def tflite_multiply(x: np.ndarray, m0, shift) -> np.ndarray:
+    """TFLite's MultiplyByQuantizedMultiplier on int64 arrays holding int32 values (numpy, element-wise)."""
+    x = np.asarray(x, dtype=np.int64)
+    m0 = np.asarray(m0, dtype=np.int64)
+    shift = np.asarray(shift, dtype=np.int64)
+    x = x * (np.int64(1) << np.maximum(shift, 0))
+    ab = x * m0
+    nudge = np.where(ab >= 0, 1 << 30, 1 - (1 << 30))
+    high = _trunc_div(ab + nudge, 1 << 31)  # C++ integer division truncates toward zero
+    right = np.maximum(-shift, 0)
+    mask = (np.int64(1) << right) - 1
+    remainder = high & mask
+    threshold = (mask >> 1) + (high < 0)
+    return (high >> right) + (remainder > threshold)
+
+
+def tflite_multiply_torch(x: torch.Tensor, m0: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``tflite_multiply`` on int64 torch tensors (m0, shift broadcast against x)."""
+    x = x * torch.bitwise_left_shift(torch.ones_like(shift), shift.clamp(min=0))
+    ab = x * m0
+    nudge = torch.where(ab >= 0, 1 << 30, 1 - (1 << 30))
+    high = torch.div(ab + nudge, 1 << 31, rounding_mode="trunc")
+    right = (-shift).clamp(min=0)
+    mask = torch.bitwise_left_shift(torch.ones_like(right), right) - 1
+    threshold = torch.bitwise_right_shift(mask, 1) + (high < 0).to(torch.int64)
+    return torch.bitwise_right_shift(high, right) + (torch.bitwise_and(high, mask) > threshold).to(torch.int64)
+
+
+def _trunc_div(a: np.ndarray, b: int) -> np.ndarray:
+    q = np.abs(a) // b
+    return np.where(a < 0, -q, q)
+
+
 def conv_out_hw(in_hw, k_hw, stride: int, pads) -> tuple[int, int]:
     """Output height and width of a convolution with (left, right, top, bottom) padding."""
     left, r, t, b = pads
@@ -50,10 +106,26 @@ def conv_out_hw(in_hw, k_hw, stride: int, pads) -> tuple[int, int]:
 
 @dataclass
 class Requant:
-    """Per-channel fixed-point requantization to an output scale."""
+    """Per-channel fixed-point requantization to an output scale.
+
+    ``mode`` "half_up" (maxdnn's own graphs): (acc * m0 + 2^(shift-1)) >> shift.
+    ``mode`` "tflite" (imported TFLite models): TFLite's MultiplyByQuantizedMultiplier with a
+    Q0.31 multiplier m0 and a signed shift (positive: left), i.e.
+    RoundingDivideByPOT(SaturatingRoundingDoublingHighMul(acc * 2^max(shift, 0), m0), max(-shift, 0)).
+    ``mode`` "tflite-single": the single-rounding form (acc * m0 + 2^(30 - shift)) >> (31 - shift), which
+    LiteRT's reference FULLY_CONNECTED kernel computes (measured against ai-edge-litert).
+    """
 
     m0: np.ndarray  # int64 [F]
     shift: np.ndarray  # int64 [F]
+    mode: str = "half_up"
+
+    @classmethod
+    def tflite(cls, real_multipliers, mode: str = "tflite") -> "Requant":
+        """TFLite's QuantizeMultiplier of each real multiplier (double precision, round half away from zero)."""
+        pairs = [tflite_quantize_multiplier(float(m)) for m in np.atleast_1d(real_multipliers)]
+        return cls(np.array([p[0] for p in pairs], dtype=np.int64), np.array([p[1] for p in pairs], dtype=np.int64),
+                   mode)
 
     @classmethod
     def from_scales(cls, acc_scale, out_scale, acc_bound: int) -> "Requant":

@@ -13,8 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from .graph import Affine, Clamp, Concat, Flatten, Merge, MulLayer, Pool, QParams, QuantizedGraph, pool_window
-from .quant import Requant
+from .graph import Affine, Clamp, Concat, Flatten, Merge, MulLayer, Pool, QParams, QuantizedGraph, TfliteAdd, pool_window
+from .quant import Requant, tflite_multiply, tflite_single_multiply
 
 Prod = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -52,12 +52,18 @@ def reference_conv(x: np.ndarray, w: np.ndarray, stride: int, pads, prod_for: Ca
 
 
 def requantize(acc: np.ndarray, r: Requant) -> np.ndarray:
-    """(acc * m0 + 2^(shift-1)) >> shift, one channel (axis 1) at a time."""
+    """(acc * m0 + 2^(shift-1)) >> shift (or TFLite's MultiplyByQuantizedMultiplier), one channel (axis 1)
+    at a time."""
     out = np.empty_like(acc)
     for f in range(acc.shape[1]):
         k = f if r.m0.shape[0] > 1 else 0
         m0, sh = int(r.m0[k]), int(r.shift[k])
-        out[:, f] = (acc[:, f] * m0 + (1 << (sh - 1))) >> sh
+        if r.mode == "tflite":
+            out[:, f] = tflite_multiply(acc[:, f], m0, sh)
+        elif r.mode == "tflite-single":
+            out[:, f] = tflite_single_multiply(acc[:, f], m0, sh)
+        else:
+            out[:, f] = (acc[:, f] * m0 + (1 << (sh - 1))) >> sh
     return out
 
 
@@ -79,10 +85,17 @@ def _pool(x: np.ndarray, n: Pool) -> np.ndarray:
             win = x[:, :, rows][:, :, :, cols]
             if n.op == "max":
                 out[:, :, oh, ow] = win.max(axis=(2, 3))
+            elif n.rounding == "tflite":  # raw values, in-bounds count, half away from zero (C division)
+                cnt = len(rows) * len(cols)
+                total = win.sum(axis=(2, 3))
+                q = (np.abs(total) + cnt // 2) // cnt
+                out[:, :, oh, ow] = np.where(total > 0, q, -q)
             else:
                 cnt = kh * kw if n.count_include_pad else len(rows) * len(cols)
                 total = (win - zp).sum(axis=(2, 3))
                 out[:, :, oh, ow] = (2 * total + cnt) // (2 * cnt) + zp  # round half up
+    if n.rounding == "tflite" or n.op == "max":
+        out = np.clip(out, n.out.lo, n.out.hi)
     return out
 
 
@@ -90,7 +103,7 @@ def reference_forward(g: QuantizedGraph, images: np.ndarray,
                       prod_for_layer: Callable[[str], Callable[[int, int], Prod]] | None = None) -> np.ndarray:
     """The graph's integer output by the slow reference engine (numpy, int64)."""
     prod_for_layer = prod_for_layer or (lambda name: (lambda f, c: exact_prod))
-    vals = {"input": np.asarray(images).astype(np.int64)}
+    vals = {"input": np.asarray(images).astype(np.int64) + g.pixel_offset}
     for n in g.nodes:
         ins = [vals[i] for i in n.inputs]
         if isinstance(n, MulLayer):
@@ -100,6 +113,9 @@ def reference_forward(g: QuantizedGraph, images: np.ndarray,
             acc = reference_conv(x, n.weight, n.stride, n.pads, prod_for_layer(n.name), n.groups)
             y = _finish(requantize(acc + n.bias[None, :, None, None], n.requant), n.out)
             vals[n.name] = y[:, :, 0, 0] if n.op == "linear" else y
+        elif isinstance(n, TfliteAdd):
+            parts = [requantize((v - zp) << n.left_shift, r) for v, zp, r in zip(ins, n.in_zps, n.requants)]
+            vals[n.name] = _finish(requantize(parts[0] + parts[1], n.out_requant), n.out)
         elif isinstance(n, Merge):
             parts = [v - zp if r is None else requantize(v - zp, r) for v, zp, r in zip(ins, n.in_zps, n.requants)]
             total = np.concatenate(parts, axis=1) if isinstance(n, Concat) else sum(parts[1:], parts[0])

@@ -33,13 +33,18 @@ def describe_data(ds: Dataset) -> str:
 
 @dataclass
 class Workload:
-    model: nn.Module
+    model: nn.Module | None  # the float network (None for an int8 TFLite model)
     model_path: str
     data_path: Path
+    imported: QuantizedGraph | None = None  # an already quantized model (TFLite), used as it is
 
     @classmethod
     def open(cls, model: str | None, data: str | None) -> "Workload":
-        """``model``: a zoo name, .pt checkpoint, Keras .h5 or torch.export .pt2 (default: resnet8)."""
+        """``model``: a zoo name, .pt checkpoint, Keras .h5, torch.export .pt2 or int8 .tflite (default: resnet8)."""
+        if model is not None and str(model).lower().endswith(".tflite"):
+            from .tflite_frontend import load_tflite
+
+            return cls(None, str(model), resolve_data(data), load_tflite(model))
         return cls(load_model(model), str(model or "resnet8"), resolve_data(data))
 
     def split(self, split: str, limit: int | None = None) -> Dataset:
@@ -47,7 +52,11 @@ class Workload:
         return load_cifar10(self.data_path, split).sample(limit)
 
     def quantized(self, calib: int = 1000, percentile: float = 99.99) -> QuantizedGraph:
-        """8-bit integer graph calibrated on ``calib`` seeded training images of the same data source."""
+        """8-bit integer graph calibrated on ``calib`` seeded training images of the same data source
+        (an imported int8 model: its own quantization)."""
+        if self.imported is not None:
+            self.imported.meta.setdefault("calibration", "none: the model's own int8 quantization")
+            return self.imported
         train = load_cifar10(self.data_path, "train")
         q = quantize_module(self.model, calibration_images(train.images, calib), percentile)
         q.meta.update({"model": self.model_path, "calibration": f"{calib} images of {describe_data(train)}"})
