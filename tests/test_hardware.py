@@ -48,18 +48,34 @@ def test_unit_delay_counts_glitches():
     assert toggles[0] == 3 and toggles[1] == 3
 
 
+@pytest.mark.parametrize("rounding", ["folded", "incrementer"])
 @pytest.mark.parametrize("spec", ["exact"] + [s for s in roup_specs(8) if s != "roup-p0r0"])
-def test_synthesized_netlist_exhaustively_equals_model(spec):
-    net = netlist_for(spec)
+def test_synthesized_netlist_exhaustively_equals_model(spec, rounding):
+    net = netlist_for(spec, rounding=rounding)
     assert np.array_equal(net.simulate(x=XS, w=WS)["p"], get_multiplier(spec)(XS, WS)), spec
 
 
-@pytest.mark.parametrize("p,r", [(0, 0), (1, 2), (2, 5)])
-def test_signed_multiplicand_designs(p, r):
-    net, _ = synthesize(booth_multiplier_verilog(p, r, x_signed=True))
+@pytest.mark.parametrize("rounding", ["folded", "incrementer"])
+@pytest.mark.parametrize("p,r", [(0, 0), (1, 2), (2, 5), (0, 7)])
+def test_signed_multiplicand_designs(p, r, rounding):
+    net, _ = synthesize(booth_multiplier_verilog(p, r, x_signed=True, rounding=rounding))
     xs = np.repeat(np.arange(-128, 128), 256)
     m = get_multiplier(f"roup-p{p}r{r}", x_signed=True)
     assert np.array_equal(net.simulate(x=xs & 255, w=WS)["p"], m(xs, WS))
+
+
+def test_folded_rounding_has_no_adder_and_costs_less():
+    """Folded rounding adds one XOR-and-gate per row instead of an incrementer: smaller than the
+    incrementer design for small R, and never more than the exact multiplier."""
+    exact = netlist_for("exact").area_nand2()
+    for r in range(1, 8):
+        folded = netlist_for(f"roup-p0r{r}").area_nand2()
+        inc = netlist_for(f"roup-p0r{r}", rounding="incrementer").area_nand2()
+        assert folded < exact, r
+        if r <= 3:
+            assert folded < inc, r
+    v = booth_multiplier_verilog(1, 3)
+    assert "x[2]" in v and "folded rounding" in v
 
 
 def test_energy_ordering_and_exact_equivalence():

@@ -307,13 +307,21 @@ hardware_app = typer.Typer(no_args_is_help=True, help="Gate-level netlists, area
 app.add_typer(hardware_app, name="hardware")
 
 
+ROUNDING_HELP = ("ROUP rounding design: folded (the rounding bit enters the partial-product generators, no adder; "
+                 "the default) or incrementer (the multiplicand is rounded by a half-adder chain first).")
+
+
 @hardware_app.command("verilog")
-def hardware_verilog(spec: str, out: Path = typer.Option(..., help="Verilog file to write.")):
+def hardware_verilog(spec: str, out: Path = typer.Option(..., help="Verilog file to write."),
+                     rounding: str = typer.Option("folded", help=ROUNDING_HELP)):
     """Write the structural Verilog of SPEC (exact or roup-p{P}r{R}); module mul(x, w, p)."""
+    from .hardware.booth_verilog import ROUNDING_DESIGNS
     from .hardware.power import NoHardwareError, verilog_for
 
+    if rounding not in ROUNDING_DESIGNS:
+        fail(f"--rounding {rounding}: expected one of {', '.join(ROUNDING_DESIGNS)}")
     try:
-        v = verilog_for(spec)
+        v = verilog_for(spec, rounding=rounding)
     except NoHardwareError as e:
         fail(str(e))
     try:
@@ -332,6 +340,7 @@ def hardware_report_cmd(
     model: Optional[str] = typer.Option(None, help="Model for the model stream (zoo name, .pt, .h5 or .pt2; default resnet8)."),
     as_json: bool = typer.Option(False, "--json"),
     save_table: Optional[Path] = typer.Option(None, help="Also write the table (JSON) that energy accounting reads."),
+    rounding: str = typer.Option("folded", help=ROUNDING_HELP),
 ):
     """Area (NAND2 eq.), logic depth and energy per multiplication of each design."""
     import time
@@ -342,6 +351,10 @@ def hardware_report_cmd(
     from .hardware.synth import SynthesisError
     from .multipliers import roup_specs
 
+    from .hardware.booth_verilog import ROUNDING_DESIGNS
+
+    if rounding not in ROUNDING_DESIGNS:
+        fail(f"--rounding {rounding}: expected one of {', '.join(ROUNDING_DESIGNS)}")
     specs = list(spec) if spec else ["exact"] + [s for s in roup_specs(8) if s != "roup-p0r0"]
     streams = list(stream) if stream else ["uniform"]
     for s in streams:
@@ -377,13 +390,14 @@ def hardware_report_cmd(
                 fail(f"{model}: {e}")
     bar = tqdm(total=len(specs), desc="designs", disable=as_json, leave=False)
     try:
-        rows = hardware_report(specs, built, progress=lambda _: bar.update())
+        rows = hardware_report(specs, built, progress=lambda _: bar.update(), rounding=rounding)
     except SynthesisError as e:
         fail(str(e))
     bar.close()
     elapsed = time.time() - t0
     if save_table:
         doc = {"unit": "NAND2-toggle equivalents per multiplication (unit-delay, glitches counted)",
+               "rounding": rounding,
                "area_unit": "NAND2 equivalents (NanGate 45nm X1 areas)",
                "streams": {s.name: len(s.x) for s in built}, "designs": rows}
         write_json(save_table, doc)
@@ -393,7 +407,8 @@ def hardware_report_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"8-bit radix-4 Booth / ROUP designs ({elapsed:.1f} s); energy in NAND2-toggle eq. per multiplication")
+    t = Table(title=f"8-bit radix-4 Booth / ROUP designs, {rounding} rounding ({elapsed:.1f} s); "
+                    f"energy in NAND2-toggle eq. per multiplication")
     t.add_column("spec")
     for c in ["gates", "area (NAND2)", "depth"] + [f"E {s}" for s in streams] + [f"E/E_exact {s}" for s in streams]:
         t.add_column(c, justify="right")

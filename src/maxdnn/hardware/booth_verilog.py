@@ -7,9 +7,16 @@ product, e.g. R_1(255) * -128 = -32768).
 
 Architecture, for ``bits``-bit operands:
 
-1. Rounding (R > 0): the multiplicand is rounded at bit R by an incrementer,
-   xr = (x[bits-1:R] + x[R-1]) << R, a half-adder chain; its R low bits are
-   constant 0, which removes the matching partial-product bits.
+1. Rounding (R > 0), two designs:
+   - ``folded`` (default; Leon et al.'s perforation + rounding design): no
+     adder. With R_R(x) = 2^R (floor(x / 2^R) + x[R-1]), each row of a
+     non-zero digit d takes the multiplicand bits >= R, its x2 selection
+     shifts in x[R-1] as the lowest bit, and its negation bit becomes
+     neg XOR x[R-1] (gated by "digit non-zero"): the row then equals
+     d * R_R(x) / 2^R, placed at column R + 2j;
+   - ``incrementer``: the multiplicand is rounded first,
+     xr = (x[bits-1:R] + x[R-1]) << R, by a half-adder chain; its R low bits
+     are constant 0, which removes the matching partial-product bits.
 2. Booth encoders, one per digit j >= P: from (w[2j+1], w[2j], w[2j-1]) they
    form one = w[2j] ^ w[2j-1], two = w[2j+1] ? ~w[2j] & ~w[2j-1] : w[2j] & w[2j-1],
    neg = w[2j+1] & ~(w[2j] & w[2j-1]).
@@ -55,10 +62,17 @@ def _dadda_heights(max_h: int) -> list[int]:
     return d[:-1][::-1] if d[-1] >= max_h else d[::-1]
 
 
-def booth_multiplier_verilog(p: int = 0, r: int = 0, bits: int = 8, x_signed: bool = False) -> str:
+ROUNDING_DESIGNS = ("folded", "incrementer")
+
+
+def booth_multiplier_verilog(p: int = 0, r: int = 0, bits: int = 8, x_signed: bool = False,
+                             rounding: str = "folded") -> str:
     """Verilog of ROUP(P, R) (P = R = 0: the exact radix-4 Booth multiplier)."""
     if bits % 2 or not (0 <= p < bits // 2) or not (0 <= r < bits):
         raise ValueError(f"no Booth design for P={p}, R={r} at {bits} bits")
+    if rounding not in ROUNDING_DESIGNS:
+        raise ValueError(f"rounding design '{rounding}': expected one of {', '.join(ROUNDING_DESIGNS)}")
+    folded = rounding == "folded" and r > 0
     out_w = 2 * bits + 1
     b = _Builder()
     # multiplicand, sign-extended to mw bits (rounding may carry into one more bit)
@@ -66,7 +80,11 @@ def booth_multiplier_verilog(p: int = 0, r: int = 0, bits: int = 8, x_signed: bo
     xbits = [f"x[{i}]" for i in range(bits)]
     top = xbits[-1] if x_signed else "1'b0"
     ext = xbits + [top] * (mw - bits)
-    if r:
+    if folded:
+        # the generators see floor(x / 2^r); the rounding bit x[r-1] enters each row (see step 1)
+        m = ext[r:]
+        shift = r
+    elif r:
         # incrementer: (x >> r) + x[r-1], then << r
         carry = f"x[{r - 1}]"
         m = ["1'b0"] * r
@@ -76,6 +94,9 @@ def booth_multiplier_verilog(p: int = 0, r: int = 0, bits: int = 8, x_signed: bo
         # the carry out of the top (sign) bit is dropped: the sum fits mw bits
     else:
         m = ext
+    if not folded:
+        shift = 0
+    mw = len(m)
     columns: list[list[str]] = [[] for _ in range(out_w)]
     const = 0
 
@@ -88,20 +109,24 @@ def booth_multiplier_verilog(p: int = 0, r: int = 0, bits: int = 8, x_signed: bo
         two = b.wire(f"({b2} & ~{b1} & ~{b0}) | (~{b2} & {b1} & {b0})")
         neg = b.wire(f"{b2} & ~({b1} & {b0})")
         row = []
+        low = f"x[{r - 1}]" if folded else "1'b0"  # what the x2 selection shifts in
         for i in range(mw + 1):  # 2M needs one more bit
             mi = m[i] if i < mw else m[mw - 1]
-            mi1 = m[i - 1] if i >= 1 else "1'b0"
+            mi1 = m[i - 1] if i >= 1 else low
             row.append(b.wire(f"((({one}) & {mi}) | (({two}) & {mi1})) ^ {neg}"))
-        topcol = mw + 2 * j
+        base = 2 * j + shift
+        topcol = mw + base
         for i, bit in enumerate(row[:-1]):
-            if i + 2 * j < out_w:
-                columns[i + 2 * j].append(bit)
+            if i + base < out_w:
+                columns[i + base].append(bit)
         if topcol < out_w:
             columns[topcol].append(b.wire(f"~{row[-1]}"))
             const -= 1 << topcol
+        # (a top column beyond the output width has no effect mod 2^out_w)
+        if folded:  # the row's +1: negation XOR rounding bit, only for a non-zero digit
+            columns[base].append(b.wire(f"({neg} ^ x[{r - 1}]) & ({one} | {two})"))
         else:
-            const -= 0  # beyond the output width: no effect mod 2^out_w
-        columns[2 * j].append(neg)
+            columns[base].append(neg)
     const %= 1 << out_w
     for i in range(out_w):
         if (const >> i) & 1:
@@ -141,7 +166,7 @@ def booth_multiplier_verilog(p: int = 0, r: int = 0, bits: int = 8, x_signed: bo
         else:
             s, carry = b.fa(col[0], col[1], col[2])
             outs.append(s)
-    name = "exact radix-4 Booth" if p == r == 0 else f"ROUP(P={p}, R={r})"
+    name = "exact radix-4 Booth" if p == r == 0 else f"ROUP(P={p}, R={r}, {rounding} rounding)"
     head = [
         f"// {name} multiplier, {bits}-bit {'signed' if x_signed else 'unsigned'} x, signed w; generated by maxdnn",
         f"module mul(input [{bits - 1}:0] x, input [{bits - 1}:0] w, output [{out_w - 1}:0] p);",

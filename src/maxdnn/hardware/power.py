@@ -58,9 +58,9 @@ def design_params(spec: str, bits: int = 8) -> tuple[int, int]:
     raise NoHardwareError(f"multiplier '{spec}' has no hardware design (designs exist for exact and roup-p{{P}}r{{R}})")
 
 
-def verilog_for(spec: str, bits: int = 8, x_signed: bool = False) -> str:
+def verilog_for(spec: str, bits: int = 8, x_signed: bool = False, rounding: str = "folded") -> str:
     p, r = design_params(spec, bits)
-    return booth_multiplier_verilog(p, r, bits, x_signed)
+    return booth_multiplier_verilog(p, r, bits, x_signed, rounding)
 
 
 def _hw_cache() -> Path:
@@ -69,9 +69,9 @@ def _hw_cache() -> Path:
     return d
 
 
-def netlist_for(spec: str, bits: int = 8) -> Netlist:
+def netlist_for(spec: str, bits: int = 8, rounding: str = "folded") -> Netlist:
     """The synthesized netlist of ``spec`` (cached by Verilog hash)."""
-    v = verilog_for(spec, bits)
+    v = verilog_for(spec, bits, rounding=rounding)
     key = hashlib.sha256(v.encode()).hexdigest()[:20]
     path = _hw_cache() / f"netlist-{key}.json"
     if path.exists():
@@ -150,13 +150,14 @@ def stream_energy(net: Netlist, stream: Stream) -> dict:
     return res
 
 
-def hardware_report(specs: list[str], streams: list[Stream], bits: int = 8, progress=None) -> list[dict]:
+def hardware_report(specs: list[str], streams: list[Stream], bits: int = 8, progress=None,
+                    rounding: str = "folded") -> list[dict]:
     """Area, depth and energy (absolute and relative to the exact Booth design) per spec."""
     exact_net = netlist_for("exact", bits)
     exact_e = {s.name: stream_energy(exact_net, s) for s in streams}
     rows = []
     for spec in specs:
-        net = netlist_for(spec, bits)
+        net = netlist_for(spec, bits, rounding)
         row = {"spec": spec, "area_nand2": round(net.area_nand2(), 2), "depth": net.depth(), "cells": net.cell_counts(),
                "gates": len(net.gate_type), "energy": {}, "energy_rel": {}, "energy_zero_delay": {}}
         for s in streams:
