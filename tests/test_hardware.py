@@ -124,3 +124,25 @@ def test_cli_hardware(tmp_path):
     assert r.exit_code == 0 and "module mul(" in out.read_text()
     r = runner.invoke(app, ["hardware", "verilog", "drum-k4", "--out", str(out)])
     assert r.exit_code == 2
+
+
+def test_committed_table_energy_ordering_with_folded_rounding():
+    """With folded rounding every configuration saves energy; energy falls with P at every R, and with R
+    except at R = 1 for P >= 1 (explained in the README from the netlist)."""
+    from importlib import resources
+
+    doc = json.loads((resources.files("maxdnn") / "data_files" / "energy-8bit.json").read_text())
+    assert doc["rounding"] == "folded"
+    e = {r["spec"]: r["energy_rel"] for r in doc["designs"]}
+    e["roup-p0r0"] = e["exact"]
+    for stream in ("uniform", "resnet8"):
+        for s in roup_specs(8):
+            if s != "roup-p0r0":
+                assert e[s][stream] < 1.0, (s, stream)
+        for r in range(8):
+            col = [e[f"roup-p{p}r{r}"][stream] for p in range(4)]
+            assert col == sorted(col, reverse=True), (stream, r)
+        for p in range(4):
+            row = [e[f"roup-p{p}r{r}"][stream] for r in range(8)]
+            start = 0 if p == 0 else 1
+            assert row[start:] == sorted(row[start:], reverse=True), (stream, p)
