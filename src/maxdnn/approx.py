@@ -142,10 +142,15 @@ class Assignment:
                 maps[name] = np.asarray(arrays[name], dtype=np.int64)
             else:
                 try:
-                    a = np.asarray(v, dtype=np.int64)
+                    raw = np.asarray(v)
+                    bad = raw[raw != np.floor(raw.astype(float))] if raw.dtype.kind == "f" else None
                 except (ValueError, TypeError):
                     raise AssignmentError(f"{path}: layer {name}: expected an index, a list per filter, or a [filters][channels] list") from None
-                maps[name] = a
+                if raw.dtype.kind not in "iuf" or raw.size == 0:
+                    raise AssignmentError(f"{path}: layer {name}: expected an index, a list per filter, or a [filters][channels] list")
+                if bad is not None and bad.size:
+                    raise AssignmentError(f"{path}: layer {name}: index {bad.flat[0]:g} is not an integer")
+                maps[name] = raw.astype(np.int64)
         a = cls([str(s) for s in specs], maps, bits, doc.get("meta", {}))
         if qnet is not None:
             a.bind(qnet, where=str(path))

@@ -14,8 +14,17 @@ from .atomic import atomic_path, write_json, write_text
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Approximate multipliers in quantized DNNs (MAx-DNN).")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"maxdnn {version('maxdnn')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(_: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit.")) -> None:
     """Approximate multipliers in quantized DNNs (MAx-DNN)."""
 
 
@@ -169,6 +178,8 @@ def evaluate(
 
     if precision not in ("float", "int8"):
         fail(f"--precision {precision}: expected float or int8")
+    if limit is not None and limit <= 0:
+        fail(f"--limit {limit}: expected a positive number of images")
     if device == "cuda":
         import torch
 
@@ -176,7 +187,10 @@ def evaluate(
             fail("--device cuda: no CUDA device available")
     try:
         wl = Workload.open(model, _data_or_fail(data))
-        ds = wl.split(split, limit)
+        ds = wl.split(split)
+        if limit is not None and limit > len(ds):
+            fail(f"--limit {limit}: the {split} split has only {len(ds)} images")
+        ds = ds.sample(limit)
         result = {"model": wl.model_path, "data": describe_data(ds), "split": split}
         if assign is None and precision == "float":
             if wl.model is None:
@@ -239,10 +253,17 @@ def explore(
         fail(f"--budget {budget}: expected quick or full")
     t0 = time.time()
     try:
-        ex = Explorer(out, Workload.open(model, _data_or_fail(data)), BUDGETS[budget], storage, seed, log=lambda m: typer.echo(m, err=True))
+        wl = Workload.open(model, _data_or_fail(data))
     except (DataError, ModelError) as e:
         fail(str(e))
-    except ValueError as e:
+    created = _prepare_run_dir(out)
+    try:
+        ex = Explorer(out, wl, BUDGETS[budget], storage, seed, log=lambda m: typer.echo(m, err=True))
+    except (DataError, ModelError, ValueError) as e:
+        if created:  # nothing of this run is kept: no half-made run directory
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
         fail(str(e))
     run_exploration(ex, aps)
     res = ex.resilience()
@@ -252,6 +273,21 @@ def explore(
     write_json(out / "run.json", info)
     path = write_report(out, ex)
     typer.echo(path.read_text())
+
+
+def _prepare_run_dir(out: Path) -> bool:
+    """Create (or check) a writable run directory before any work; True if it was created."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        fail(f"{out}: exists and is not a directory")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        fail(f"{out}: cannot write the run directory ({e.strerror})")
+    return created
 
 
 @app.command()
@@ -265,7 +301,7 @@ def report(run_dir: Path):
         from .explore import Explorer
 
         path = write_report(run_dir, Explorer.reader(run_dir))
-    except ReportError as e:
+    except (ReportError, ValueError) as e:
         fail(str(e))
     typer.echo(str(path))
 

@@ -113,8 +113,21 @@ class Explorer:
         self.seed = seed
         self.log = log
         self.progress = progress
+        self.storage_arg = storage  # None: SQLite in RUN_DIR, recorded relative so that the folder can move
         self.storage_url = storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
+        self._check_storage()
         self._setup()
+
+    def _check_storage(self) -> None:
+        """Open the storage before any work: a bad URL, a missing driver or an unreachable server is one line."""
+        try:
+            self._storage()
+        except ModuleNotFoundError as e:
+            hint = " (install maxdnn[postgres] for PostgreSQL)" if "postgres" in self.storage_url else ""
+            raise ValueError(f"--storage {self.storage_url}: no database driver '{e.name}'{hint}") from None
+        except Exception as e:  # noqa: BLE001 - SQLAlchemy's many connection errors, in one line
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ValueError(f"--storage {self.storage_url}: cannot open the study storage ({msg})") from None
 
     @classmethod
     def reader(cls, run_dir: str | os.PathLike) -> "Explorer":
@@ -122,7 +135,13 @@ class Explorer:
         run_dir = Path(run_dir)
         ex = cls.__new__(cls)
         ex.run_dir = run_dir
-        ex.storage_url = json.loads((run_dir / "run.json").read_text())["storage"]
+        stored = json.loads((run_dir / "run.json").read_text()).get("storage")
+        if stored in (None, "study.db"):
+            db = run_dir / "study.db"
+            if not db.exists():
+                raise ValueError(f"{db}: the run's study database is missing")
+            stored = f"sqlite:///{db.resolve()}"
+        ex.storage_url = stored
         return ex
 
     # ------------------------------------------------------------------ setup
@@ -143,14 +162,15 @@ class Explorer:
         self.table = energy_table(["exact"] + roup_specs(8))
         run_json = self.run_dir / "run.json"
         info = {"model": self.wl.model_path, "data": str(self.wl.data_path), "budget": json.loads(json.dumps(asdict(b))), "seed": self.seed,
-                "storage": self.storage_url, "library": self.library,
+                "storage": self.storage_arg or "study.db", "library": self.library,
                 "validation": f"{len(self.val)} held-out training images of {describe_data(train)}",
                 "test": describe_data(self.test), "energy_source": self.table.source}
         if run_json.exists():
             old = json.loads(run_json.read_text())
             for k in ("model", "data", "budget", "seed"):
                 if old.get(k) != info[k]:
-                    raise ValueError(f"{run_json}: this run was made with {k}={old.get(k)!r}; use another RUN_DIR")
+                    was = old.get(k)["name"] if k == "budget" and isinstance(old.get(k), dict) else old.get(k)
+                    raise ValueError(f"{run_json}: this run was made with {k} {was!r}; rerun with it or use another RUN_DIR")
             info["baseline"] = old.get("baseline")
         if not info.get("baseline"):
             val_acc, val_loss = self._val_metrics(Assignment.uniform(self.q, "exact"))
@@ -284,7 +304,8 @@ class Explorer:
 
         if self.storage_url.startswith("sqlite"):
             return optuna.storages.RDBStorage(self.storage_url, engine_kwargs={"connect_args": {"timeout": 60}})
-        return optuna.storages.RDBStorage(self.storage_url, heartbeat_interval=20, grace_period=60)
+        kwargs = {"connect_args": {"connect_timeout": 5}} if self.storage_url.startswith("postgres") else {}
+        return optuna.storages.RDBStorage(self.storage_url, heartbeat_interval=20, grace_period=60, engine_kwargs=kwargs)
 
     def _study(self, name: str, sampler=None):
         import optuna
