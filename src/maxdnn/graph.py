@@ -242,6 +242,16 @@ class Flatten(Node):
 NODE_TYPES = {c.kind: c for c in (MulLayer, Add, Concat, TfliteAdd, Affine, Clamp, Pool, Flatten)}
 
 
+def unique_name(base: str, taken: set) -> str:
+    """``base``, or ``base#2``, ``base#3``... : the first not in ``taken`` (which it joins)."""
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}#{k}"
+    taken.add(name)
+    return name
+
+
 def _chan(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.view((1, -1) + (1,) * (ndim - 2))
 

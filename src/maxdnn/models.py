@@ -150,11 +150,6 @@ def arch_of(model: nn.Module) -> str:
     raise ModelError(f"{type(model).__name__} is not a built-in architecture")
 
 
-# Multiplying layers in execution order: the names assignments and reports use.
-MULTIPLYING_LAYERS = ["conv1", "s1.conv1", "s1.conv2", "s2.conv1", "s2.conv2", "s2.proj",
-                      "s3.conv1", "s3.conv2", "s3.proj", "fc"]
-
-
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> None:
     with atomic_path(path) as tmp:
         torch.save({"format": CHECKPOINT_FORMAT, "arch": arch_of(model), "input_scale": model.input_scale,

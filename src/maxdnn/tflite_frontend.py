@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .graph import Flatten, MulLayer, Pool, QParams, QuantizedGraph, TfliteAdd
+from .graph import Flatten, MulLayer, Pool, QParams, QuantizedGraph, TfliteAdd, unique_name
 from .models import ModelError, same_padding
 from .quant import Requant
 
@@ -129,13 +129,7 @@ def _layer_name(r: _Reader, wi: int, taken: set, fallback: str) -> str:
     parts = [p for p in name.split(";")[0].split("/") if p]
     if len(parts) >= 2 and parts[0] == "model":
         parts = parts[1:]
-    base = parts[0] if parts else fallback
-    name, k = base, 1
-    while name in taken:
-        k += 1
-        name = f"{base}#{k}"
-    taken.add(name)
-    return name
+    return unique_name(parts[0] if parts else fallback, taken)
 
 
 def load_tflite(path: str | Path) -> QuantizedGraph:

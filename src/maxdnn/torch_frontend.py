@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .graph import S8, U8, Add, Affine, Clamp, Concat, Flatten, MulLayer, Pool, QParams, QuantizedGraph
+from .graph import S8, U8, Add, Affine, Clamp, Concat, Flatten, MulLayer, Pool, QParams, QuantizedGraph, unique_name
 from .models import ModelError
 from .quant import Requant, conv_out_hw
 
@@ -123,15 +122,11 @@ def _module_path(node, taken: set) -> str:
     if stack:
         path = list(stack.values())[-1][0]
         name = path.split("L['self'].")[-1].replace("L__self___", "") or node.name
-    base, k = name, 1
-    while name in taken:
-        k += 1
-        name = f"{base}#{k}"
-    taken.add(name)
-    return name
+    return unique_name(name, taken)
 
 
-def _pads2(padding, kh, kw, stride, hw=None) -> tuple[int, int, int, int]:
+def _pads2(padding) -> tuple[int, int, int, int]:
+    """An aten conv padding argument as (left, right, top, bottom)."""
     if isinstance(padding, str):
         if padding == "valid":
             return (0, 0, 0, 0)
@@ -257,7 +252,10 @@ def lower(ep, where: str) -> list[FNode]:
                     raise err(node, f"stride {stride}: only equal strides are supported")
                 if any(d != 1 for d in (dilation if isinstance(dilation, (list, tuple)) else [dilation])):
                     raise err(node, "dilation is not supported")
-                pads = _pads2(padding, *w.shape[2:], stride[0])
+                try:
+                    pads = _pads2(padding)
+                except UnsupportedModel as e:
+                    raise err(node, str(e)) from None
                 pads = tuple(p + e for p, e in zip(pads, extra_pads))
                 new("mul", node, [xi], op="conv", w=w, b=bias, stride=int(stride[0]), pads=pads, groups=int(groups))
             nodes[-1].name = _module_path(node, taken)
