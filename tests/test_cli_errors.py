@@ -68,3 +68,12 @@ def test_report_on_a_moved_run_and_a_missing_database(tmp_path):
     (run / "run.json").write_text(json.dumps({"storage": "study.db", "baseline": {}}))
     r = runner.invoke(app, ["report", str(run)])
     one_line_error(r, "study.db: the run's study database is missing")
+
+
+def test_train_out_checked_before_any_epoch(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = runner.invoke(app, ["train", "--data", str(need(LOSSLESS_ZIP)), "--out", str(f / "m.pt"), "--epochs", "1"])
+    one_line_error(r, "cannot write the checkpoint there")
+    r = runner.invoke(app, ["train", "--data", str(LOSSLESS_ZIP), "--out", str(tmp_path / "m.pt"), "--epochs", "0"])
+    one_line_error(r, "--epochs")

@@ -130,20 +130,29 @@ def train(
     arch: str = typer.Option("resnet8", help="Zoo architecture: resnet8 or resnet20."),
 ):
     """Train a zoo network on the training split minus the validation hold-out."""
-    from .data import validation_split
-    from .train import train as run_train
+    import numpy as np
 
-    ds = _load_split(data, "train")
-    tr, _ = validation_split(len(ds), holdout, seed=0) if holdout else (slice(None), None)
-    sub = ds.subset(tr)
-    typer.echo(f"training on {len(sub)} images of {ds.source} (train split, {holdout} held out)", err=True)
+    import tempfile
+
+    from .data import validation_split
     from .models import ARCHITECTURES
+    from .train import train as run_train
 
     if arch not in ARCHITECTURES:
         fail(f"--arch {arch}: expected one of {', '.join(ARCHITECTURES)}")
+    if epochs <= 0 or batch_size <= 0 or holdout < 0:
+        fail("--epochs and --batch-size must be positive, --holdout not negative")
+    try:  # the checkpoint's folder must take files before an epoch is spent
+        tempfile.TemporaryFile(dir=out.parent if str(out.parent) else ".").close()
+    except OSError as e:
+        fail(f"{out}: cannot write the checkpoint there ({e.strerror})")
+    ds = _load_split(data, "train")
+    tr, held = validation_split(len(ds), holdout, seed=0) if holdout else (np.arange(len(ds)), np.zeros(0, int))
+    sub = ds.subset(tr)
+    typer.echo(f"training on {len(sub)} images of {ds.source} (train split, {len(held)} held out)", err=True)
     command = (f"maxdnn train --arch {arch} --data {data} --out {out.name} --epochs {epochs} --batch-size {batch_size} "
                f"--lr {lr} --seed {seed} --holdout {holdout}")
-    meta = {"data": str(ds.source), "train_images": len(sub), "holdout": holdout, "command": command}
+    meta = {"data": str(ds.source), "train_images": len(sub), "holdout": int(len(held)), "command": command}
     try:
         run_train(sub.images, sub.labels, out, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                   meta=meta, arch=arch)
