@@ -174,3 +174,20 @@ def test_cli_report_and_errors(finished_run, tmp_path):
     assert r.exit_code == 2 and "not an exploration run" in r.output
     r = CliRunner().invoke(app, ["explore", "--out", str(tmp_path / "x"), "--approach", "nope", "--data", str(LOSSLESS_ZIP)])
     assert r.exit_code == 2
+
+
+def test_wilson_interval_and_noise():
+    from maxdnn.report import noise_pts, wilson
+
+    lo, hi = wilson(0.84, 1000)
+    assert 0.815 < lo < 0.84 < hi < 0.865
+    assert wilson(1.0, 10)[1] == 1.0 and wilson(0.0, 10)[0] == 0.0
+    assert noise_pts(0.84, 1000) == pytest.approx(2.27, abs=0.01)
+
+
+def test_points_csv_has_intervals(finished_run):
+    run, _ = finished_run
+    rows = read_points(run / "points.csv")
+    front = [r for r in rows if r["on_front"]]
+    assert all(r["test_ci95_low"] <= r["test_accuracy"] <= r["test_ci95_high"] for r in front)
+    assert "95% Wilson interval" in (run / "report.md").read_text()

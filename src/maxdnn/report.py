@@ -17,8 +17,25 @@ from pathlib import Path
 from .atomic import atomic_path, write_text
 
 THRESHOLDS = (0.5, 1.0, 2.0, 4.0)
+Z95 = 1.959963984540054
+
+
+def wilson(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion p measured on n trials (95% by default)."""
+    if n <= 0:
+        return 0.0, 1.0
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def noise_pts(p: float, n: int) -> float:
+    """Half-width (accuracy points) of the 95% binomial interval of an accuracy p on n images."""
+    return 100 * Z95 * (p * (1 - p) / max(n, 1)) ** 0.5
 COLUMNS = ["approach", "source", "trial", "on_front", "granularity", "summary", "val_accuracy", "val_images",
-           "test_accuracy", "test_images", "energy", "energy_gain", "val_loss_pts", "test_loss_pts"]
+           "test_accuracy", "test_images", "test_ci95_low", "test_ci95_high", "energy", "energy_gain", "val_loss_pts",
+           "test_loss_pts", "val_loss_below_noise"]
 
 
 class ReportError(ValueError):
@@ -44,6 +61,10 @@ def write_points(run_dir: Path, explorer) -> Path:
                 "granularity": p["granularity"], "summary": p["summary"],
                 "val_accuracy": p["val_accuracy"], "val_images": base["val_images"],
                 "test_accuracy": t.get("test_accuracy", ""), "test_images": t.get("test_images", ""),
+                **(dict(zip(("test_ci95_low", "test_ci95_high"), wilson(t["test_accuracy"], t["test_images"])))
+                   if t else {"test_ci95_low": "", "test_ci95_high": ""}),
+                "val_loss_below_noise": int(abs(100 * (base["val_accuracy"] - p["val_accuracy"]))
+                                            < noise_pts(base["val_accuracy"], base["val_images"])),
                 "energy": p["energy"], "energy_gain": p["energy_gain"],
                 "val_loss_pts": 100 * (base["val_accuracy"] - p["val_accuracy"]),
                 "test_loss_pts": 100 * (base["test_accuracy"] - t["test_accuracy"]) if t else "",
@@ -62,8 +83,8 @@ def read_points(path: Path) -> list[dict]:
     for r in rows:
         for k in ("val_accuracy", "energy", "energy_gain", "val_loss_pts"):
             r[k] = float(r[k])
-        for k in ("test_accuracy", "test_loss_pts"):
-            r[k] = float(r[k]) if r[k] != "" else None
+        for k in ("test_accuracy", "test_loss_pts", "test_ci95_low", "test_ci95_high"):
+            r[k] = float(r[k]) if r.get(k, "") != "" else None
         r["on_front"] = int(r["on_front"])
     return rows
 
@@ -136,9 +157,16 @@ def write_report(run_dir: str | os.PathLike, explorer=None) -> Path:
         lines.append(f"- resilience proxy vs direct (Spearman): {info['resilience']}")
     if "wall_seconds" in info:
         lines.append(f"- exploration wall time: {info['wall_seconds']:.0f} s")
+    noise = noise_pts(base["val_accuracy"], base["val_images"])
+    t_lo, t_hi = wilson(base["test_accuracy"], base["test_images"])
     lines += ["", "## Largest energy gain at a given accuracy loss", "",
               "Chosen on the validation split among each approach's validation-Pareto points; "
-              "test loss is the same assignment measured on the test split. Loss in accuracy points.", "",
+              "test loss is the same assignment measured on the test split. Loss in accuracy points. "
+              f"Statistics: {base['val_images']} validation images measure an accuracy of "
+              f"{100 * base['val_accuracy']:.1f}% to about +-{noise:.1f} points (95%), so validation losses below "
+              f"that are marked `~`; the exact baseline's test accuracy has the 95% Wilson interval "
+              f"{100 * t_lo:.2f}..{100 * t_hi:.2f}% ({base['test_images']} images), and points.csv gives each "
+              "front point's interval.", "",
               "| approach | " + " | ".join(f"<= {t:g} pt: gain / val loss / test loss" for t in THRESHOLDS) + " |",
               "|---|" + "---|" * len(THRESHOLDS)]
     for ap, per in best.items():
@@ -149,7 +177,8 @@ def write_report(run_dir: str | os.PathLike, explorer=None) -> Path:
                 cells.append("-")
             else:
                 tl = f"{r['test_loss_pts']:.2f}" if r["test_loss_pts"] is not None else "n/a"
-                cells.append(f"{100 * r['energy_gain']:.1f}% / {r['val_loss_pts']:.2f} / {tl}")
+                mark = "~" if abs(r["val_loss_pts"]) < noise else ""
+                cells.append(f"{100 * r['energy_gain']:.1f}% / {mark}{r['val_loss_pts']:.2f} / {tl}")
         lines.append(f"| {ap} | " + " | ".join(cells) + " |")
     layerwise = {t: (best.get("alwann", {}).get(t) or best.get("layer", {}).get(t)) for t in THRESHOLDS}
     lines += ["", "## Against the paper's claims", "",
