@@ -137,3 +137,20 @@ def test_nine_bit_operand_refused_for_approximation(graph):
     assert layer.in_q.operand_range == (-132, 123)
     with pytest.raises(AssignmentError, match="dense: operands x - zero_point span -132..123"):
         ApproxNetwork(g, layer_assignment(g, {"dense": "roup-p1r2"}))
+
+
+@pytest.mark.slow
+def test_tiny_exploration_on_the_tflite_model(tmp_path):
+    """Assignments, energy accounting and the exploration run on the imported model as on any graph."""
+    from maxdnn.explore import BUDGETS, Explorer, run_exploration
+    from maxdnn.report import read_points, write_report
+    from maxdnn.workload import Workload
+
+    ex = Explorer(tmp_path / "run", Workload.open(str(need(TFLITE)), need(LOSSLESS_ZIP)), BUDGETS["tiny"],
+                  progress=False, log=lambda m: None)
+    assert ex.info["baseline"]["test_accuracy"] == 0.88  # the model's own quantization, LiteRT's accuracy
+    run_exploration(ex)
+    write_report(tmp_path / "run", ex)
+    rows = read_points(tmp_path / "run" / "points.csv")
+    assert {r["approach"] for r in rows} == {"layer", "filter", "kernel", "alwann"}
+    assert max(r["energy_gain"] for r in rows if r["on_front"]) > 0
