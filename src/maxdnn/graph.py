@@ -446,17 +446,8 @@ class QuantizedGraph:
 
     # ------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
-        arrays = {}
-        doc = {"format": GRAPH_FORMAT, "input_q": self.input_q.to_json(), "input_shape": list(self.input_shape),
-               "pixel_offset": self.pixel_offset, "meta": self.meta, "nodes": []}
-        for n in self.nodes:
-            doc["nodes"].append({"kind": n.kind, "name": n.name, "inputs": n.inputs, "out": n.out.to_json(),
-                                 **n.params()})
-            for a in n.arrays:
-                if a in ("m0", "shift"):
-                    arrays[f"{n.name}/{a}"] = getattr(n.requant, a)
-                else:
-                    arrays[f"{n.name}/{a}"] = getattr(n, a)
+        """One .npz: the JSON description under "graph", each node's arrays as "<node>/<array>"."""
+        doc, arrays = _graph_to_doc(self)
         with atomic_path(path, ".npz") as tmp:
             np.savez(tmp, graph=np.array(json.dumps(doc)), **arrays)
 
@@ -468,46 +459,60 @@ class QuantizedGraph:
                 doc = json.loads(str(z["graph"]))
                 if doc.get("format") != GRAPH_FORMAT:
                     raise GraphError(f"{path}: not a maxdnn quantized graph (format {doc.get('format')!r})")
-                return cls._from_doc(doc, {k: z[k] for k in z.files if k != "graph"})
+                return _graph_from_doc(doc, {k: z[k] for k in z.files if k != "graph"})
         except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
             if isinstance(e, GraphError):
                 raise
             raise GraphError(f"{path}: not a readable maxdnn quantized graph ({type(e).__name__})") from None
 
-    @classmethod
-    def _from_doc(cls, doc, arrays) -> "QuantizedGraph":
-        nodes = []
-        for d in doc["nodes"]:
-            name, kind = d["name"], d["kind"]
-            common = {"name": name, "inputs": list(d["inputs"]), "out": QParams.from_json(d["out"])}
 
-            def rq():
-                return Requant(arrays[f"{name}/m0"], arrays[f"{name}/shift"], d.get("rq_mode", "half_up"))
+# ---------------------------------------------------------------- persistence
 
-            if kind == "mul":
-                nodes.append(MulLayer(**common, op=d["op"], weight=arrays[f"{name}/weight"], bias=arrays[f"{name}/bias"],
-                                      w_scale=arrays[f"{name}/w_scale"], requant=rq(), in_q=QParams.from_json(d["in_q"]),
-                                      stride=int(d["stride"]), pads=tuple(d["pads"]), groups=int(d["groups"]),
-                                      in_hw=tuple(d["in_hw"])))
-            elif kind in ("add", "concat"):
-                rqs = [_rq_from_json(r) for r in d["requants"]]
-                nodes.append(NODE_TYPES[kind](**common, in_zps=list(d["in_zps"]), requants=rqs))
-            elif kind == "add_tflite":
-                nodes.append(TfliteAdd(**common, in_zps=list(d["in_zps"]), requants=[_rq_from_json(r) for r in d["requants"]],
-                                       left_shift=int(d["left_shift"]), out_requant=_rq_from_json(d["out_requant"])))
-            elif kind == "affine":
-                nodes.append(Affine(**common, in_zp=int(d["in_zp"]), in_scale=float(d["in_scale"]),
-                                    offset=arrays[f"{name}/offset"], acc_scale=arrays[f"{name}/acc_scale"], requant=rq()))
-            elif kind == "pool":
-                nodes.append(Pool(**common, op=d["op"], kernel=None if d["kernel"] is None else tuple(d["kernel"]),
-                                  stride=int(d["stride"]), pads=tuple(d["pads"]),
-                                  count_include_pad=bool(d["count_include_pad"]), rounding=d.get("rounding", "half_up")))
-            elif kind in NODE_TYPES:
-                nodes.append(NODE_TYPES[kind](**common))
-            else:
-                raise GraphError(f"node {name}: unknown kind {kind!r}")
-        return cls(QParams.from_json(doc["input_q"]), tuple(doc["input_shape"]), nodes, doc.get("meta", {}),
-                   int(doc.get("pixel_offset", 0)))
+
+def _graph_to_doc(g: QuantizedGraph) -> tuple[dict, dict[str, np.ndarray]]:
+    arrays = {}
+    doc = {"format": GRAPH_FORMAT, "input_q": g.input_q.to_json(), "input_shape": list(g.input_shape),
+           "pixel_offset": g.pixel_offset, "meta": g.meta, "nodes": []}
+    for n in g.nodes:
+        doc["nodes"].append({"kind": n.kind, "name": n.name, "inputs": n.inputs, "out": n.out.to_json(), **n.params()})
+        for a in n.arrays:
+            arrays[f"{n.name}/{a}"] = getattr(n.requant, a) if a in ("m0", "shift") else getattr(n, a)
+    return doc, arrays
+
+
+def _graph_from_doc(doc, arrays) -> QuantizedGraph:
+    nodes = []
+    for d in doc["nodes"]:
+        name, kind = d["name"], d["kind"]
+        common = {"name": name, "inputs": list(d["inputs"]), "out": QParams.from_json(d["out"])}
+
+        def rq():
+            return Requant(arrays[f"{name}/m0"], arrays[f"{name}/shift"], d.get("rq_mode", "half_up"))
+
+        if kind == "mul":
+            nodes.append(MulLayer(**common, op=d["op"], weight=arrays[f"{name}/weight"], bias=arrays[f"{name}/bias"],
+                                  w_scale=arrays[f"{name}/w_scale"], requant=rq(), in_q=QParams.from_json(d["in_q"]),
+                                  stride=int(d["stride"]), pads=tuple(d["pads"]), groups=int(d["groups"]),
+                                  in_hw=tuple(d["in_hw"])))
+        elif kind in ("add", "concat"):
+            rqs = [_rq_from_json(r) for r in d["requants"]]
+            nodes.append(NODE_TYPES[kind](**common, in_zps=list(d["in_zps"]), requants=rqs))
+        elif kind == "add_tflite":
+            nodes.append(TfliteAdd(**common, in_zps=list(d["in_zps"]), requants=[_rq_from_json(r) for r in d["requants"]],
+                                   left_shift=int(d["left_shift"]), out_requant=_rq_from_json(d["out_requant"])))
+        elif kind == "affine":
+            nodes.append(Affine(**common, in_zp=int(d["in_zp"]), in_scale=float(d["in_scale"]),
+                                offset=arrays[f"{name}/offset"], acc_scale=arrays[f"{name}/acc_scale"], requant=rq()))
+        elif kind == "pool":
+            nodes.append(Pool(**common, op=d["op"], kernel=None if d["kernel"] is None else tuple(d["kernel"]),
+                              stride=int(d["stride"]), pads=tuple(d["pads"]),
+                              count_include_pad=bool(d["count_include_pad"]), rounding=d.get("rounding", "half_up")))
+        elif kind in NODE_TYPES:
+            nodes.append(NODE_TYPES[kind](**common))
+        else:
+            raise GraphError(f"node {name}: unknown kind {kind!r}")
+    return QuantizedGraph(QParams.from_json(doc["input_q"]), tuple(doc["input_shape"]), nodes, doc.get("meta", {}),
+                          int(doc.get("pixel_offset", 0)))
 
 
 # ---------------------------------------------------------------- pooling
