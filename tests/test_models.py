@@ -125,3 +125,9 @@ def test_cli_train_resume_mismatch_one_line(tmp_path):
     torch.save({"epochs": 5, "seed": 0}, tmp_path / "m.pt.state")
     res = runner.invoke(app, ["train", "--data", str(z), "--out", str(out), "--epochs", "1", "--holdout", "0"])
     assert res.exit_code == 2 and "saved run has arch=resnet8 epochs=5" in res.output
+
+
+def test_resnet20_in_the_zoo():
+    m = load_model("resnet20")
+    assert sum(p.numel() for p in m.parameters()) == 272474
+    assert m.meta["epochs"] == 12
