@@ -36,7 +36,7 @@ import numpy as np
 
 from .graph import Flatten, MulLayer, Pool, QParams, QuantizedGraph, TfliteAdd, unique_name
 from .models import ModelError, same_padding
-from .quant import Requant
+from .quant import Requant, conv_out_hw
 
 INT8, INT32, UINT8, FLOAT32 = 9, 2, 3, 0
 RANGES = {INT8: (-128, 127), UINT8: (0, 255)}
@@ -248,8 +248,6 @@ def load_tflite(path: str | Path) -> QuantizedGraph:
                         op="avg" if name == "AVERAGE_POOL_2D" else "max", kernel=k, stride=o.StrideW(),
                         pads=pads, count_include_pad=False, rounding="tflite")
             nodes.append(node)
-            from .quant import conv_out_hw
-
             shape_nchw[out] = (c_,) + conv_out_hw((h_, w_), k, o.StrideW(), pads)
         elif name == "RESHAPE":
             tgt = r.shape(out)
