@@ -148,3 +148,56 @@ def test_extreme_layers_past_2_24_bit_exact(qnet, rng):
     mults = [get_multiplier(s) for s in specs]
     ref = reference_forward(q, imgs, lambda name: (lambda f, c: mults[a.maps[name][f, c]]))
     assert np.array_equal(ApproxNetwork(q, a).logits(torch.as_tensor(imgs)).numpy(), ref)
+
+
+def _srdhm(a: int, b: int) -> int:
+    """gemmlowp's SaturatingRoundingDoublingHighMul, int32 operands, written from its definition."""
+    if a == b == -(1 << 31):
+        return (1 << 31) - 1
+    ab = a * b
+    nudge = (1 << 30) if ab >= 0 else 1 - (1 << 30)
+    q = abs(ab + nudge) // (1 << 31)  # C++ division truncates toward zero
+    return q if ab + nudge >= 0 else -q
+
+
+def _rounding_divide_by_pot(x: int, exponent: int) -> int:
+    mask = (1 << exponent) - 1
+    remainder = x & mask
+    threshold = (mask >> 1) + (1 if x < 0 else 0)
+    return (x >> exponent) + (1 if remainder > threshold else 0)
+
+
+def _multiply_by_quantized_multiplier(x: int, m0: int, shift: int) -> int:
+    return _rounding_divide_by_pot(_srdhm(x * (1 << max(shift, 0)), m0), max(-shift, 0))
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_tflite_requantization_three_forms_equal_the_definition(rng, per_tensor):
+    """numpy, torch and the compiled kernel against a scalar transcription of TFLite's kernel code."""
+    from maxdnn._requant_kernel import tflite_requant
+    from maxdnn.quant import tflite_multiply, tflite_multiply_torch, tflite_single_multiply
+
+    c = 1 if per_tensor else 6
+    acc = rng.integers(-(1 << 22), 1 << 22, (3, 6, 4, 5))
+    acc[0, 0, 0, :5] = [0, 1, -1, (1 << 22) - 1, -(1 << 22)]
+    m0 = rng.integers(1 << 30, 1 << 31, c)
+    m0[0] = (1 << 31) - 1
+    shift = rng.integers(-14, 4, c)
+    shift[0] = -1
+    ch = (lambda v: v[0]) if per_tensor else (lambda v: v)
+    want = np.array([[[[_multiply_by_quantized_multiplier(int(acc[n, k, i, j]), int(m0[0 if per_tensor else k]),
+                                                          int(shift[0 if per_tensor else k]))
+                        for j in range(5)] for i in range(4)] for k in range(6)] for n in range(3)])
+    bm0, bsh = (v[None, :, None, None] if not per_tensor else ch(v) for v in (m0, shift))
+    assert np.array_equal(tflite_multiply(acc, bm0, bsh), want)
+    assert np.array_equal(tflite_multiply_torch(torch.as_tensor(acc), torch.as_tensor(bm0), torch.as_tensor(bsh)).numpy(),
+                          want)
+    assert np.array_equal(tflite_requant(acc.astype(np.float64), m0, shift, False), want)
+    # the single-rounding form (LiteRT's reference FULLY_CONNECTED): one rounding of x * m0 / 2^(31 - shift)
+    neg = -np.abs(shift) - 1
+    single = np.array([[[[(int(acc[n, k, i, j]) * int(m0[0 if per_tensor else k])
+                           + (1 << (30 - int(neg[0 if per_tensor else k])))) >> (31 - int(neg[0 if per_tensor else k]))
+                          for j in range(5)] for i in range(4)] for k in range(6)] for n in range(3)])
+    bneg = neg[None, :, None, None] if not per_tensor else neg[0]
+    assert np.array_equal(tflite_single_multiply(acc, bm0, bneg), single)
+    assert np.array_equal(tflite_requant(acc.astype(np.float64), m0, neg, True), single)

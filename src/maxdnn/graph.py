@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_path
+from ._requant_kernel import tflite_requant
 from .quant import Requant, conv_out_hw, float_conv_exact, layer_bound, tflite_multiply_torch, tflite_single_multiply
 
 GRAPH_FORMAT = "maxdnn-qgraph-v1"
@@ -344,6 +345,10 @@ class QuantizedGraph:
 
         def requant(t, r):
             if isinstance(r[0], str):  # TFLite: integer arithmetic (the products exceed float64's exact range)
+                if t.device.type == "cpu":  # one compiled pass instead of ~20 int64 tensor passes
+                    t4 = t.reshape(t.shape[:2] + (1,) * (4 - t.dim())) if t.dim() < 4 else t
+                    out = tflite_requant(t4.to(torch.float64).numpy(), r[1].numpy(), r[2].numpy(), r[0] != "tflite")
+                    return torch.from_numpy(out).reshape(t.shape)
                 m0, shift = (_chan(v, t.dim()) for v in r[1:])
                 f = tflite_multiply_torch if r[0] == "tflite" else tflite_single_multiply
                 return f(t.to(torch.int64), m0, shift).to(torch.float64)
