@@ -30,6 +30,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # decoded datasets are cached inside the checkout (ignored), never in the user's home;
 # writes are atomic, so parallel workers may share it
 os.environ["MAXDNN_CACHE"] = str(REPO / ".pytest_cache" / "maxdnn-data")
+# the user's library of imported multipliers is never read or written by tests (they set their own)
+os.environ["MAXDNN_MULTIPLIERS"] = str(REPO / ".pytest_cache" / "no-imported-multipliers")
 
 
 @pytest.fixture(scope="session")

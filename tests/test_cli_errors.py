@@ -77,3 +77,46 @@ def test_train_out_checked_before_any_epoch(tmp_path):
     one_line_error(r, "cannot write the checkpoint there")
     r = runner.invoke(app, ["train", "--data", str(LOSSLESS_ZIP), "--out", str(tmp_path / "m.pt"), "--epochs", "0"])
     one_line_error(r, "--epochs")
+
+
+def _commands(cmd, path=()):
+    import click
+
+    yield path, cmd
+    if isinstance(cmd, click.Group):
+        for name, sub in cmd.commands.items():
+            yield from _commands(sub, path + (name,))
+
+
+def test_help_describes_every_option_without_type_noise():
+    """Every option and argument has a description; flags show no '<bool>'."""
+    import typer.main
+
+    for path, cmd in _commands(typer.main.get_command(app)):
+        for p in cmd.params:
+            if p.name != "help":
+                assert getattr(p, "help", None), f"maxdnn {' '.join(path)}: {p.name} has no help"
+        r = runner.invoke(app, [*path, "--help"])
+        assert r.exit_code == 0 and "<bool>" not in r.output, (path, r.output)
+
+
+def test_hardware_verilog_names_only_forms_with_a_design(tmp_path):
+    r = runner.invoke(app, ["hardware", "verilog", "bogus-k3", "--out", str(tmp_path / "m.v")])
+    one_line_error(r, "unknown multiplier 'bogus-k3'", "exact and roup-p{P}r{R}")
+    assert "mitchell" not in r.output and "drum" not in r.output and not (tmp_path / "m.v").exists()
+
+
+def test_report_on_a_run_without_points_warns(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({
+        "model": "resnet8", "data": "d", "validation": "v", "test": "t", "budget": {"name": "quick"}, "library": [],
+        "energy_source": "e", "storage": "study.db",
+        "baseline": {"val_accuracy": 0.8, "val_loss": 0.5, "test_accuracy": 0.8, "val_images": 10, "test_images": 10}}))
+    import optuna
+
+    optuna.create_study(study_name="layer-sweep", storage=f"sqlite:///{run / 'study.db'}")
+    r = runner.invoke(app, ["report", str(run)])
+    assert r.exit_code == 0, r.output
+    assert "warning" in r.output and "no evaluated points" in r.output
+    assert "no evaluated points yet" in (run / "report.md").read_text()

@@ -114,6 +114,42 @@ def test_resume_after_interruption_loses_and_repeats_nothing(tmp_path, monkeypat
     assert calls2["n"] == total - done_first  # nothing finished was redone
 
 
+def test_resilience_keeps_each_measurement_when_interrupted(tmp_path, monkeypatch):
+    """A kill inside the resilience phase loses only the measurement under way."""
+    wl = Workload.open(None, need(LOSSLESS_ZIP))
+    real = Explorer.evaluate
+    calls = {"n": 0}
+
+    def interrupting(self, a):
+        calls["n"] += 1
+        if calls["n"] == 9:  # the exact baseline, then 7 layer x configuration measurements, then the kill
+            raise KeyboardInterrupt
+        return real(self, a)
+
+    monkeypatch.setattr(Explorer, "evaluate", interrupting)
+    ex = Explorer(tmp_path, wl, TINY, progress=False, log=lambda m: None)
+    with pytest.raises(KeyboardInterrupt):
+        ex.resilience()
+    assert not (tmp_path / "resilience.npz").exists()
+    assert len(json.loads((tmp_path / "resilience-direct.partial.json").read_text())) == 7
+    calls2 = {"n": 0}
+
+    def counting(self, a):
+        calls2["n"] += 1
+        return real(self, a)
+
+    monkeypatch.setattr(Explorer, "evaluate", counting)
+    res = Explorer(tmp_path, wl, TINY, progress=False, log=lambda m: None).resilience()
+    n_layers, n_specs = res["direct_loss"].shape
+    bins = 2 * TINY.validation_sample
+    assert calls2["n"] == 1 + n_layers * n_specs - 7 + bins
+    assert not list(tmp_path.glob("*.partial.json"))
+    # the same numbers as an uninterrupted run
+    fresh = Explorer(tmp_path / "fresh", wl, TINY, progress=False, log=lambda m: None).resilience()
+    for k in ("direct_loss", "direct_acc", "validation"):
+        np.testing.assert_array_equal(res[k], fresh[k])
+
+
 def test_resume_after_kill_9(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "maxdnn", "explore", "--data", str(need(LOSSLESS_ZIP)), "--budget", "tiny",

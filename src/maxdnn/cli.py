@@ -11,7 +11,7 @@ import typer
 
 from .atomic import atomic_path, write_json, write_text
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Approximate multipliers in quantized DNNs (MAx-DNN).")
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="Approximate multipliers in quantized DNNs (MAx-DNN).")
 
 
 def _version(value: bool) -> None:
@@ -24,8 +24,15 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(_: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit.")) -> None:
+                                 help="Print the version and exit."),
+          multiplier_dir: Optional[Path] = typer.Option(
+              None, "--multiplier-dir", envvar="MAXDNN_MULTIPLIERS",
+              help="User library of imported multipliers (default ~/.local/share/maxdnn/multipliers).")) -> None:
     """Approximate multipliers in quantized DNNs (MAx-DNN)."""
+    if multiplier_dir is not None:
+        import os
+
+        os.environ["MAXDNN_MULTIPLIERS"] = str(multiplier_dir)
 
 
 MODEL_HELP = ("Model: a zoo name (resnet8, resnet20), a maxdnn checkpoint (.pt), MLPerf Tiny's Keras ResNet-8 (.h5) "
@@ -41,21 +48,33 @@ def fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-@app.command()
+multipliers_app = typer.Typer(rich_markup_mode=None, help="Error metrics of the multipliers; import your own (Verilog or a product table).")
+app.add_typer(multipliers_app, name="multipliers")
+
+
+@multipliers_app.callback(invoke_without_command=True)
 def multipliers(
+    ctx: typer.Context,
     spec: Optional[list[str]] = typer.Option(None, "--spec", help="Restrict to these specs (repeatable)."),
     bits: int = typer.Option(8, help="Operand width (2..16)."),
     x_signed: bool = typer.Option(False, "--x-signed", help="Signed activation operand x."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
     lut: Optional[Path] = typer.Option(None, help="Write the lookup table (.npy) of the single --spec."),
 ):
-    """Error metrics of exact, ROUP and published approximate multipliers."""
+    """Error metrics of exact, ROUP, published approximate and imported multipliers."""
+    if ctx.invoked_subcommand:
+        return
     import numpy as np
 
     from .error_metrics import error_metrics
+    from .multiplier_library import LibraryError, read_meta, user_names
     from .multipliers import SpecError, default_family, get_multiplier
 
-    specs = list(spec) if spec else default_family(bits)
+    try:
+        imported = [n for n in user_names() if (m := read_meta(n)) and m["bits"] == bits and m["x_signed"] == x_signed]
+    except LibraryError as e:
+        fail(str(e))
+    specs = list(spec) if spec else default_family(bits) + imported
     try:
         mults = [get_multiplier(s, bits, x_signed) for s in specs]
     except SpecError as e:
@@ -86,6 +105,92 @@ def multipliers(
         t.add_row(r["spec"], str(m.x_format), str(m.w_format), f"{r['error_rate']:.4f}", f"{r['bias']:.2f}",
                   f"{r['nmed']:.2e}", f"{r['mred']:.2e}", str(r["wce"]))
     Console(width=120).print(t)
+
+
+@multipliers_app.command("import")
+def multipliers_import(
+    file: Path = typer.Argument(..., help="A Verilog design (.v, .sv) or a product table (.npy)."),
+    name: str = typer.Option(..., help="Name in the user library (used as a spec everywhere)."),
+    top: Optional[str] = typer.Option(None, help="Verilog top module (default: the file's only module)."),
+    bits: int = typer.Option(8, help="Operand width."),
+    x_signed: bool = typer.Option(False, "--x-signed", help="Signed activation operand x (default unsigned)."),
+    x_port: Optional[str] = typer.Option(None, help="Activation input port (default: the first input)."),
+    w_port: Optional[str] = typer.Option(None, help="Weight input port (default: the second input)."),
+    product_port: Optional[str] = typer.Option(None, help="Product output port (default: the only output)."),
+    energy: Optional[float] = typer.Option(None, help="Tables only: energy relative to the exact multiplier."),
+    data: Optional[str] = typer.Option(None, help="CIFAR-10 source: also measure energy on the resnet8 stream "
+                                       "(the stream of the energy table that exploration uses)."),
+    replace: bool = typer.Option(False, "--replace", help="Overwrite an imported multiplier of the same name."),
+):
+    """Import a multiplier: Verilog is synthesized (Yosys), tabulated exhaustively and its energy simulated."""
+    import re
+
+    from .multiplier_library import LibraryError, library_dir
+
+    from .hardware.design_import import import_table, import_verilog
+
+    suffix = file.suffix.lower()
+    try:
+        if suffix in (".v", ".sv"):
+            if energy is not None:
+                fail("--energy is for tables; a Verilog design's energy is simulated from its netlist")
+            if top is None:
+                try:
+                    mods = re.findall(r"^\s*module\s+([A-Za-z_][A-Za-z0-9_$]*)", file.read_text(), flags=re.M)
+                except OSError as e:
+                    fail(f"{file}: cannot read ({e.strerror})")
+                if len(mods) != 1:
+                    fail(f"{file}: {len(mods)} modules ({', '.join(mods) or 'none'}); name the multiplier with --top")
+                top = mods[0]
+            streams = [_uniform()]
+            if data is not None:
+                streams.append(_model_stream_or_fail(None, data, "resnet8"))
+            meta = import_verilog(file, top, name, bits, x_signed, streams, x_port, w_port, product_port, replace)
+        elif suffix == ".npy":
+            if data is not None or top is not None:
+                fail("--data and --top are for Verilog designs; a table gets energy only from --energy")
+            meta = import_table(file, name, bits, x_signed, energy, replace)
+        else:
+            fail(f"{file}: expected a Verilog design (.v, .sv) or a product table (.npy)")
+    except LibraryError as e:
+        fail(str(e))
+    m = meta["metrics"]
+    typer.echo(f"imported '{name}' into {library_dir() / name}: x {'s' if x_signed else 'u'}{bits}, w s{bits}; "
+               f"error rate {m['error_rate']:.4f}, bias {m['bias']:.2f}, NMED {m['nmed']:.2e}, MRED {m['mred']:.2e}, WCE {m['wce']}")
+    if meta.get("gates"):
+        typer.echo(f"netlist: {meta['gates']} gates, {meta['area_nand2']:.1f} NAND2 eq., depth {meta['depth']}")
+    if meta["energy_rel"]:
+        typer.echo("energy / exact Booth: " + ", ".join(f"{k} {v:.3f}" for k, v in meta["energy_rel"].items()))
+    elif meta.get("energy_given") is not None:
+        typer.echo(f"energy / exact: {meta['energy_given']} (stated)")
+    else:
+        typer.echo("energy: none (" + meta.get("energy_note", "give --energy, or import the design's Verilog") + ")")
+
+
+def _uniform():
+    from .hardware.power import uniform_stream
+
+    return uniform_stream()
+
+
+def _model_stream_or_fail(model, data, name):
+    """The weight-stationary operand stream of a model (default the committed ResNet-8)."""
+    from .data import DataError
+    from .hardware.power import model_stream
+    from .models import ModelError
+    from .quant import calibration_images
+    from .workload import Workload
+
+    try:
+        wl = Workload.open(model, _data_or_fail(data))
+        q = wl.quantized()
+        imgs = calibration_images(wl.split("train").images, 2, seed=1)
+    except (DataError, ModelError) as e:
+        fail(str(e))
+    try:
+        return model_stream(q, imgs, name=name)
+    except ValueError as e:
+        fail(f"{model}: {e}")
 
 
 def _data_or_fail(data):
@@ -121,10 +226,10 @@ def download_data(dest: Optional[Path] = typer.Option(None, help="Folder for cif
 def train(
     out: Path = typer.Option(..., help="Checkpoint to write (resumes from OUT.state if present)."),
     data: Optional[str] = typer.Option(None, envvar="MAXDNN_DATA", help="CIFAR-10 source."),
-    epochs: int = typer.Option(60),
-    batch_size: int = typer.Option(128),
-    lr: float = typer.Option(0.1),
-    seed: int = typer.Option(0),
+    epochs: int = typer.Option(60, help="Training epochs (SGD, cosine learning rate)."),
+    batch_size: int = typer.Option(128, help="Images per step."),
+    lr: float = typer.Option(0.1, help="Peak learning rate."),
+    seed: int = typer.Option(0, help="Seed of the initialization, the data order and the augmentation."),
     holdout: int = typer.Option(5000, help="Training images held out as the validation split (seeded)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     arch: str = typer.Option("resnet8", help="Zoo architecture: resnet8 or resnet20."),
@@ -166,20 +271,24 @@ def evaluate(
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
     data: Optional[str] = typer.Option(None, envvar="MAXDNN_DATA", help="CIFAR-10 source (archive, folder or zip)."),
     precision: str = typer.Option("float", help="float or int8 (int8 is implied by --assign)."),
-    split: str = typer.Option("test"),
+    split: str = typer.Option("test", help="train or test."),
     limit: Optional[int] = typer.Option(None, help="Only N images: a fixed seeded random sample of the split."),
     assign: Optional[Path] = typer.Option(None, help="Multiplier assignment (JSON) for approximate int8 inference."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    batch_size: int = typer.Option(100),
-    as_json: bool = typer.Option(False, "--json"),
+    batch_size: int = typer.Option(100, help="Images per forward pass."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     save_outputs: Optional[Path] = typer.Option(
         None, help="Write the model's output tensor for every image (.npy, dataset order): the int8 graph's integer "
                    "output (a TFLite model: the int8 input of its softmax), or the float logits."),
+    bias_correction: bool = typer.Option(False, "--bias-correction", help="With --assign: correct the biases for the "
+                                         "assignment's mean accumulator error (measured on 256 training images "
+                                         "outside the validation hold-out)."),
 ):
     """Accuracy (and, with --assign, multiplication energy) of a model on CIFAR-10."""
     from .approx import ApproxNetwork, Assignment, AssignmentError
     from .data import DataError
-    from .energy import network_energy
+    from .energy import EnergyModelError, network_energy
+    from .multipliers import SpecError
     import numpy as np
 
     from .models import ModelError, float_outputs
@@ -194,6 +303,8 @@ def evaluate(
 
         if not torch.cuda.is_available():
             fail("--device cuda: no CUDA device available")
+    if bias_correction and assign is None:
+        fail("--bias-correction needs --assign (an all-exact network has nothing to correct)")
     try:
         wl = Workload.open(model, _data_or_fail(data))
         ds = wl.split(split)
@@ -213,12 +324,23 @@ def evaluate(
                 outs = q.outputs(ds.images, batch_size, device)
             else:
                 a = Assignment.load(assign, q)
+                if bias_correction:
+                    from .bias_correction import BiasCorrectionError, bias_corrected, correction_images
+
+                    try:
+                        q = bias_corrected(q, a, correction_images(wl.split("train").images))
+                    except BiasCorrectionError as e:
+                        fail(f"{assign}: {e}")
+                    result.update(bias_correction=f"{len(correction_images(wl.split('train').images))} training images")
+                try:
+                    en = network_energy(q, a)
+                    energy = {k: en[k] for k in ("energy", "energy_gain", "energy_unit", "energy_source", "multiplications")}
+                except EnergyModelError as e:  # accuracy still makes sense
+                    energy = {"energy": None, "energy_gain": None, "energy_source": str(e)}
                 net = ApproxNetwork(q, a, device=device)
                 outs = net.outputs(ds.images, batch_size)
-                en = network_energy(q, a)
-                result.update(assignment=str(assign), granularity=a.granularity(),
-                              **{k: en[k] for k in ("energy", "energy_gain", "energy_unit", "energy_source", "multiplications")})
-    except (DataError, ModelError, AssignmentError) as e:
+                result.update(assignment=str(assign), granularity=a.granularity(), **energy)
+    except (DataError, ModelError, AssignmentError, SpecError) as e:
         fail(str(e))
     pred = outs.argmax(1) if len(outs) else np.zeros(0, dtype=np.int64)
     if save_outputs is not None:
@@ -244,7 +366,12 @@ def explore(
     approach: str = typer.Option("all", help="layer, filter, kernel, alwann or all."),
     budget: str = typer.Option("quick", help="quick or full."),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: SQLite in the run directory)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the sweep and NSGA-II samplers."),
+    library: Optional[str] = typer.Option(None, help="Comma-separated multiplier specs the approaches choose from "
+                                          "(imported ones included; default: ROUP configurations that save energy)."),
+    library_file: Optional[Path] = typer.Option(None, help="The same as a file: one spec per line ('#' comments)."),
+    bias_correction: bool = typer.Option(False, "--bias-correction", help="Evaluate every point with its biases "
+                                         "corrected for the mean accumulator error of its multipliers."),
 ):
     """MAx-DNN exploration: resilience, the three approaches and ALWANN, Pareto report."""
     import time
@@ -260,6 +387,7 @@ def explore(
         fail(f"--approach {approach}: expected one of {', '.join(APPROACHES)} or all")
     if budget not in BUDGETS:
         fail(f"--budget {budget}: expected quick or full")
+    specs = _library_specs(library, library_file)
     t0 = time.time()
     try:
         wl = Workload.open(model, _data_or_fail(data))
@@ -267,7 +395,8 @@ def explore(
         fail(str(e))
     created = _prepare_run_dir(out)
     try:
-        ex = Explorer(out, wl, BUDGETS[budget], storage, seed, log=lambda m: typer.echo(m, err=True))
+        ex = Explorer(out, wl, BUDGETS[budget], storage, seed, log=lambda m: typer.echo(m, err=True), library=specs,
+                      bias_correction=bias_correction)
     except (DataError, ModelError, ValueError) as e:
         if created:  # nothing of this run is kept: no half-made run directory
             import shutil
@@ -282,6 +411,38 @@ def explore(
     write_json(out / "run.json", info)
     path = write_report(out, ex)
     typer.echo(path.read_text())
+
+
+def _library_specs(library: str | None, library_file: Path | None) -> list[str] | None:
+    """Specs of --library / --library-file, checked to exist (one line otherwise)."""
+    from .multipliers import SpecError, get_multiplier
+
+    if library is not None and library_file is not None:
+        fail("give --library or --library-file, not both")
+    if library_file is not None:
+        try:
+            lines = library_file.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"{library_file}: cannot read ({getattr(e, 'strerror', None) or e})")
+        specs = [ln.split("#")[0].strip() for ln in lines]
+        where = str(library_file)
+    elif library is not None:
+        specs = library.split(",")
+        where = "--library"
+    else:
+        return None
+    specs = [s.strip() for s in specs if s.strip()]
+    if not specs:
+        fail(f"{where}: no multiplier specs")
+    for spec in specs:  # exists at all (the explorer checks each layer's operand format)
+        try:
+            get_multiplier(spec)
+        except SpecError as e:
+            try:
+                get_multiplier(spec, x_signed=True)
+            except SpecError:
+                fail(f"{where}: {e}")
+    return specs
 
 
 def _prepare_run_dir(out: Path) -> bool:
@@ -300,7 +461,7 @@ def _prepare_run_dir(out: Path) -> bool:
 
 
 @app.command()
-def report(run_dir: Path):
+def report(run_dir: Path = typer.Argument(..., help="Run directory of maxdnn explore.")):
     """Write points.csv, pareto.png/svg and report.md of an exploration run."""
     from .report import ReportError, write_report
 
@@ -312,6 +473,10 @@ def report(run_dir: Path):
         path = write_report(run_dir, Explorer.reader(run_dir))
     except (ReportError, ValueError) as e:
         fail(str(e))
+    from .report import read_points
+
+    if not read_points(run_dir / "points.csv"):
+        typer.echo(f"maxdnn: warning: {run_dir} has no evaluated points yet; the report's tables are empty", err=True)
     typer.echo(str(path))
 
 
@@ -320,7 +485,7 @@ def layers(
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
     data: Optional[str] = typer.Option(None, envvar="MAXDNN_DATA", help="CIFAR-10 source (calibration images)."),
     calib: int = typer.Option(1000, help="Calibration images (seeded sample of the train split)."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print the layers as JSON."),
 ):
     """The multiplying layers of the quantized model: the names assignments are written against."""
     from .data import DataError
@@ -348,7 +513,7 @@ def layers(
     Console(width=140).print(t)
 
 
-hardware_app = typer.Typer(no_args_is_help=True, help="Gate-level netlists, area, depth and energy of the multipliers.")
+hardware_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Gate-level netlists, area, depth and energy of the multipliers.")
 app.add_typer(hardware_app, name="hardware")
 
 
@@ -357,7 +522,8 @@ ROUNDING_HELP = ("ROUP rounding design: folded (the rounding bit enters the part
 
 
 @hardware_app.command("verilog")
-def hardware_verilog(spec: str, out: Path = typer.Option(..., help="Verilog file to write."),
+def hardware_verilog(spec: str = typer.Argument(..., help="exact or roup-p{P}r{R} (the forms with a hardware design)."),
+                     out: Path = typer.Option(..., help="Verilog file to write."),
                      rounding: str = typer.Option("folded", help=ROUNDING_HELP)):
     """Write the structural Verilog of SPEC (exact or roup-p{P}r{R}); module mul(x, w, p)."""
     from .hardware.booth_verilog import ROUNDING_DESIGNS
@@ -383,7 +549,7 @@ def hardware_report_cmd(
                                                "'resnet8' is the model stream of the committed ResNet-8 under the name the energy table uses."),
     data: Optional[str] = typer.Option(None, envvar="MAXDNN_DATA", help="CIFAR-10 source for the model stream."),
     model: Optional[str] = typer.Option(None, help="Model for the model stream (zoo name, .pt, .h5 or .pt2; default resnet8)."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print the designs as JSON."),
     save_table: Optional[Path] = typer.Option(None, help="Also write the table (JSON) that energy accounting reads."),
     rounding: str = typer.Option("folded", help=ROUNDING_HELP),
 ):
@@ -392,7 +558,7 @@ def hardware_report_cmd(
 
     from tqdm import tqdm
 
-    from .hardware.power import NoHardwareError, design_params, hardware_report, model_stream, uniform_stream
+    from .hardware.power import NoHardwareError, design_params, hardware_report, uniform_stream
     from .hardware.synth import SynthesisError
     from .multipliers import roup_specs
 
@@ -415,24 +581,7 @@ def hardware_report_cmd(
     t0 = time.time()
     built = []
     for s in streams:
-        if s == "uniform":
-            built.append(uniform_stream())
-        else:
-            from .data import DataError
-            from .models import ModelError
-            from .quant import calibration_images
-            from .workload import Workload
-
-            try:
-                wl = Workload.open(model, _data_or_fail(data))
-                q = wl.quantized()
-                imgs = calibration_images(wl.split("train").images, 2, seed=1)
-            except (DataError, ModelError) as e:
-                fail(str(e))
-            try:
-                built.append(model_stream(q, imgs, name=s))
-            except ValueError as e:
-                fail(f"{model}: {e}")
+        built.append(uniform_stream() if s == "uniform" else _model_stream_or_fail(model, data, s))
     bar = tqdm(total=len(specs), desc="designs", disable=as_json, leave=False)
     try:
         rows = hardware_report(specs, built, progress=lambda _: bar.update(), rounding=rounding)

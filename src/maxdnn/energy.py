@@ -81,13 +81,36 @@ class EnergyTable:
         return self.rel[spec]
 
 
+class EnergyModelError(ValueError):
+    """A multiplier without an energy model, as one line."""
+
+
 def energy_table(specs, bits: int = 8, stream: str = "resnet8") -> EnergyTable:
+    """Relative energies of ``specs``: the hardware table, imported multipliers' own (``maxdnn.multiplier_library``),
+    else the provisional model (ROUP only)."""
+    from .multiplier_library import energy_status, read_meta, user_energy
+
     hw = hardware_table(bits, stream)
-    if hw is not None and all(s in hw for s in specs):
-        return EnergyTable({s: hw[s] for s in specs},
-                           f"hardware: unit-delay gate-level simulation of Yosys netlists, {stream} operand stream")
-    return EnergyTable({s: provisional_energy(s, bits) for s in specs},
-                       "PROVISIONAL (partial-product bit count; hardware table lacks these specs)")
+    user = {k: v for k, v in user_energy(stream).items() if (read_meta(k) or {}).get("bits") == bits}
+    imported = [s for s in specs if s in user]
+    known = {**(hw or {}), **user}
+    if hw is not None and all(s in known for s in specs):
+        source = f"hardware: unit-delay gate-level simulation of Yosys netlists, {stream} operand stream"
+        if imported:
+            source += f"; imported: {', '.join(imported)} (own netlist or stated energy)"
+        return EnergyTable({s: known[s] for s in specs}, source)
+    rel = {}
+    for s in specs:
+        if why := energy_status(s, stream):
+            raise EnergyModelError(why)
+        if s in user:
+            rel[s] = user[s]
+            continue
+        try:
+            rel[s] = provisional_energy(s, bits)
+        except KeyError as e:
+            raise EnergyModelError(e.args[0]) from None
+    return EnergyTable(rel, "PROVISIONAL (partial-product bit count; hardware table lacks these specs)")
 
 
 def network_energy(qnet, assignment: Assignment, table: EnergyTable | None = None) -> dict:

