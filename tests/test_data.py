@@ -126,11 +126,15 @@ def test_download_verifies_md5_without_network(tmp_path):
     url = tar.as_uri()
     with pytest.raises(DataError, match="checksum mismatch"):
         download_cifar10(tmp_path / "dl", url=url, md5="0" * 32)
-    assert not list((tmp_path / "dl").glob("*"))  # nothing half-written
+    assert not (tmp_path / "dl").exists()  # nothing half-written, no empty folder left behind
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(DataError, match="cannot create the folder"):
+        download_cifar10(tmp_path / "file.txt" / "sub", url=url, md5="0" * 32)
     got = download_cifar10(tmp_path / "dl", url=url, md5=md5sum(tar))
     assert got.name == "cifar-10-python.tar.gz" and md5sum(got) == md5sum(tar)
     with pytest.raises(DataError, match="download failed"):
         download_cifar10(tmp_path / "dl2", url=(tmp_path / "nope").as_uri())
+    assert not (tmp_path / "dl2").exists()
 
 
 def test_resolve_data_explains_what_to_do(tmp_path, monkeypatch):

@@ -223,3 +223,10 @@ def test_exploration_with_an_imported_library(tmp_path, library):
     used = {s for p in pts for s, _ in json.loads(p["genome"]).values()}
     assert "tab-p2r3" in used
     assert {p["approach"] for p in pts} == {"kernel", "alwann"}
+
+
+def test_table_file_that_is_not_npy(tmp_path, library):
+    bad = tmp_path / "t.npy"
+    bad.write_text("not an array")
+    one_line_error(runner.invoke(app, ["multipliers", "import", str(bad), "--name", "a", "--energy", "0.5"]),
+                   "not a NumPy .npy array")

@@ -35,8 +35,9 @@ def _root(_: bool = typer.Option(False, "--version", callback=_version, is_eager
         os.environ["MAXDNN_MULTIPLIERS"] = str(multiplier_dir)
 
 
-MODEL_HELP = ("Model: a zoo name (resnet8, resnet20), a maxdnn checkpoint (.pt), MLPerf Tiny's Keras ResNet-8 (.h5) "
-              "or a torch.export program (.pt2) of any CNN taking float 0..255 pixels NCHW. Default: resnet8.")
+MODEL_HELP = ("Model: a zoo name (resnet8, resnet20), a maxdnn checkpoint (.pt), MLPerf Tiny's Keras ResNet-8 (.h5), "
+              "a torch.export program (.pt2) of any CNN taking float 0..255 pixels NCHW, an int8 TFLite model "
+              "(.tflite, run as deployed) or a saved integer graph (.npz, from maxdnn finetune). Default: resnet8.")
 
 
 class UserError(Exception):
@@ -263,6 +264,58 @@ def train(
                   meta=meta, arch=arch)
     except ValueError as e:  # a saved state from other settings
         fail(str(e))
+    typer.echo(str(out))
+
+
+@app.command()
+def finetune(
+    assign: Path = typer.Option(..., help="The multiplier assignment (JSON) the fine-tuning keeps fixed."),
+    out: Path = typer.Option(..., help="Fine-tuned integer graph to write (.npz; resumes from OUT.state if present)."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    data: Optional[str] = typer.Option(None, envvar="MAXDNN_DATA", help="CIFAR-10 source."),
+    epochs: int = typer.Option(2, help="Fine-tuning epochs."),
+    batch_size: int = typer.Option(64, help="Images per step."),
+    lr: float = typer.Option(1e-3, help="Initial learning rate (SGD, momentum 0.9, cosine decay)."),
+    images: Optional[int] = typer.Option(None, help="Only N training images (a seeded sample; default: all "
+                                         "training images outside the validation hold-out)."),
+    seed: int = typer.Option(0, help="Seed of the data order and the augmentation."),
+):
+    """Approximation-aware fine-tuning: train the quantized model with the assignment's arithmetic in the forward pass."""
+    import tempfile
+
+    import numpy as np
+
+    from .approx import Assignment, AssignmentError
+    from .data import DataError, validation_split
+    from .finetune import FinetuneError, finetune as run_finetune
+    from .models import ModelError
+    from .workload import Workload
+
+    if epochs <= 0 or batch_size <= 0 or lr <= 0 or (images is not None and images <= 0):
+        fail("--epochs, --batch-size, --lr and --images must be positive")
+    if out.suffix.lower() != ".npz":
+        fail(f"{out}: the fine-tuned graph is written as .npz")
+    try:  # the output's folder must take files before an epoch is spent
+        tempfile.TemporaryFile(dir=out.parent if str(out.parent) else ".").close()
+    except OSError as e:
+        fail(f"{out}: cannot write the fine-tuned graph there ({e.strerror})")
+    try:
+        wl = Workload.open(model, _data_or_fail(data))
+        q = wl.quantized()
+        a = Assignment.load(assign, q)
+        train = wl.split("train")
+    except (DataError, ModelError, AssignmentError) as e:
+        fail(str(e))
+    tr, _ = validation_split(len(train), 5000, seed=0)
+    if images is not None:
+        tr = np.sort(np.random.default_rng(seed).permutation(tr)[:images])
+    typer.echo(f"fine-tuning on {len(tr)} training images of {train.source} (validation hold-out excluded)", err=True)
+    try:
+        run_finetune(q, a, train.images[tr], train.labels[tr], out, epochs=epochs, batch_size=batch_size, lr=lr,
+                     seed=seed, log=lambda m: typer.echo(m, err=True))
+    except FinetuneError as e:
+        fail(str(e))
+    typer.echo(f"wrote {out}; measure it with: maxdnn evaluate --model {out} --assign {assign} --data ...", err=True)
     typer.echo(str(out))
 
 

@@ -20,6 +20,7 @@ import io
 import os
 import pickle
 import re
+import shutil
 import tarfile
 import urllib.request
 import zipfile
@@ -306,20 +307,29 @@ def download_cifar10(dest_dir: str | os.PathLike | None = None, url: str = CIFAR
     download never takes the final name.
     """
     dest_dir = Path(dest_dir) if dest_dir else cache_dir()
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    created = not dest_dir.exists()
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{dest_dir}: cannot create the folder ({e.strerror})") from None
     dest = dest_dir / ARCHIVE_NAME
     if dest.exists() and md5sum(dest) == md5:
         return dest
-    with atomic_path(dest) as tmp:
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-        except OSError as e:
-            raise DataError(f"{url}: download failed ({e})") from None
-        got = md5sum(tmp)
-        if got != md5:
-            raise DataError(f"{url}: checksum mismatch (MD5 {got}, expected {md5})")
+    try:
+        with atomic_path(dest) as tmp:
+            try:
+                with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+            except OSError as e:
+                raise DataError(f"{url}: download failed ({e})") from None
+            got = md5sum(tmp)
+            if got != md5:
+                raise DataError(f"{url}: checksum mismatch (MD5 {got}, expected {md5})")
+    except DataError:
+        if created:  # no empty folder left behind
+            shutil.rmtree(dest_dir, ignore_errors=True)
+        raise
     return dest
 
 

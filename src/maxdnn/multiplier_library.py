@@ -118,9 +118,14 @@ def load_table_file(path: Path, bits: int) -> np.ndarray:
     if not 2 <= bits <= MAX_BITS:
         raise LibraryError(f"--bits {bits}: supported widths are 2..{MAX_BITS}")
     try:
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise LibraryError(f"{path}: not a NumPy .npy array (no .npy header)")
         table = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise LibraryError(f"{path}: no such file") from None
+    except LibraryError:
+        raise
     except (ValueError, OSError) as e:
         raise LibraryError(f"{path}: not a NumPy .npy array ({str(e).splitlines()[0][:120]})") from None
     want = (1 << bits, 1 << bits)

@@ -125,6 +125,25 @@ def _module_path(node, taken: set) -> str:
     return unique_name(name, taken)
 
 
+def _positional_args(node) -> tuple:
+    """The node's arguments in schema order: keyword arguments (programs loaded from .pt2 files by some torch
+    versions pass conv stride/padding/groups as keywords) moved into place, schema defaults filling gaps."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not node.kwargs:
+        return node.args
+    args = list(node.args)
+    rest = schema.arguments[len(args):]
+    last = max((i for i, a in enumerate(rest) if a.name in node.kwargs), default=-1)
+    for a in rest[:last + 1]:
+        if a.name in node.kwargs:
+            args.append(node.kwargs[a.name])
+        elif a.has_default_value():
+            args.append(a.default_value)
+        else:  # pragma: no cover - a required argument is never missing in a valid program
+            break
+    return tuple(args)
+
+
 def _pads2(padding) -> tuple[int, int, int, int]:
     """An aten conv padding argument as (left, right, top, bottom)."""
     if isinstance(padding, str):
@@ -206,9 +225,11 @@ def lower(ep, where: str) -> list[FNode]:
         if node.op != "call_function":
             raise err(node, f"unsupported node type {node.op}")
         t = node.target
-        args = node.args
+        args = _positional_args(node)
         if t is operator.getitem:
             src = val[args[0].name]
+            if src[0] == "bn-tuple" and args[1] != 0 and not node.users:
+                continue  # an unused extra output of batch norm or max pool (kept in loaded .pt2 programs)
             if src[0] != "bn-tuple" or args[1] != 0:
                 raise err(node, "unsupported tuple output")
             val[node.name] = src[1]
@@ -387,6 +408,9 @@ def lower(ep, where: str) -> list[FNode]:
                                  count_include_pad=True)
             if not keep:
                 val[node.name] = new("flatten", node, [val[node.name][1]])
+            continue
+        if t == aten.sym_size.int:  # a shape query (older torch.export: view(x, [x.size(0), -1]))
+            val[node.name] = ("size", None)
             continue
         if t in RESHAPES:
             x = val[args[0].name]

@@ -36,7 +36,7 @@ class Workload:
     model: nn.Module | None  # the float network (None for an int8 TFLite model)
     model_path: str
     data_path: Path
-    imported: QuantizedGraph | None = None  # an already quantized model (TFLite), used as it is
+    imported: QuantizedGraph | None = None  # an already quantized model (TFLite, saved graph), used as it is
 
     @classmethod
     def open(cls, model: str | None, data: str | None) -> "Workload":
@@ -45,6 +45,16 @@ class Workload:
             from .tflite_frontend import load_tflite
 
             return cls(None, str(model), resolve_data(data), load_tflite(model))
+        if model is not None and str(model).lower().endswith(".npz"):  # a saved integer graph (maxdnn finetune)
+            from .graph import GraphError
+            from .models import ModelError
+
+            if not Path(model).exists():
+                raise ModelError(f"{model}: no such model file")
+            try:
+                return cls(None, str(model), resolve_data(data), QuantizedGraph.load(model))
+            except GraphError as e:
+                raise ModelError(str(e)) from None
         return cls(load_model(model), str(model or "resnet8"), resolve_data(data))
 
     def split(self, split: str, limit: int | None = None) -> Dataset:
@@ -56,6 +66,8 @@ class Workload:
         (an imported int8 model: its own quantization)."""
         if self.imported is not None:
             self.imported.meta.setdefault("calibration", "none: the model's own int8 quantization")
+            if self.imported.meta.get("finetuned"):
+                self.imported.meta["calibration"] = "the fine-tuned graph's own (scales of its source model)"
             return self.imported
         train = load_cifar10(self.data_path, "train")
         q = quantize_module(self.model, calibration_images(train.images, calib), percentile)

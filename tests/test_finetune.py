@@ -1,0 +1,107 @@
+"""Approximation-aware fine-tuning: the twin computes the engine's accumulators; training helps; export is exact."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import LOSSLESS_ZIP, need
+from maxdnn.approx import ApproxNetwork, Assignment
+from maxdnn.data import load_cifar10, validation_split
+from maxdnn.finetune import FakeQuantTwin, FinetuneError, finetune
+from maxdnn.graph import QuantizedGraph
+from maxdnn.reference import reference_forward
+
+
+@pytest.mark.parametrize("specs", [["exact", "roup-p1r2", "roup-p2r3", "roup-p0r4"], ["exact", "roup-p1r2", "drum-k4"]])
+def test_twin_accumulators_equal_the_engine(qnet, lossless_test, rng, specs):
+    """On the operands the integer engine feeds each layer, the twin's accumulators are the engine's, exactly
+    (separable kernels through transform groups; lookup-table layers through the table's error)."""
+    maps = {n: rng.integers(0, len(specs), l.weight.shape[:2]) for n, l in qnet.layers.items()}
+    a = Assignment(specs, maps)
+    net = ApproxNetwork(qnet, a)
+    taps: dict = {}
+    qnet.forward_int(torch.as_tensor(lossless_test.images[:3]), conv=net.conv, taps=taps)
+    twin = FakeQuantTwin(qnet, a, dtype=torch.float64)
+    for name, xin in taps.items():
+        want = net.conv(name, xin).double()
+        got = twin.accumulators(name, xin.double())
+        assert torch.equal(got.detach(), want), name
+
+
+def test_twin_tracks_the_integer_engine_and_has_gradients(qnet, lossless_test):
+    a = Assignment.uniform(qnet, "roup-p1r3")
+    twin = FakeQuantTwin(qnet, a, dtype=torch.float64)
+    x = torch.as_tensor(lossless_test.images[:64])
+    logits = twin(x)
+    engine = ApproxNetwork(qnet, a).logits(x)
+    # real-valued requantization against fixed-point: equal except at exact ties, absent on these images
+    assert torch.equal(torch.round(logits.detach() / qnet.logit_scale).to(torch.int64), engine)
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in twin.parameters())
+
+
+def test_untrained_export_is_the_original_graph(qnet):
+    twin = FakeQuantTwin(qnet, Assignment.uniform(qnet, "roup-p2r2"), dtype=torch.float64)
+    g = twin.export()
+    for name, layer in qnet.layers.items():
+        assert np.array_equal(g.layers[name].weight, layer.weight)
+        assert np.array_equal(g.layers[name].bias, layer.bias)
+        assert np.array_equal(g.layers[name].requant.m0, layer.requant.m0)
+
+
+def test_short_finetune_beats_ptq_and_runs_bit_exactly(qnet, lossless_test, tmp_path):
+    """An aggressive assignment, one epoch on the lossless subset's training images outside the hold-out:
+    validation accuracy (integer engine) rises over PTQ; the saved graph runs identically in both engines."""
+    train = load_cifar10(need(LOSSLESS_ZIP), "train")
+    tr, val = validation_split(len(train), 5000, seed=0)
+    a = Assignment.uniform(qnet, "roup-p2r4")
+    xv, yv = train.images[val[:400]], train.labels[val[:400]]
+    before = (ApproxNetwork(qnet, a).predict(xv) == yv).mean()
+    out = tmp_path / "ft.npz"
+    g = finetune(qnet, a, train.images[tr], train.labels[tr], out, epochs=1, batch_size=64, lr=2e-3,
+                 log=lambda m: None, progress=False)
+    assert out.exists() and not (tmp_path / "ft.npz.state").exists()
+    loaded = QuantizedGraph.load(out)
+    after = (ApproxNetwork(loaded, a).predict(xv) == yv).mean()
+    assert after > before + 0.02, (before, after)
+    x = lossless_test.images[:2]
+    assert np.array_equal(ApproxNetwork(loaded, a).logits(torch.as_tensor(x)).numpy(),
+                          reference_forward(loaded, x, a.reference_products(loaded)))
+    assert g.meta["finetune"]["epochs"] == 1
+
+
+def test_tflite_graphs_are_refused():
+    from conftest import SHARED
+    from maxdnn.tflite_frontend import load_tflite
+
+    g = load_tflite(need(SHARED / "models" / "mlperf-tiny-resnet8" / "pretrainedResnet_quant.tflite"))
+    with pytest.raises(FinetuneError, match="TFLite"):
+        FakeQuantTwin(g, Assignment.uniform(g, "exact"))
+
+
+def test_cli_finetune_then_evaluate_the_saved_graph(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from maxdnn.cli import app
+
+    runner = CliRunner()
+    data = str(need(LOSSLESS_ZIP))
+    assign = tmp_path / "a.json"
+    from maxdnn.workload import Workload
+
+    q = Workload.open(None, data).quantized()
+    Assignment.uniform(q, "roup-p1r2").save(assign)
+    out = tmp_path / "ft.npz"
+    r = runner.invoke(app, ["finetune", "--assign", str(assign), "--data", data, "--out", str(out), "--epochs", "1",
+                            "--images", "128"])
+    assert r.exit_code == 0, r.output
+    assert out.exists() and "fine-tuning on 128 training images" in r.output
+    r = runner.invoke(app, ["evaluate", "--model", str(out), "--assign", str(assign), "--data", data, "--limit", "50",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["images"] == 50 and res["energy_gain"] > 0
+    bad = runner.invoke(app, ["finetune", "--assign", str(assign), "--data", data, "--out", str(tmp_path / "x.pt")])
+    assert bad.exit_code == 2 and "written as .npz" in bad.output
