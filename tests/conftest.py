@@ -19,6 +19,15 @@ def need(path: Path):
     return path
 
 
+def one_line_error(r, *fragments):
+    """A CLI result that is one 'maxdnn: error:' line with exit code 2, containing every fragment."""
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("maxdnn: error:"), r.output
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # one thread per worker: the workers already fill the cores (oversubscription slows everything)
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -5,18 +5,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from conftest import LOSSLESS_ZIP, need
+from conftest import LOSSLESS_ZIP, need, one_line_error
 from maxdnn.cli import app
 
 runner = CliRunner()
-
-
-def one_line_error(r, *fragments):
-    assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("maxdnn: error:"), r.output
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
 
 
 def test_version():

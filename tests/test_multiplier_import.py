@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import LOSSLESS_ZIP, need
+from conftest import LOSSLESS_ZIP, need, one_line_error
 from maxdnn.approx import ApproxNetwork, Assignment
 from maxdnn.cli import app
 from maxdnn.energy import EnergyModelError, energy_table, network_energy
@@ -108,14 +108,6 @@ def test_cli_import_list_and_table(tmp_path, library):
                             "--energy", "0.5"])
     assert r.exit_code == 0, r.output
     assert (other / "tab-roup" / "table.npy").exists() and not (library / "tab-roup").exists()
-
-
-def one_line_error(r, *fragments):
-    assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("maxdnn: error:"), r.output
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
 
 
 LOOP_V = """

@@ -225,6 +225,16 @@ def _pads(padding, kh, kw):
     return tuple(padding)  # (left, right, top, bottom)
 
 
+def transform_groups(mults: list[Multiplier], used, xs: np.ndarray) -> list[tuple[np.ndarray, list[int]]]:
+    """The separable multipliers ``mults[i]`` (i in ``used``) grouped by activation transform over the operand
+    values ``xs``: (the transform's table over xs, member indices) per group, in order of first use."""
+    by_key: dict[bytes, tuple[np.ndarray, list[int]]] = {}
+    for i in used:
+        t = mults[i].x_transform(xs)
+        by_key.setdefault(t.tobytes(), (t, []))[1].append(int(i))
+    return list(by_key.values())
+
+
 @dataclass
 class _Group:
     """Kernels that share one activation transform."""
@@ -270,15 +280,8 @@ class LayerPlan:
 
     def _plan_separable(self, w, mults, amap, used, x_min, x_max, mask=None):
         xs = np.arange(x_min, x_max + 1, dtype=np.int64)
-        by_key: dict[bytes, list[int]] = {}
-        tables = {}
-        for i in used:
-            t = mults[i].x_transform(xs)
-            by_key.setdefault(t.tobytes(), []).append(int(i))
-            tables[t.tobytes()] = t
         groups = []
-        for key, members in by_key.items():
-            t = tables[key]
+        for t, members in transform_groups(mults, used, xs):
             wt = np.zeros(w.shape, dtype=np.int64)
             for i in members:
                 sel = amap == i

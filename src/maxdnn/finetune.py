@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .approx import Assignment, LayerPlan
+from .approx import Assignment, LayerPlan, transform_groups
 from .atomic import atomic_path
 from .graph import Affine, Clamp, Concat, Flatten, Merge, MulLayer, Pool, QuantizedGraph, TfliteAdd, _pool_real
 from .quant import Requant
@@ -73,15 +73,9 @@ class _LayerGroups:
         xs = np.arange(x_min, x_max + 1)
         self.x_min = x_min
         self.groups = []  # (x table [X] float64, kernel mask [F, C], members)
-        if self.separable:
-            by_key: dict[bytes, list[int]] = {}
-            tables = {}
-            for i in used:
-                t = mults[i].x_transform(xs)
-                by_key.setdefault(t.tobytes(), []).append(int(i))
-                tables[t.tobytes()] = t
-            for key, members in by_key.items():
-                self.groups.append((torch.as_tensor(tables[key], dtype=torch.float64), np.isin(amap, members), members))
+        if self.separable:  # the engine's grouping
+            for t, members in transform_groups(mults, used, xs):
+                self.groups.append((torch.as_tensor(t, dtype=torch.float64), np.isin(amap, members), members))
 
     def w_transform(self, wi: np.ndarray) -> np.ndarray:
         """Every kernel's weights through its own multiplier's weight transform (separable only)."""
