@@ -227,3 +227,14 @@ def test_points_csv_has_intervals(finished_run):
     front = [r for r in rows if r["on_front"]]
     assert all(r["test_ci95_low"] <= r["test_accuracy"] <= r["test_ci95_high"] for r in front)
     assert "95% Wilson interval" in (run / "report.md").read_text()
+
+
+def test_explore_says_what_it_does_from_the_start(tmp_path):
+    """Progress from the first second: setup steps are logged, and bars name their phase."""
+    msgs = []
+    ex = Explorer(tmp_path, Workload.open(None, need(LOSSLESS_ZIP)), TINY, progress=False, log=msgs.append)
+    assert [m.split(" ")[0] for m in msgs[:3]] == ["reading", "quantizing", "exact"], msgs
+    ex.phase, ex.progress = "[phase 2/9] ", True
+    bar = ex._bar([1, 2], "layer: sweep")
+    assert bar.desc == "[phase 2/9] layer: sweep" and bar.leave
+    bar.close()
