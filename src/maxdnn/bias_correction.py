@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .approx import ApproxNetwork, Assignment
+from .data import training_sample
 from .graph import QuantizedGraph
 
 INT32_MAX = (1 << 31) - 1
@@ -25,11 +26,7 @@ CORRECTION_IMAGES = 256
 
 def correction_images(train_images: np.ndarray, n: int = CORRECTION_IMAGES, seed: int = 0) -> np.ndarray:
     """A seeded sample of training images outside the validation hold-out (search data stays unseen)."""
-    from .data import validation_split
-
-    train_idx, _ = validation_split(len(train_images), 5000, seed=0)
-    pick = np.random.default_rng(seed).permutation(train_idx)[:n]
-    return train_images[np.sort(pick)]
+    return train_images[training_sample(len(train_images), n, seed)]
 
 
 class BiasCorrectionError(ValueError):
@@ -43,6 +40,8 @@ def mean_accumulator_error(q: QuantizedGraph, assignment: Assignment, images: np
     sums = {n: torch.zeros(l.weight.shape[0], dtype=torch.float64) for n, l in q.layers.items()}
     count = dict.fromkeys(q.layers, 0)
     approximate = {n: bool(np.any(np.asarray(assignment.specs)[assignment.maps[n]] != "exact")) for n in q.layers}
+    if not any(approximate.values()):  # nothing to measure: no forward pass
+        return {n: np.zeros(len(s)) for n, s in sums.items()}
 
     def conv(name, x):
         acc = net.conv(name, x)
@@ -73,6 +72,6 @@ def bias_corrected(q: QuantizedGraph, assignment: Assignment, images: np.ndarray
         if np.abs(bias).max() > INT32_MAX:
             raise BiasCorrectionError(f"layer {name}: the corrected bias leaves the int32 range")
         layer.bias = bias
-        if layer.requant.mode == "half_up" and layer.requant_bound().bit_length() + int(layer.requant.m0.max()).bit_length() > 53:
+        if not layer.float_requant_exact():
             raise BiasCorrectionError(f"layer {name}: the corrected bias breaks the exact float64 requantization bound")
     return out

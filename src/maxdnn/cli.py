@@ -124,26 +124,18 @@ def multipliers_import(
     replace: bool = typer.Option(False, "--replace", help="Overwrite an imported multiplier of the same name."),
 ):
     """Import a multiplier: Verilog is synthesized (Yosys), tabulated exhaustively and its energy simulated."""
-    import re
-
+    from .hardware.design_import import import_table, import_verilog
+    from .hardware.power import uniform_stream
     from .multiplier_library import LibraryError, library_dir
 
-    from .hardware.design_import import import_table, import_verilog
-
+    if not file.is_file():  # before any stream is built
+        fail(f"{file}: no such file")
     suffix = file.suffix.lower()
     try:
         if suffix in (".v", ".sv"):
             if energy is not None:
                 fail("--energy is for tables; a Verilog design's energy is simulated from its netlist")
-            if top is None:
-                try:
-                    mods = re.findall(r"^\s*module\s+([A-Za-z_][A-Za-z0-9_$]*)", file.read_text(), flags=re.M)
-                except OSError as e:
-                    fail(f"{file}: cannot read ({e.strerror})")
-                if len(mods) != 1:
-                    fail(f"{file}: {len(mods)} modules ({', '.join(mods) or 'none'}); name the multiplier with --top")
-                top = mods[0]
-            streams = [_uniform()]
+            streams = [uniform_stream()]
             if data is not None:
                 streams.append(_model_stream_or_fail(None, data, "resnet8"))
             meta = import_verilog(file, top, name, bits, x_signed, streams, x_port, w_port, product_port, replace)
@@ -166,12 +158,6 @@ def multipliers_import(
         typer.echo(f"energy / exact: {meta['energy_given']} (stated)")
     else:
         typer.echo("energy: none (" + meta.get("energy_note", "give --energy, or import the design's Verilog") + ")")
-
-
-def _uniform():
-    from .hardware.power import uniform_stream
-
-    return uniform_stream()
 
 
 def _model_stream_or_fail(model, data, name):
@@ -283,10 +269,8 @@ def finetune(
     """Approximation-aware fine-tuning: train the quantized model with the assignment's arithmetic in the forward pass."""
     import tempfile
 
-    import numpy as np
-
     from .approx import Assignment, AssignmentError
-    from .data import DataError, validation_split
+    from .data import DataError, training_sample
     from .finetune import FinetuneError, finetune as run_finetune
     from .models import ModelError
     from .workload import Workload
@@ -306,9 +290,7 @@ def finetune(
         train = wl.split("train")
     except (DataError, ModelError, AssignmentError) as e:
         fail(str(e))
-    tr, _ = validation_split(len(train), 5000, seed=0)
-    if images is not None:
-        tr = np.sort(np.random.default_rng(seed).permutation(tr)[:images])
+    tr = training_sample(len(train), images, seed)
     typer.echo(f"fine-tuning on {len(tr)} training images of {train.source} (validation hold-out excluded)", err=True)
     try:
         run_finetune(q, a, train.images[tr], train.labels[tr], out, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -380,11 +362,12 @@ def evaluate(
                 if bias_correction:
                     from .bias_correction import BiasCorrectionError, bias_corrected, correction_images
 
+                    images = correction_images(wl.split("train").images)
                     try:
-                        q = bias_corrected(q, a, correction_images(wl.split("train").images))
+                        q = bias_corrected(q, a, images)
                     except BiasCorrectionError as e:
                         fail(f"{assign}: {e}")
-                    result.update(bias_correction=f"{len(correction_images(wl.split('train').images))} training images")
+                    result.update(bias_correction=f"{len(images)} training images")
                 try:
                     en = network_energy(q, a)
                     energy = {k: en[k] for k in ("energy", "energy_gain", "energy_unit", "energy_source", "multiplications")}

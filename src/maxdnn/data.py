@@ -348,6 +348,15 @@ def resolve_data(path: str | os.PathLike | None) -> Path:
     )
 
 
+def training_sample(n_train: int, n: int | None = None, seed: int = 0) -> np.ndarray:
+    """Sorted indices of training images outside the validation hold-out (``validation_split``, 5000, seed 0):
+    all of them, or a seeded random sample of ``n``. Bias correction and fine-tuning read only these."""
+    train_idx, _ = validation_split(n_train, 5000, seed=0)
+    if n is None:
+        return train_idx
+    return np.sort(np.random.default_rng(seed).permutation(train_idx)[:n])
+
+
 def validation_split(n_train: int, n_val: int = 5000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, validation indices): a fixed seeded split of the training images.
 

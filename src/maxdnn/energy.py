@@ -88,10 +88,10 @@ class EnergyModelError(ValueError):
 def energy_table(specs, bits: int = 8, stream: str = "resnet8") -> EnergyTable:
     """Relative energies of ``specs``: the hardware table, imported multipliers' own (``maxdnn.multiplier_library``),
     else the provisional model (ROUP only)."""
-    from .multiplier_library import energy_status, read_meta, user_energy
+    from .multiplier_library import energy_status, user_energy
 
     hw = hardware_table(bits, stream)
-    user = {k: v for k, v in user_energy(stream).items() if (read_meta(k) or {}).get("bits") == bits}
+    user = user_energy(stream, bits)
     imported = [s for s in specs if s in user]
     known = {**(hw or {}), **user}
     if hw is not None and all(s in known for s in specs):

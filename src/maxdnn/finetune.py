@@ -68,14 +68,13 @@ class _LayerGroups:
     def __init__(self, layer: MulLayer, mults, amap: np.ndarray):
         used = np.unique(amap)
         self.separable = all(mults[i].separable for i in used)
-        self.layer, self.mults, self.amap = layer, mults, amap
+        self.mults, self.amap = mults, amap
         x_min, x_max = layer.in_q.operand_range
-        xs = np.arange(x_min, x_max + 1)
         self.x_min = x_min
-        self.groups = []  # (x table [X] float64, kernel mask [F, C], members)
+        self.groups = []  # (x table [X] float64, kernel mask [F, C])
         if self.separable:  # the engine's grouping
-            for t, members in transform_groups(mults, used, xs):
-                self.groups.append((torch.as_tensor(t, dtype=torch.float64), np.isin(amap, members), members))
+            for t, members in transform_groups(mults, used, np.arange(x_min, x_max + 1)):
+                self.groups.append((torch.as_tensor(t, dtype=torch.float64), np.isin(amap, members)))
 
     def w_transform(self, wi: np.ndarray) -> np.ndarray:
         """Every kernel's weights through its own multiplier's weight transform (separable only)."""
@@ -139,7 +138,7 @@ class FakeQuantTwin(nn.Module):
         wt = ste(wi, torch.as_tensor(wt_np, dtype=wi.dtype))
         idx = (xi.detach().round().to(torch.int64) - g.x_min).clamp(0, len(g.groups[0][0]) - 1)
         acc = 0
-        for table, mask, _ in g.groups:
+        for table, mask in g.groups:
             xt = F.pad(ste(xi, table.to(xi.dtype)[idx]), l.pads)  # padding forms no product: transform first
             m = torch.as_tensor(mask, dtype=wi.dtype)[:, :, None, None]
             acc = acc + F.conv2d(xt, wt * m, stride=l.stride, groups=l.groups)
@@ -192,11 +191,11 @@ class FakeQuantTwin(nn.Module):
                     w = self.int_weight(n.name).round().to(torch.int64).numpy()
                     b = self.int_bias(n.name).round().to(torch.int64).numpy()
                 n = dataclasses.replace(n, weight=w, bias=b)
-                bound = n.requant_bound()
-                if bound.bit_length() + int(n.requant.m0.max()).bit_length() > 53:  # keep float64 requant exact
-                    n.requant = Requant.from_scales(n.acc_scale, n.out.scale, bound)
+                if not n.float_requant_exact():  # fewer multiplier bits keep the float64 requantization exact
+                    n.requant = Requant.from_scales(n.acc_scale, n.out.scale, n.requant_bound())
             nodes.append(n)
-        meta = {**self.q.meta, "finetuned": True}
+        meta = {**self.q.meta, "finetuned": True,
+                "calibration": "the fine-tuned graph's own (scales of its source model)"}
         return dataclasses.replace(self.q, nodes=nodes, meta=meta)
 
 

@@ -138,6 +138,13 @@ class MulLayer(Node):
         k = int(np.prod(self.weight.shape[1:]))
         return k * (1 << (2 * bits - 1)) + int(np.abs(self.bias).max())
 
+    def float_requant_exact(self) -> bool:
+        """The fast engine's float64 requantization stays exact for every accumulator this layer can form
+        (TFLite modes requantize in integers)."""
+        if self.requant.mode != "half_up":
+            return True
+        return self.requant_bound().bit_length() + int(self.requant.m0.max()).bit_length() <= 53
+
     @cached_property
     def exact_bound(self) -> int:
         lo, hi = self.in_q.operand_range

@@ -88,11 +88,13 @@ def find_user_multiplier(name: str, bits: int, x_signed: bool) -> TableMultiplie
     return TableMultiplier(name, bits, x_signed, table)
 
 
-def user_energy(stream: str) -> dict[str, float]:
-    """Relative energy of every imported multiplier that has one for ``stream`` (or a stated one)."""
+def user_energy(stream: str, bits: int) -> dict[str, float]:
+    """Relative energy of every imported ``bits``-bit multiplier that has one for ``stream`` (or a stated one)."""
     out = {}
     for name in user_names():
         meta = read_meta(name) or {}
+        if meta.get("bits") != bits:
+            continue
         if meta.get("energy_given") is not None:
             out[name] = float(meta["energy_given"])
         elif stream in (meta.get("energy_rel") or {}):

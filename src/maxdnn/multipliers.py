@@ -347,13 +347,14 @@ class TableMultiplier(Multiplier):
         return self.table.copy()
 
 
-BUILTIN_FAMILIES = ("exact", "mitchell", "roup-", "ppp-", "trunc-", "drum-")
+BUILTIN_NAMES = ("exact", "mitchell")
+BUILTIN_PREFIXES = ("roup-", "ppp-", "trunc-", "drum-")
 
 
 def is_builtin_name(name: str) -> bool:
     """True for names the built-in grammar owns (valid or not): user multipliers may not take them."""
     s = name.strip().lower()
-    return s in ("exact", "mitchell") or any(s.startswith(f) for f in BUILTIN_FAMILIES[2:])
+    return s in BUILTIN_NAMES or s.startswith(BUILTIN_PREFIXES)
 
 
 def get_multiplier(spec: str, bits: int = 8, x_signed: bool = False) -> Multiplier:

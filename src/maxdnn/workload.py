@@ -66,8 +66,6 @@ class Workload:
         (an imported int8 model: its own quantization)."""
         if self.imported is not None:
             self.imported.meta.setdefault("calibration", "none: the model's own int8 quantization")
-            if self.imported.meta.get("finetuned"):
-                self.imported.meta["calibration"] = "the fine-tuned graph's own (scales of its source model)"
             return self.imported
         train = load_cifar10(self.data_path, "train")
         q = quantize_module(self.model, calibration_images(train.images, calib), percentile)

@@ -14,6 +14,7 @@ x-signed imports get no energy.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -55,8 +56,10 @@ def _ports(net: Netlist, path: Path, top: str, bits: int, x_port, w_port, p_port
     return x_port, w_port, p_port
 
 
-def synthesize_design(path: Path, top: str, bits: int = 8, x_port=None, w_port=None, p_port=None) -> tuple[Netlist, dict]:
-    """The user's module as a netlist with ports renamed x, w and p; one-line errors."""
+def synthesize_design(path: Path, top: str | None, bits: int = 8, x_port=None, w_port=None,
+                      p_port=None) -> tuple[Netlist, dict]:
+    """The user's module (``top``; None: the file's only module) as a netlist with ports renamed x, w and p;
+    one-line errors."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -64,6 +67,11 @@ def synthesize_design(path: Path, top: str, bits: int = 8, x_port=None, w_port=N
     except (OSError, UnicodeDecodeError) as e:
         raise LibraryError(f"{path}: cannot read ({e})") from None
     modules = re.findall(r"^\s*module\s+([A-Za-z_][A-Za-z0-9_$]*)", text, flags=re.M)
+    if top is None:
+        if len(modules) != 1:
+            raise LibraryError(f"{path}: {len(modules)} modules ({', '.join(modules) or 'none'}); "
+                               f"name the multiplier with --top")
+        top = modules[0]
     if top not in modules:
         raise LibraryError(f"{path}: no module '{top}' (modules: {', '.join(modules) or 'none'})")
     try:
@@ -74,7 +82,7 @@ def synthesize_design(path: Path, top: str, bits: int = 8, x_port=None, w_port=N
         raise LibraryError(f"{path}: {e}") from None
     x_port, w_port, p_port = _ports(net, path, top, bits, x_port, w_port, p_port)
     net = replace(net, inputs={"x": net.inputs[x_port], "w": net.inputs[w_port]}, outputs={"p": net.outputs[p_port]})
-    return net, {"x": x_port, "w": w_port, "product": p_port, "modules": doc}
+    return net, {"top": top, "x": x_port, "w": w_port, "product": p_port, "modules": doc}
 
 
 def netlist_table(net: Netlist, bits: int, x_signed: bool) -> np.ndarray:
@@ -96,7 +104,7 @@ def design_energy(net: Netlist, streams: list[Stream], bits: int = 8) -> tuple[d
     return energy, rel
 
 
-def import_verilog(path: Path, top: str, name: str, bits: int = 8, x_signed: bool = False, streams=(),
+def import_verilog(path: Path, top: str | None, name: str, bits: int = 8, x_signed: bool = False, streams=(),
                    x_port=None, w_port=None, p_port=None, replace_existing: bool = False) -> dict:
     """Synthesize, tabulate, measure and register a Verilog multiplier; returns its metadata."""
     check_name(name)
@@ -104,7 +112,7 @@ def import_verilog(path: Path, top: str, name: str, bits: int = 8, x_signed: boo
     net, info = synthesize_design(path, top, bits, x_port, w_port, p_port)
     table = netlist_table(net, bits, x_signed)
     mult = TableMultiplier(name, bits, x_signed, table)
-    meta = {"bits": bits, "x_signed": x_signed, "source": "verilog", "source_file": str(path.resolve()), "top": top,
+    meta = {"bits": bits, "x_signed": x_signed, "source": "verilog", "source_file": str(path.resolve()), "top": info["top"],
             "ports": {k: info[k] for k in ("x", "w", "product")},
             "metrics": error_metrics(mult).as_dict(), "gates": len(net.gate_type), "area_nand2": round(net.area_nand2(), 2),
             "depth": net.depth(), "cells": net.cell_counts(), "energy_given": None}
@@ -113,8 +121,6 @@ def import_verilog(path: Path, top: str, name: str, bits: int = 8, x_signed: boo
         meta["energy_note"] = "none: the energy streams and the reference Booth design take unsigned x"
     else:
         meta["energy"], meta["energy_rel"] = design_energy(net, list(streams), bits)
-    import json
-
     register(name, table, meta, {"design.v": path.read_text(), "netlist.json": json.dumps(info["modules"])},
              replace=replace_existing)
     return meta
