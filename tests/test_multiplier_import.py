@@ -217,6 +217,13 @@ def test_exploration_with_an_imported_library(tmp_path, library):
     assert {p["approach"] for p in pts} == {"kernel", "alwann"}
 
 
+def test_unwritable_library_one_line(tmp_path, library):
+    (tmp_path / "file").write_text("x")
+    r = runner.invoke(app, ["--multiplier-dir", str(tmp_path / "file" / "lib"), "multipliers", "import",
+                            str(write(tmp_path, "t.v", TRUNC_V)), "--name", "a"])
+    one_line_error(r, "cannot write the multiplier library")
+
+
 def test_table_file_that_is_not_npy(tmp_path, library):
     bad = tmp_path / "t.npy"
     bad.write_text("not an array")

@@ -126,12 +126,13 @@ def multipliers_import(
     """Import a multiplier: Verilog is synthesized (Yosys), tabulated exhaustively and its energy simulated."""
     from .hardware.design_import import import_table, import_verilog
     from .hardware.power import uniform_stream
-    from .multiplier_library import LibraryError, library_dir
+    from .multiplier_library import LibraryError, ensure_writable, library_dir
 
     if not file.is_file():  # before any stream is built
         fail(f"{file}: no such file")
     suffix = file.suffix.lower()
     try:
+        ensure_writable()
         if suffix in (".v", ".sv"):
             if energy is not None:
                 fail("--energy is for tables; a Verilog design's energy is simulated from its netlist")

@@ -139,6 +139,19 @@ def load_table_file(path: Path, bits: int) -> np.ndarray:
     return table.astype(np.int64)
 
 
+def ensure_writable() -> Path:
+    """The library folder, created if needed and checked to take files (one line otherwise)."""
+    import tempfile
+
+    d = library_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=d).close()
+    except OSError as e:
+        raise LibraryError(f"{d}: cannot write the multiplier library ({e.strerror})") from None
+    return d
+
+
 def register(name: str, table: np.ndarray, meta: dict, files: dict[str, str] | None = None,
              replace: bool = False) -> Path:
     """Write the entry ``name`` whole (or not at all); an existing one needs ``replace``."""
@@ -146,7 +159,7 @@ def register(name: str, table: np.ndarray, meta: dict, files: dict[str, str] | N
     final = _entry(name)
     if final.exists() and not replace:
         raise LibraryError(f"{final}: a multiplier named '{name}' is already imported (--replace to overwrite)")
-    final.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable()
     tmp = final.with_name(f".{name}.{os.getpid()}.part")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
