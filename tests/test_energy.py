@@ -36,3 +36,47 @@ def test_provisional_ordering():
     assert provisional_energy("exact") == 1.0
     assert provisional_energy("roup-p0r0") == 1.0
     assert provisional_energy("roup-p2r0") < provisional_energy("roup-p1r0") < 1
+
+
+def test_per_layer_energy_by_hand(qnet, tmp_path):
+    """Each layer at its own energy: the network sums them, the exact network too."""
+    import json
+
+    import pytest
+
+    from maxdnn.energy import EnergyModelError, energy_table, with_per_layer
+
+    specs = ["exact", "roup-p1r2"]
+    per = {n: {"exact": 1.0, "roup-p1r2": 0.5} for n in qnet.layers}
+    per["s3.conv2"] = {"exact": 2.0, "roup-p1r2": 0.25}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"per_layer": per}))
+    table = with_per_layer(energy_table(specs), str(path), qnet)
+    counts = multiplication_counts(qnet)
+    mults = {n: counts[n] * int(np.prod(l.weight.shape[:2])) for n, l in qnet.layers.items()}
+    e0 = network_energy(qnet, Assignment.uniform(qnet, "exact"), table)
+    exact = sum(mults.values()) + mults["s3.conv2"]  # s3.conv2 costs two average multiplications each
+    assert e0["energy"] == pytest.approx(exact) and e0["energy_gain"] == pytest.approx(0)
+    e1 = network_energy(qnet, layer_assignment(qnet, {"s3.conv2": "roup-p1r2", "fc": "roup-p1r2"}), table)
+    expect = exact - 2.0 * mults["s3.conv2"] + 0.25 * mults["s3.conv2"] - 0.5 * mults["fc"]
+    assert e1["energy"] == pytest.approx(expect) and e1["energy_gain"] == pytest.approx(1 - expect / exact)
+    assert "per layer" in e1["energy_source"]
+    # the average table is unchanged by "average", and a table without a layer of the model is refused
+    assert with_per_layer(energy_table(specs), "average", qnet).per_layer is None
+    del per["fc"]
+    path.write_text(json.dumps({"per_layer": per}))
+    with pytest.raises(EnergyModelError, match="has no layer fc"):
+        with_per_layer(energy_table(specs), str(path), qnet)
+    with pytest.raises(EnergyModelError, match="expected average, per-layer"):
+        with_per_layer(energy_table(specs), str(tmp_path / "none.json"), qnet)
+
+
+def test_committed_per_layer_table_covers_the_committed_model(qnet):
+    from maxdnn.energy import energy_table, with_per_layer
+    from maxdnn.multipliers import roup_specs
+
+    table = with_per_layer(energy_table(["exact"] + roup_specs(8)), "per-layer", qnet)
+    assert set(table.per_layer) == set(qnet.layers)
+    for n, e in table.per_layer.items():  # less approximation never costs more in P, at every R
+        for r in range(8):
+            assert e["exact"] >= e[f"roup-p1r{r}"] >= e[f"roup-p2r{r}"] >= e[f"roup-p3r{r}"], (n, r)

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import one_line_error
 from maxdnn.cli import app
+from maxdnn.energy import multiplication_counts
 from maxdnn.hardware.booth_verilog import booth_multiplier_verilog
 from maxdnn.hardware.netlist import Netlist
 from maxdnn.hardware.power import hardware_report, netlist_for, stream_energy, uniform_stream
@@ -146,3 +148,64 @@ def test_committed_table_energy_ordering_with_folded_rounding():
             row = [e[f"roup-p{p}r{r}"][stream] for r in range(8)]
             start = 0 if p == 0 else 1
             assert row[start:] == sorted(row[start:], reverse=True), (stream, p)
+
+
+def test_layer_streams_hold_each_layers_own_operands(qnet, lossless_test):
+    import torch
+
+    from maxdnn.hardware.power import layer_streams, per_layer_relative
+
+    imgs = lossless_test.images[:2]
+    streams = layer_streams(qnet, imgs, pairs=500)
+    assert set(streams) == {n for n, l in qnet.layers.items() if not l.x_signed}
+    taps: dict = {}
+    qnet.forward_int(torch.as_tensor(imgs), taps=taps)
+    for name, s in streams.items():
+        assert 0 < len(s.x) <= 500 and s.name == f"layer:{name}"
+        assert set(np.unique(s.w)) <= set(np.unique(qnet.layers[name].weight))
+        assert set(np.unique(s.x)) <= set(np.unique(taps[name].numpy()))
+    assert streams["conv1"].digest() == layer_streams(qnet, imgs, pairs=500)["conv1"].digest()  # seeded
+    rows = hardware_report(["exact", "roup-p2r2"], list(streams.values()))
+    rel = per_layer_relative(rows, qnet)
+    mults = {n: multiplication_counts(qnet)[n] * np.prod(qnet.layers[n].weight.shape[:2]) for n in rel}
+    avg = sum(mults[n] * rel[n]["exact"] for n in rel) / sum(mults.values())
+    assert avg == pytest.approx(1.0, abs=1e-4)  # the unit: one exact multiplication, averaged over layers
+    assert all(rel[n]["roup-p2r2"] < rel[n]["exact"] for n in rel)
+
+
+def test_cli_per_layer_needs_one_model_stream():
+    r = CliRunner().invoke(app, ["hardware", "report", "--per-layer", "--spec", "exact"])
+    one_line_error(r, "--per-layer")
+
+
+@pytest.mark.parametrize("spec", ["exact", "roup-p2r2"])
+def test_processing_element_netlist_adds_the_product_to_the_accumulator(spec):
+    from maxdnn.hardware.power import PE_ACC_BITS, accumulator_inputs, pe_energy
+
+    net = netlist_for(spec, unit="mac")
+    rng = np.random.default_rng(1)
+    acc = rng.integers(-(1 << (PE_ACC_BITS - 2)), 1 << (PE_ACC_BITS - 2), XS.size)
+    assert np.array_equal(net.simulate(x=XS, w=WS, acc=acc)["s"], acc + get_multiplier(spec)(XS, WS))
+    s = uniform_stream(300)
+    a = accumulator_inputs(spec, s)
+    prods = get_multiplier(spec)(s.x, s.w)
+    assert a[0] == 0 and a[1] == prods[0] and a[64] == 0 and a[65] == prods[64]  # dot products of 64
+    e = pe_energy(spec, s)
+    stored = a + prods
+    flips = sum(bin(int(v) & ((1 << PE_ACC_BITS) - 1)).count("1") for v in stored[1:] ^ stored[:-1]) / (len(s.x) - 1)
+    assert e["register_bit_toggles"] == pytest.approx(flips)
+    assert e["energy"] == pytest.approx(e["datapath"] + e["register"]) and e["datapath"] > stream_energy(netlist_for(spec), s)["energy"]
+
+
+def test_pe_gain_in_network_energy(qnet):
+    import json as _json
+    from importlib import resources
+
+    from maxdnn.approx import Assignment
+    from maxdnn.energy import network_energy
+
+    doc = _json.loads((resources.files("maxdnn") / "data_files" / "energy-8bit.json").read_text())
+    pe = {r["spec"]: r["pe_energy_rel"]["resnet8"] for r in doc["designs"]}
+    e = network_energy(qnet, Assignment.uniform(qnet, "roup-p2r2"))
+    assert e["pe_energy_gain"] == pytest.approx(1 - pe["roup-p2r2"])
+    assert 0 < e["pe_energy_gain"] < e["energy_gain"]  # the accumulator is not approximated

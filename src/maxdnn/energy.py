@@ -58,15 +58,16 @@ def provisional_energy(spec: str, bits: int = 8) -> float:
     raise KeyError(f"no energy model for multiplier '{spec}' (energy is modelled for exact and ROUP)")
 
 
-def hardware_table(bits: int = 8, stream: str = "resnet8") -> dict[str, float] | None:
-    """Relative energies from the committed hardware report, if present."""
+def hardware_table(bits: int = 8, stream: str = "resnet8", key: str = "energy_rel") -> dict[str, float] | None:
+    """Relative energies from the committed hardware report, if present (``key`` "pe_energy_rel": those of
+    the processing element, multiplier + accumulator)."""
     if bits != 8:
         return None
     try:
         doc = json.loads((resources.files("maxdnn") / "data_files" / HARDWARE_TABLE).read_text())
     except (FileNotFoundError, OSError):
         return None
-    table = {row["spec"]: row["energy_rel"][stream] for row in doc["designs"] if stream in row.get("energy_rel", {})}
+    table = {row["spec"]: row[key][stream] for row in doc["designs"] if stream in row.get(key, {})}
     if "exact" in table:
         table.setdefault("roup-p0r0", table["exact"])  # the same design
     return table
@@ -76,13 +77,58 @@ def hardware_table(bits: int = 8, stream: str = "resnet8") -> dict[str, float] |
 class EnergyTable:
     rel: dict[str, float]
     source: str  # "hardware (...)" or "PROVISIONAL ..."
+    per_layer: dict[str, dict[str, float]] | None = None  # layer -> spec -> energy (see ``with_per_layer``)
+    pe: dict[str, float] | None = None  # spec -> processing-element energy relative to the exact PE's
 
     def __getitem__(self, spec: str) -> float:
         return self.rel[spec]
 
+    def for_layer(self, name: str, spec: str) -> float:
+        """A layer's energy per multiplication: its own stream's when the table has the layer, else the average."""
+        if self.per_layer is not None and name in self.per_layer:
+            return self.per_layer[name][spec]
+        return 1.0 if spec == "exact" else self.rel[spec]
+
 
 class EnergyModelError(ValueError):
     """A multiplier without an energy model, as one line."""
+
+
+PER_LAYER_TABLE = "energy-8bit-resnet8-layers.json"
+ENERGY_CHOICES = "average, per-layer (the committed ResNet-8's layer streams) or a table FILE.json"
+
+
+def with_per_layer(table: EnergyTable, energy: str | None, qnet) -> EnergyTable:
+    """``table`` with per-layer energies (``--energy``): None or "average" keeps the single average;
+    "per-layer" takes the committed ResNet-8 table; a path takes a table saved by
+    ``maxdnn hardware report --stream model --model M --per-layer --save-table FILE``. Every layer of the
+    graph with unsigned inputs must be in it, and every spec of ``table`` (one line otherwise)."""
+    if energy in (None, "average"):
+        return table
+    if energy == "per-layer":
+        where = f"the committed per-layer table ({PER_LAYER_TABLE}, the committed ResNet-8's layers)"
+        doc = json.loads((resources.files("maxdnn") / "data_files" / PER_LAYER_TABLE).read_text())
+    else:
+        where = energy
+        try:
+            doc = json.loads(open(energy).read())
+        except FileNotFoundError:
+            raise EnergyModelError(f"--energy {energy}: expected {ENERGY_CHOICES}") from None
+        except (OSError, ValueError) as e:
+            raise EnergyModelError(f"{energy}: cannot read the energy table ({e})") from None
+    per = doc.get("per_layer") if isinstance(doc, dict) else None
+    if not isinstance(per, dict):
+        raise EnergyModelError(f"{where}: no per-layer energies (save one with hardware report --per-layer)")
+    missing = [n for n, l in qnet.layers.items() if not l.x_signed and n not in per]
+    if missing:
+        raise EnergyModelError(f"{where}: has no layer {missing[0]} of this model; make its table with "
+                               "maxdnn hardware report --stream model --model M --per-layer --save-table FILE")
+    per = {n: {"roup-p0r0": e["exact"], **e} if "exact" in e else e for n, e in per.items()}  # the same design
+    for n in qnet.layers:
+        if n in per and (lack := [s for s in table.rel if s not in per[n]]):
+            raise EnergyModelError(f"{where}: no energy of {lack[0]} for layer {n}")
+    return EnergyTable(table.rel, table.source + f"; per layer: each layer's own operand stream ({where})",
+                       {n: {s: float(v) for s, v in per[n].items()} for n in qnet.layers if n in per}, table.pe)
 
 
 def energy_table(specs, bits: int = 8, stream: str = "resnet8") -> EnergyTable:
@@ -98,7 +144,9 @@ def energy_table(specs, bits: int = 8, stream: str = "resnet8") -> EnergyTable:
         source = f"hardware: unit-delay gate-level simulation of Yosys netlists, {stream} operand stream"
         if imported:
             source += f"; imported: {', '.join(imported)} (own netlist or stated energy)"
-        return EnergyTable({s: known[s] for s in specs}, source)
+        pe = hardware_table(bits, stream, "pe_energy_rel") or {}
+        pe_rel = {s: pe[s] for s in specs} if all(s in pe for s in specs) else None
+        return EnergyTable({s: known[s] for s in specs}, source, pe=pe_rel)
     rel = {}
     for s in specs:
         if why := energy_status(s, stream):
@@ -118,16 +166,21 @@ def network_energy(qnet, assignment: Assignment, table: EnergyTable | None = Non
     a = assignment.bind(qnet)
     table = table or energy_table(a.specs, a.bits)
     counts = multiplication_counts(qnet)
-    e_spec = np.array([table[s] for s in a.specs])
     per_layer = {}
     total = exact = 0.0
     for name, amap in a.maps.items():
+        e_spec = np.array([table.for_layer(name, s) for s in a.specs])
         e = float(e_spec[amap].sum() * counts[name])
-        ex = float(amap.size * counts[name])
+        ex = float(amap.size * counts[name] * table.for_layer(name, "exact"))
         per_layer[name] = {"energy": e, "exact": ex, "multiplications": int(amap.size * counts[name])}
         total += e
         exact += ex
-    return {"energy": total, "energy_exact": exact, "energy_gain": 1.0 - total / exact,
+    pe_gain = None
+    if table.pe is not None:  # the processing element (multiplier + accumulator), average operand stream
+        pe_total = sum(float(np.array([table.pe[s] for s in a.specs])[m].sum() * counts[n]) for n, m in a.maps.items())
+        pe_gain = 1.0 - pe_total / sum(float(m.size * counts[n]) for n, m in a.maps.items())
+    return {"energy": total, "energy_exact": exact, "energy_gain": 1.0 - total / exact, "pe_energy_gain": pe_gain,
             "multiplications": int(sum(v["multiplications"] for v in per_layer.values())),
-            "energy_unit": "exact 8-bit multiplications per image", "energy_source": table.source,
+            "energy_unit": "exact 8-bit multiplications per image" + (" (average operands)" if table.per_layer else ""),
+            "energy_source": table.source,
             "per_layer": per_layer}

@@ -26,8 +26,8 @@ AREA_NAND2 = {"NOT": 0.532 / 0.798, "BUF": 1.0, "NAND": 1.0, "NOR": 1.0, "AND": 
 TOGGLE_ENERGY = dict(AREA_NAND2)  # relative switching energy per output toggle
 
 _OPS = {
-    "NOT": lambda a, b: ~a,
-    "BUF": lambda a, b: a,
+    "NOT": lambda a, b=None: ~a,
+    "BUF": lambda a, b=None: a,
     "AND": lambda a, b: a & b,
     "NAND": lambda a, b: ~(a & b),
     "OR": lambda a, b: a | b,
@@ -43,17 +43,30 @@ class NetlistError(ValueError):
 
 @dataclass
 class Netlist:
-    """Gates in topological order; nets are integers, 0 and 1 are constants."""
+    """Gates in topological order; nets are integers, 0 and 1 are constants.
+
+    A gate drives one net: a generic gate (``_OPS``), or one output pin of a liberty cell (type
+    ``cell.pin``, e.g. ``na2_x1.nq``; a cell with two outputs is two gates). ``gate_in`` holds each gate's
+    input nets, padded by repeating the first (``arity`` says how many count). A netlist mapped to a
+    liberty library also carries each gate's energy per output toggle (fJ, ``gate_energy``), its cells' area
+    and leakage."""
 
     inputs: dict[str, list[int]]
     outputs: dict[str, list[int]]
     gate_type: list[str]
-    gate_in: np.ndarray  # [G, 2] input nets (second = first for 1-input gates)
+    gate_in: np.ndarray  # [G, K] input nets
     gate_out: np.ndarray  # [G]
     n_nets: int
+    arity: list[int] | None = None  # None: every gate two inputs (NOT/BUF repeat theirs)
+    ops: dict | None = None  # gate type -> function of its inputs; None: the generic gates
+    gate_energy: np.ndarray | None = None  # fJ per output toggle (liberty netlists)
+    cell_area: float | None = None  # the cells' area in the library's unit (liberty netlists)
+    leakage_nw: float | None = None
 
     @classmethod
-    def from_yosys_json(cls, doc: dict, top: str = "mul") -> "Netlist":
+    def from_yosys_json(cls, doc: dict, top: str = "mul", liberty=None) -> "Netlist":
+        """Read a Yosys JSON netlist of generic gates, or with ``liberty`` (``maxdnn.hardware.liberty.Liberty``)
+        one mapped to that library's cells."""
         try:
             mod = doc["modules"][top]
         except KeyError:
@@ -69,23 +82,37 @@ class Netlist:
         for name, port in mod["ports"].items():
             bits = [net(b) for b in port["bits"]]
             (inputs if port["direction"] == "input" else outputs)[name] = bits
-        gates = []
+        gates = []  # (type, [input nets], output net, (cell, pin) or None)
+        load: dict[int, float] = {}  # fF of input pins on each net (liberty)
+        area = leak = 0.0
         for cname, c in mod["cells"].items():
             t = c["type"]
-            if not (t.startswith("$_") and t.endswith("_")) or t[2:-1] not in _OPS:
-                raise NetlistError(f"cell {cname} has type {t} outside the gate set")
-            kind = t[2:-1]
             conn = c["connections"]
-            a = net(conn["A"][0])
-            bb = net(conn["B"][0]) if "B" in conn else a
-            gates.append((kind, a, bb, net(conn["Y"][0])))
+            if liberty is None:
+                if not (t.startswith("$_") and t.endswith("_")) or t[2:-1] not in _OPS:
+                    raise NetlistError(f"cell {cname} has type {t} outside the gate set")
+                a = net(conn["A"][0])
+                gates.append((t[2:-1], [a, net(conn["B"][0]) if "B" in conn else a], net(conn["Y"][0]), None))
+                continue
+            cell = liberty.cell(t)
+            if not cell.outputs:
+                raise NetlistError(f"cell {cname} is a {t}, a sequential or function-less cell of "
+                                   f"{liberty.path}; only combinational netlists are simulated")
+            area += cell.area
+            leak += cell.leakage_nw
+            ins = [net(conn[p][0]) for p in cell.input_cap]
+            for p, n in zip(cell.input_cap, ins):
+                load[n] = load.get(n, 0.0) + cell.input_cap[p]
+            for pin, out in cell.outputs.items():
+                if pin in conn:
+                    gates.append((f"{t}.{pin}", ins, net(conn[pin][0]), (cell, out)))
         n_nets = len(remap) - 1
         # topological order (Kahn)
-        driver = {g[3]: k for k, g in enumerate(gates)}
+        driver = {g[2]: k for k, g in enumerate(gates)}
         users: dict[int, list[int]] = {}
         pending = []
         for k, g in enumerate(gates):
-            deps = {driver[i] for i in g[1:3] if i in driver}
+            deps = {driver[i] for i in g[1] if i in driver}
             pending.append(len(deps))
             for d in deps:
                 users.setdefault(d, []).append(k)
@@ -101,8 +128,19 @@ class Netlist:
         if len(order) != len(gates):
             raise NetlistError("the netlist has a combinational loop")
         gates = [gates[k] for k in order]
-        return cls(inputs, outputs, [g[0] for g in gates], np.array([[g[1], g[2]] for g in gates], dtype=np.int64).reshape(-1, 2),
-                   np.array([g[3] for g in gates], dtype=np.int64), n_nets)
+        width = max([len(g[1]) for g in gates] + [2])
+        gate_in = np.array([g[1] + [g[1][0] if g[1] else 0] * (width - len(g[1])) for g in gates],
+                           dtype=np.int64).reshape(-1, width)
+        net_list = cls(inputs, outputs, [g[0] for g in gates], gate_in, np.array([g[2] for g in gates], dtype=np.int64),
+                       n_nets)
+        if liberty is not None:
+            v2 = liberty.voltage ** 2
+            net_list.arity = [len(g[1]) for g in gates]
+            net_list.ops = {g[0]: g[3][1].evaluate for g in gates}
+            net_list.gate_energy = np.array([g[3][1].energy_at(load.get(g[2], 0.0)) + 0.5 * load.get(g[2], 0.0) * v2
+                                             for g in gates], dtype=float)
+            net_list.cell_area, net_list.leakage_nw = area, leak
+        return net_list
 
     @classmethod
     def load(cls, path: str | Path) -> "Netlist":
@@ -119,12 +157,23 @@ class Netlist:
         return float(sum(AREA_NAND2[t] for t in self.gate_type))
 
     def levels(self) -> np.ndarray:
-        """Logic level of every net (inputs and constants 0)."""
+        """Logic level of every net (inputs and constants 0; a generic BUF adds none, a cell one)."""
         lvl = np.zeros(self.n_nets, dtype=np.int64)
         for k in range(len(self.gate_type)):
-            a, b = self.gate_in[k]
-            lvl[self.gate_out[k]] = max(lvl[a], lvl[b]) + (0 if self.gate_type[k] == "BUF" else 1)
+            lvl[self.gate_out[k]] = lvl[self.gate_in[k]].max() + (0 if self.gate_type[k] == "BUF" else 1)
         return lvl
+
+    def toggle_energy(self) -> np.ndarray:
+        """Energy per output toggle of every gate: fJ for a liberty netlist, else NAND2-toggle equivalents."""
+        if self.gate_energy is not None:
+            return self.gate_energy
+        return np.array([TOGGLE_ENERGY[t] for t in self.gate_type])
+
+    def _gate_fns(self) -> list:
+        """Per gate: a function of the value array and the gate's input nets."""
+        ops = self.ops or _OPS
+        arity = self.arity or [2] * len(self.gate_type)
+        return [(ops[t], self.gate_in[k, :arity[k]]) for k, t in enumerate(self.gate_type)]
 
     def depth(self) -> int:
         lvl = self.levels()
@@ -134,6 +183,8 @@ class Netlist:
         h = hashlib.sha256()
         h.update(json.dumps([self.inputs, self.outputs, self.gate_type]).encode())
         h.update(self.gate_in.tobytes() + self.gate_out.tobytes())
+        if self.gate_energy is not None:  # the same cells from another library cost differently
+            h.update(self.gate_energy.tobytes())
         return h.hexdigest()[:16]
 
     # ---------------------------------------------------------------- simulation
@@ -154,9 +205,8 @@ class Netlist:
         return {name: self._word(vals, bits) for name, bits in self.outputs.items()}
 
     def _evaluate(self, vals: np.ndarray) -> None:
-        for k, t in enumerate(self.gate_type):
-            a, b = self.gate_in[k]
-            vals[self.gate_out[k]] = _OPS[t](vals[a], vals[b])
+        for k, (op, ins) in enumerate(self._gate_fns()):
+            vals[self.gate_out[k]] = op(*(vals[i] for i in ins))
 
     @staticmethod
     def _word(vals, bits) -> np.ndarray:
@@ -187,12 +237,11 @@ class Netlist:
         input_nets = [b for bits in self.inputs.values() for b in bits]
         cur[input_nets] = settled[input_nets, 1:]
         counts = np.zeros(len(self.gate_type), dtype=np.int64)
-        ops = [_OPS[t] for t in self.gate_type]
+        fns = self._gate_fns()
         for _step in range(len(self.gate_type) + 1):
-            new = np.empty((len(ops), cur.shape[1]), dtype=bool)
-            for k, op in enumerate(ops):
-                a, b = self.gate_in[k]
-                new[k] = op(cur[a], cur[b])
+            new = np.empty((len(fns), cur.shape[1]), dtype=bool)
+            for k, (op, ins) in enumerate(fns):
+                new[k] = op(*(cur[i] for i in ins))
             changed = new != cur[gate_nets]
             c = changed.sum(1)
             if not c.any():

