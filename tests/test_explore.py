@@ -238,3 +238,76 @@ def test_explore_says_what_it_does_from_the_start(tmp_path):
     bar = ex._bar([1, 2], "layer: sweep")
     assert bar.desc == "[phase 2/9] layer: sweep" and bar.leave
     bar.close()
+
+
+def test_finetune_candidates_spread_over_the_front():
+    from maxdnn.explore_finetune import FinetuneBudget, finetune_candidates
+
+    pts = [{"approach": "kernel", "source": "sweep", "trial": i, "val_accuracy": 0.84 - 0.01 * i,
+            "energy_gain": 0.1 * i} for i in range(10)]
+    fb = FinetuneBudget(epochs=1, images=10, points=3, max_val_loss_pts=6.0)
+    got = [p["trial"] for p in finetune_candidates(pts, 0.84, fb)]
+    assert got == [1, 3, 6]  # trial 0 saves nothing, trials 7..9 lose more than 6 points; largest gain kept
+    assert [p["trial"] for p in finetune_candidates(pts, 0.84, FinetuneBudget(1, 10, 20, 6.0))] == list(range(1, 7))
+
+
+def test_explore_finetune_stage(finished_run, tmp_path, monkeypatch):
+    """Front points fine-tuned once per distinct assignment, measured through the integer engine, reported
+    before and after with the same columns, and resumed without training again."""
+    import shutil
+
+    import maxdnn.explore_finetune as ef
+    from maxdnn.approx import ApproxNetwork
+    from maxdnn.explore import point_key
+    from maxdnn.graph import QuantizedGraph
+
+    src, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    ex = Explorer(run, Workload.open(None, LOSSLESS_ZIP), TINY, progress=False, log=lambda m: None)
+    res = ex.resilience()
+    fb = ef.FINETUNE_BUDGETS["tiny"]
+    done = ef.finetune_front(ex, ["layer", "kernel", "alwann"], res, fb)
+    assert done["exact"]["test_images"] == 1000 and done["settings"]["epochs"] == 1
+    assert 1 <= len(done["assignments"]) <= len(done["points"]) <= 3
+    # one fine-tuned point, measured again through the integer engine on test
+    pk, key = next((pk, k) for pk, k in done["points"].items() if k != "exact")
+    p = next(p for p in ex.points() if point_key(p) == pk)
+    a = ex.build(p["approach"], {k: tuple(v) for k, v in json.loads(p["genome"]).items()}, res)
+    g = QuantizedGraph.load(run / done["assignments"][key]["graph"])
+    acc = float((ApproxNetwork(g, a).predict(ex.test.images) == ex.test.labels).mean())
+    assert acc == done["assignments"][key]["test_accuracy"]
+    assert any(not np.array_equal(l.weight, ex.q.layers[n].weight) or not np.array_equal(l.bias, ex.q.layers[n].bias)
+               for n, l in g.layers.items())  # it was trained
+    # report: a fine-tuned row per fine-tuned point, with its own front, and a table after fine-tuning
+    write_report(run, ex)
+    rows = read_points(run / "points.csv")
+    ft_rows = [r for r in rows if r["finetuned"]]
+    assert len(ft_rows) == sum(1 for k in done["points"].values() if k != "exact")
+    assert all(r["test_accuracy"] is not None for r in ft_rows) and any(r["on_front"] for r in ft_rows)
+    text = (run / "report.md").read_text()
+    assert "## After fine-tuning" in text and "Fair baseline" in text
+    after = text[text.index("## After fine-tuning"):]
+    for ap, per in best_at_thresholds(rows, finetuned=True).items():
+        line = next(l for l in after.splitlines() if l.startswith(f"| {ap} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")[1:]]
+        assert cells == ["-" if r is None else cells[i] for i, r in enumerate(per.values())]
+        assert all(cells[i].startswith(f"{100 * r['energy_gain']:.1f}%") for i, r in enumerate(per.values()) if r)
+    # resumed: nothing trained again, same results
+    monkeypatch.setattr(ef, "finetune", lambda *a, **k: pytest.fail("trained again"))
+    assert ef.finetune_front(ex, ["layer", "kernel", "alwann"], res, fb) == done
+    # other settings on the same run directory are refused
+    with pytest.raises(ValueError, match="fine-tuning settings"):
+        ef.finetune_front(ex, ["layer"], res, ef.FinetuneBudget(epochs=2, images=64, points=1))
+
+
+def test_cli_explore_finetune_refuses_tflite_before_the_search(tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import SHARED
+    from maxdnn.cli import app
+
+    tfl = need(SHARED / "models" / "mlperf-tiny-resnet8" / "pretrainedResnet_quant.tflite")
+    r = CliRunner().invoke(app, ["explore", "--out", str(tmp_path / "x"), "--model", str(tfl), "--data",
+                                 str(need(LOSSLESS_ZIP)), "--budget", "tiny", "--finetune"])
+    assert r.exit_code == 2 and "TFLite" in r.output and not (tmp_path / "x").exists()

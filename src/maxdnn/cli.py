@@ -161,10 +161,15 @@ def multipliers_import(
         typer.echo("energy: none (" + meta.get("energy_note", "give --energy, or import the design's Verilog") + ")")
 
 
-def _model_stream_or_fail(model, data, name):
-    """The weight-stationary operand stream of a model (default the committed ResNet-8)."""
+ENERGY_HELP = ("Energy per multiplication: average (one operand stream for every layer), per-layer (each layer's "
+               "own stream; the committed ResNet-8's table) or a table FILE.json saved by hardware report --per-layer.")
+
+
+def _model_stream_or_fail(model, data, name, per_layer: bool = False):
+    """The weight-stationary operand stream of a model (default the committed ResNet-8); with ``per_layer``
+    (stream, {layer: its own stream}, quantized graph)."""
     from .data import DataError
-    from .hardware.power import model_stream
+    from .hardware.power import layer_streams, model_stream
     from .models import ModelError
     from .quant import calibration_images
     from .workload import Workload
@@ -176,7 +181,8 @@ def _model_stream_or_fail(model, data, name):
     except (DataError, ModelError) as e:
         fail(str(e))
     try:
-        return model_stream(q, imgs, name=name)
+        stream = model_stream(q, imgs, name=name)
+        return (stream, layer_streams(q, imgs), q) if per_layer else stream
     except ValueError as e:
         fail(f"{model}: {e}")
 
@@ -319,11 +325,12 @@ def evaluate(
     bias_correction: bool = typer.Option(False, "--bias-correction", help="With --assign: correct the biases for the "
                                          "assignment's mean accumulator error (measured on 256 training images "
                                          "outside the validation hold-out)."),
+    energy: str = typer.Option("average", help=ENERGY_HELP),
 ):
     """Accuracy (and, with --assign, multiplication energy) of a model on CIFAR-10."""
     from .approx import ApproxNetwork, Assignment, AssignmentError
     from .data import DataError
-    from .energy import EnergyModelError, network_energy
+    from .energy import EnergyModelError, energy_table, network_energy, with_per_layer
     from .multipliers import SpecError
     import numpy as np
 
@@ -370,13 +377,21 @@ def evaluate(
                         fail(f"{assign}: {e}")
                     result.update(bias_correction=f"{len(images)} training images")
                 try:
-                    en = network_energy(q, a)
-                    energy = {k: en[k] for k in ("energy", "energy_gain", "energy_unit", "energy_source", "multiplications")}
+                    table = energy_table(a.specs, a.bits)
                 except EnergyModelError as e:  # accuracy still makes sense
-                    energy = {"energy": None, "energy_gain": None, "energy_source": str(e)}
+                    table, en_out = None, {"energy": None, "energy_gain": None, "energy_source": str(e)}
+                if table is not None:
+                    try:  # per-layer energies asked for and not available: an error, not a silent average
+                        en = network_energy(q, a, with_per_layer(table, energy, q))
+                    except EnergyModelError as e:
+                        fail(str(e))
+                    en_out = {k: en[k] for k in ("energy", "energy_gain", "pe_energy_gain", "energy_unit",
+                                                 "energy_source", "multiplications")}
+                    if en_out["pe_energy_gain"] is None:
+                        del en_out["pe_energy_gain"]
                 net = ApproxNetwork(q, a, device=device)
                 outs = net.outputs(ds.images, batch_size)
-                result.update(assignment=str(assign), granularity=a.granularity(), **energy)
+                result.update(assignment=str(assign), granularity=a.granularity(), **en_out)
     except (DataError, ModelError, AssignmentError, SpecError) as e:
         fail(str(e))
     pred = outs.argmax(1) if len(outs) else np.zeros(0, dtype=np.int64)
@@ -409,12 +424,18 @@ def explore(
     library_file: Optional[Path] = typer.Option(None, help="The same as a file: one spec per line ('#' comments)."),
     bias_correction: bool = typer.Option(False, "--bias-correction", help="Evaluate every point with its biases "
                                          "corrected for the mean accumulator error of its multipliers."),
+    energy: str = typer.Option("average", help=ENERGY_HELP),
+    finetune: bool = typer.Option(False, "--finetune", help="Then fine-tune validation-Pareto points with their "
+                                  "assignment fixed (and the exact model, the fair baseline), epochs and points "
+                                  "set by the budget, and report the front before and after."),
 ):
     """MAx-DNN exploration: resilience, the three approaches and ALWANN, Pareto report."""
     import time
 
     from .data import DataError
     from .explore import APPROACHES, BUDGETS, Explorer, run_exploration
+    from .explore_finetune import FINETUNE_BUDGETS
+    from .finetune import check_finetunable
     from .models import ModelError
     from .report import write_report
     from .workload import Workload
@@ -433,14 +454,16 @@ def explore(
     created = _prepare_run_dir(out)
     try:
         ex = Explorer(out, wl, BUDGETS[budget], storage, seed, log=lambda m: typer.echo(m, err=True), library=specs,
-                      bias_correction=bias_correction)
+                      bias_correction=bias_correction, energy=energy)
+        if finetune:  # before any search: a graph the fine-tuning cannot take is refused now
+            check_finetunable(ex.q)
     except (DataError, ModelError, ValueError) as e:
         if created:  # nothing of this run is kept: no half-made run directory
             import shutil
 
             shutil.rmtree(out, ignore_errors=True)
         fail(str(e))
-    run_exploration(ex, aps)
+    run_exploration(ex, aps, finetune=FINETUNE_BUDGETS[budget] if finetune else None)
     res = ex.resilience()
     info = json.loads((out / "run.json").read_text())
     info["resilience"] = ", ".join(f"{k} {v:.2f}" for k, v in zip(["layers", "filter bins", "kernel bins"], res["validation"]))
@@ -589,8 +612,15 @@ def hardware_report_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the designs as JSON."),
     save_table: Optional[Path] = typer.Option(None, help="Also write the table (JSON) that energy accounting reads."),
     rounding: str = typer.Option("folded", help=ROUNDING_HELP),
+    liberty: Optional[Path] = typer.Option(None, help="Map each design to this liberty library's cells and take "
+                                           "energy (fJ), leakage and area from it (needs maxdnn[liberty])."),
+    pe: bool = typer.Option(False, "--pe", help="Also the processing element: the multiplier with a 24-bit "
+                            "accumulator adder and register, energy per operation (register clock from --liberty)."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="Also measure every design on each layer's own "
+                                   "operand stream (with --stream model or resnet8); --save-table then holds the "
+                                   "per-layer table that --energy FILE reads."),
 ):
-    """Area (NAND2 eq.), logic depth and energy per multiplication of each design."""
+    """Area, logic depth and energy per multiplication of each design (NAND2 model, or a liberty library)."""
     import time
 
     from tqdm import tqdm
@@ -615,38 +645,96 @@ def hardware_report_cmd(
             design_params(s)
     except NoHardwareError as e:
         fail(str(e))
+    lib = None
+    if liberty is not None:
+        from .hardware.liberty import LibertyError, read_liberty
+
+        try:
+            lib = read_liberty(liberty)
+        except LibertyError as e:
+            fail(str(e))
+    model_streams = [s for s in streams if s != "uniform"]
+    if per_layer and len(model_streams) != 1:
+        fail("--per-layer measures a model's layers: give one --stream model (or resnet8)")
     t0 = time.time()
-    built = []
+    built, layer_q = [], None
     for s in streams:
-        built.append(uniform_stream() if s == "uniform" else _model_stream_or_fail(model, data, s))
+        if s == "uniform":
+            built.append(uniform_stream())
+        elif per_layer:
+            stream, by_layer, layer_q = _model_stream_or_fail(model, data, s, per_layer=True)
+            built.append(stream)
+            built += list(by_layer.values())
+        else:
+            built.append(_model_stream_or_fail(model, data, s))
     bar = tqdm(total=len(specs), desc="designs", disable=as_json, leave=False)
+    from .hardware.netlist import NetlistError
+
     try:
-        rows = hardware_report(specs, built, progress=lambda _: bar.update(), rounding=rounding)
-    except SynthesisError as e:
+        rows = hardware_report(specs, built, progress=lambda _: bar.update(), rounding=rounding, liberty=lib, pe=pe)
+    except (SynthesisError, NetlistError, ValueError) as e:
         fail(str(e))
     bar.close()
     elapsed = time.time() - t0
+    unit = (f"fJ per multiplication ({lib.name} cells, internal energy + 1/2 C V^2 of the driven pins, "
+            "unit-delay, glitches counted)" if lib else "NAND2-toggle equivalents per multiplication (unit-delay, "
+            "glitches counted)")
     if save_table:
-        doc = {"unit": "NAND2-toggle equivalents per multiplication (unit-delay, glitches counted)",
-               "rounding": rounding,
+        doc = {"unit": unit, "rounding": rounding,
                "area_unit": "NAND2 equivalents (NanGate 45nm X1 areas)",
                "streams": {s.name: len(s.x) for s in built}, "designs": rows}
+        if lib:
+            doc.update({"liberty": str(liberty), "leakage_unit": "nW", "area_lib_unit": "library area unit (um^2)"})
+        if pe:
+            from .hardware.power import PE_ACC_BITS, PE_DOT_LENGTH
+
+            doc["pe"] = (f"processing element: the multiplier, a {PE_ACC_BITS}-bit accumulator adder and register "
+                         f"(dot products of {PE_DOT_LENGTH}); register clock "
+                         + (f"from {lib.flop().cell}" if lib else "not modelled (no liberty)"))
+        if layer_q is not None:
+            from .hardware.power import per_layer_relative
+
+            doc["per_layer"] = per_layer_relative(rows, layer_q)
+            doc["per_layer_unit"] = ("energy on the layer's own stream / the exact design's energy averaged over "
+                                     "the layers (weighted by multiplications)")
+            doc["model"] = model or "resnet8"
         write_json(save_table, doc)
+    keys = ("spec", "area_nand2", "depth", "energy", "energy_rel", "gates") + (("area_lib", "leakage_nw") if lib else ()) \
+        + (("pe_energy", "pe_energy_rel") if pe else ())
     if as_json:
-        typer.echo(json.dumps([{k: r[k] for k in ("spec", "area_nand2", "depth", "energy", "energy_rel", "gates")} for r in rows], indent=1))
+        typer.echo(json.dumps([{k: r[k] for k in keys} for r in rows], indent=1))
         return
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"8-bit radix-4 Booth / ROUP designs, {rounding} rounding ({elapsed:.1f} s); "
-                    f"energy in NAND2-toggle eq. per multiplication")
+    t = Table(title=f"8-bit radix-4 Booth / ROUP designs, {rounding} rounding ({elapsed:.1f} s); energy in "
+                    + (f"fJ per multiplication ({lib.name}, {lib.voltage:g} V)" if lib else
+                       "NAND2-toggle eq. per multiplication"))
     t.add_column("spec")
-    for c in ["gates", "area (NAND2)", "depth"] + [f"E {s}" for s in streams] + [f"E/E_exact {s}" for s in streams]:
+    cols = ["cells" if lib else "gates", "area (NAND2)"] + (["area (lib)", "leakage (nW)"] if lib else []) + ["depth"]
+    pe_cols = [f"PE/PE_exact {s}" for s in streams] if pe else []
+    for c in cols + [f"E {s}" for s in streams] + [f"E/E_exact {s}" for s in streams] + pe_cols:
         t.add_column(c, justify="right")
+    if layer_q is not None:
+        from .hardware.power import per_layer_relative
+
+        table_pl = per_layer_relative(rows, layer_q)
+        names = list(table_pl)
+        tl = Table(title="energy on each layer's own stream, in average exact multiplications")
+        tl.add_column("spec")
+        for n in names:
+            tl.add_column(n, justify="right")
+        for r in rows:
+            tl.add_row(r["spec"], *[f"{table_pl[n][r['spec']]:.3f}" for n in names])
+        Console(width=200).print(tl)
     for r in rows:
-        t.add_row(r["spec"], str(r["gates"]), f"{r['area_nand2']:.1f}", str(r["depth"]),
-                  *[f"{r['energy'][s]:.1f}" for s in streams], *[f"{r['energy_rel'][s]:.3f}" for s in streams])
-    Console(width=140).print(t)
+        extra = [f"{r['area_lib']:.1f}" if r["area_lib"] else "n/a", f"{r['leakage_nw']:.0f}"] if lib else []
+        t.add_row(r["spec"], str(r["gates"]), f"{r['area_nand2']:.1f}", *extra, str(r["depth"]),
+                  *[f"{r['energy'][s]:.1f}" for s in streams], *[f"{r['energy_rel'][s]:.3f}" for s in streams],
+                  *([f"{r['pe_energy_rel'][s]:.3f}" for s in streams] if pe else []))
+    Console(width=160).print(t)
+    if lib and not any(r["area_lib"] for r in rows):
+        typer.echo(f"{liberty}: its cells have no area; the area column is the NAND2-equivalent model", err=True)
 
 
 def main() -> None:  # pragma: no cover

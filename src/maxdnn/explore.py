@@ -56,7 +56,7 @@ from .approx import ApproxNetwork, Assignment
 from .bias_correction import bias_corrected, correction_images
 from .atomic import atomic_path, write_json
 from .data import validation_split
-from .energy import energy_table, hardware_table, network_energy
+from .energy import energy_table, hardware_table, network_energy, with_per_layer
 from .error_metrics import error_metrics
 from .multipliers import get_multiplier, roup_specs
 from .graph import QuantizedGraph
@@ -112,10 +112,12 @@ def _spearman(a, b) -> float:
 class Explorer:
     def __init__(self, run_dir: str | os.PathLike, workload: Workload, budget: Budget, storage: str | None = None,
                  seed: int = 0, log=print, progress: bool = True, library: list[str] | None = None,
-                 bias_correction: bool = False):
+                 bias_correction: bool = False, energy: str = "average"):
         """``library``: the multipliers the approaches choose from (any specs, imported ones included);
         default: the budget's share of the ROUP configurations that save energy. ``bias_correction``:
-        every point is evaluated with its biases corrected (``maxdnn.bias_correction``)."""
+        every point is evaluated with its biases corrected (``maxdnn.bias_correction``). ``energy``: average,
+        per-layer or a per-layer table file (``maxdnn.energy.with_per_layer``)."""
+        self.energy = energy
         self.user_library = list(dict.fromkeys(library)) if library else None
         self.bias_correction = bias_correction
         self.run_dir = Path(run_dir)
@@ -164,6 +166,7 @@ class Explorer:
         _, val_idx = validation_split(len(train), 5000, seed=0)
         val_idx = np.sort(val_idx[: b.val_images])  # a random sample of the hold-out (class mix kept)
         self.val = train.subset(val_idx)
+        self.train = train
         self.test = self.wl.split("test")
         self.correction_images = correction_images(train.images) if self.bias_correction else None
         qpath = self.run_dir / "quantized.npz"
@@ -175,24 +178,26 @@ class Explorer:
             self.q.save(qpath)
         self.library = self.user_library or roup_library(b.library_size)
         self._check_library()
-        self.table = energy_table(list(dict.fromkeys(["exact"] + roup_specs(8) + self.library)))
+        self.table = with_per_layer(energy_table(list(dict.fromkeys(["exact"] + roup_specs(8) + self.library))),
+                                    self.energy, self.q)
         run_json = self.run_dir / "run.json"
         info = {"model": self.wl.model_path, "data": str(self.wl.data_path), "budget": json.loads(json.dumps(asdict(b))), "seed": self.seed,
                 "storage": self.storage_arg or "study.db", "library": self.library,
-                "bias_correction": self.bias_correction,
+                "bias_correction": self.bias_correction, "energy": self.energy,
                 "validation": f"{len(self.val)} held-out training images of {describe_data(train)}",
                 "test": describe_data(self.test), "energy_source": self.table.source}
         if run_json.exists():
             old = json.loads(run_json.read_text())
             old.setdefault("bias_correction", False)
-            for k in ("model", "data", "budget", "seed", "library", "bias_correction"):
+            old.setdefault("energy", "average")
+            for k in ("model", "data", "budget", "seed", "library", "bias_correction", "energy"):
                 if old.get(k) != info[k]:
                     was = old.get(k)["name"] if k == "budget" and isinstance(old.get(k), dict) else old.get(k)
                     raise ValueError(f"{run_json}: this run was made with {k} {was!r}; rerun with it or use another RUN_DIR")
             info["baseline"] = old.get("baseline")
         if not info.get("baseline"):
             self.log(f"exact int8 baseline on {len(self.val)} validation and {len(self.test)} test images")
-            val_acc, val_loss = self._val_metrics(Assignment.uniform(self.q, "exact"))
+            val_acc, val_loss = self.val_metrics(Assignment.uniform(self.q, "exact"))
             test_acc = float((self.q.predict(self.test.images) == self.test.labels).mean())
             info["baseline"] = {"val_accuracy": val_acc, "val_loss": val_loss, "test_accuracy": test_acc,
                                 "val_images": len(self.val), "test_images": len(self.test)}
@@ -223,8 +228,10 @@ class Explorer:
         """The graph an assignment runs on: the quantized model, bias-corrected for it if asked."""
         return bias_corrected(self.q, a, self.correction_images) if self.bias_correction else self.q
 
-    def _val_metrics(self, a: Assignment) -> tuple[float, float]:
-        net = ApproxNetwork(self.graph_for(a), a)
+    def val_metrics(self, a: Assignment, graph: QuantizedGraph | None = None) -> tuple[float, float]:
+        """(accuracy, mean cross-entropy) on the validation images; ``graph``: another graph than the
+        assignment's own (a fine-tuned one)."""
+        net = ApproxNetwork(graph if graph is not None else self.graph_for(a), a)
         correct, loss = 0, 0.0
         for i in range(0, len(self.val), 250):
             x = torch.as_tensor(self.val.images[i:i + 250])
@@ -235,7 +242,7 @@ class Explorer:
         return correct / len(self.val), loss / len(self.val)
 
     def evaluate(self, a: Assignment) -> dict:
-        acc, loss = self._val_metrics(a)
+        acc, loss = self.val_metrics(a)
         en = network_energy(self.q, a, self.table)
         return {"val_accuracy": acc, "val_loss": loss, "energy": en["energy"], "energy_gain": en["energy_gain"]}
 
@@ -595,11 +602,13 @@ def taylor_proxy(q: QuantizedGraph, images: np.ndarray, labels: np.ndarray, spec
     return result
 
 
-def run_exploration(explorer: Explorer, approaches=APPROACHES) -> dict:
-    """Resilience, then per approach its sweep (not for alwann) and NSGA-II, then test-set numbers."""
+def run_exploration(explorer: Explorer, approaches=APPROACHES, finetune=None) -> dict:
+    """Resilience, then per approach its sweep (not for alwann) and NSGA-II, then test-set numbers; with a
+    ``finetune`` budget (``maxdnn.explore_finetune.FinetuneBudget``), then the fine-tuning of front points."""
     t0 = time.time()
     steps = [("resilience", None)] + [(kind, ap) for ap in approaches
                                       for kind in (("nsga",) if ap == "alwann" else ("sweep", "nsga"))] + [("test", None)]
+    steps += [("finetune", None)] if finetune is not None else []
     res = None
     for k, (kind, ap) in enumerate(steps, 1):
         explorer.phase = f"[phase {k}/{len(steps)}] "
@@ -609,7 +618,11 @@ def run_exploration(explorer: Explorer, approaches=APPROACHES) -> dict:
             explorer.sweep(ap, res)
         elif kind == "nsga":
             explorer.nsga(ap, res)
-        else:
+        elif kind == "test":
             explorer.evaluate_front(approaches, res)
+        else:
+            from .explore_finetune import finetune_front
+
+            finetune_front(explorer, approaches, res, finetune)
     explorer.phase = ""
     return {"seconds": time.time() - t0}

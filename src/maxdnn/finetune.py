@@ -85,14 +85,19 @@ class _LayerGroups:
         return out
 
 
+def check_finetunable(q: QuantizedGraph) -> None:
+    """One line (FinetuneError) unless the graph is maxdnn's own quantization, which the twin reproduces."""
+    if any(isinstance(n, TfliteAdd) or (isinstance(n, MulLayer) and n.requant.mode != "half_up") for n in q.nodes):
+        raise FinetuneError("fine-tuning takes maxdnn's own graphs (a float model quantized by maxdnn); "
+                            "an imported TFLite model keeps TFLite's requantization")
+
+
 class FakeQuantTwin(nn.Module):
     """The graph with trainable real weights and biases and the assignment's arithmetic (module docstring)."""
 
     def __init__(self, q: QuantizedGraph, assignment: Assignment, dtype=torch.float32):
         super().__init__()
-        if any(isinstance(n, TfliteAdd) or (isinstance(n, MulLayer) and n.requant.mode != "half_up") for n in q.nodes):
-            raise FinetuneError("fine-tuning takes maxdnn's own graphs (a float model quantized by maxdnn); "
-                                "an imported TFLite model keeps TFLite's requantization")
+        check_finetunable(q)
         self.q = q
         self.a = assignment.bind(q)
         self.dtype = dtype

@@ -1,0 +1,140 @@
+"""The fine-tuning stage of an exploration (``maxdnn explore --finetune``).
+
+After the search, some of each approach's validation-Pareto points are
+fine-tuned with their assignment fixed (``maxdnn.finetune``) and measured
+again, on validation and on test, through the integer engine. Which points:
+per approach, up to ``points`` of the validation front within
+``max_val_loss_pts`` of the exact baseline (fine-tuning recovers a few points,
+not tens), spread evenly over the front's energy gains, the largest gain always
+among them. Everything is chosen on validation, as in the search. Identical
+assignments (layer-level and ALWANN-style often share points) are fine-tuned
+once. The exact model is fine-tuned the same way: it is the fair baseline
+(a gain bought by extra training of the exact model is not a gain from
+approximation).
+
+Fine-tuning starts from the quantized model without bias correction even when
+the exploration corrects biases: the trained biases absorb the mean error, and
+correcting them afterwards removes it twice.
+
+Results go to RUN_DIR/finetune_eval.json, one entry per assignment as it
+completes, and the fine-tuned graphs to RUN_DIR/finetuned/; an interrupted
+stage resumes after the last finished point (and a point's training after its
+last finished epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .approx import ApproxNetwork, Assignment
+from .atomic import write_json
+from .data import training_sample
+from .finetune import check_finetunable, finetune
+from .graph import QuantizedGraph
+
+
+@dataclass(frozen=True)
+class FinetuneBudget:
+    epochs: int
+    images: int | None  # training images outside the validation hold-out (None: all of them)
+    points: int  # per approach
+    max_val_loss_pts: float = 8.0
+    lr: float = 1e-3
+    batch_size: int = 64
+
+
+FINETUNE_BUDGETS = {
+    "quick": FinetuneBudget(epochs=1, images=20000, points=3),
+    "full": FinetuneBudget(epochs=2, images=None, points=8),
+    "tiny": FinetuneBudget(epochs=1, images=64, points=1, max_val_loss_pts=100.0),  # for tests
+}
+
+
+def assignment_key(a: Assignment) -> str:
+    """A digest of what an assignment computes (its specs and every layer's map)."""
+    h = hashlib.sha256(json.dumps(a.specs).encode())
+    for name in sorted(a.maps):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(a.maps[name], dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def finetune_candidates(points: list[dict], base_val_accuracy: float, fb: FinetuneBudget) -> list[dict]:
+    """The validation-Pareto points of one approach to fine-tune (module docstring), by increasing gain."""
+    from .explore import pareto_front
+
+    front = [p for p in pareto_front(points) if p["energy_gain"] > 0
+             and 100 * (base_val_accuracy - p["val_accuracy"]) <= fb.max_val_loss_pts + 1e-9]
+    if len(front) <= fb.points:
+        return front
+    picks = np.unique(np.round(np.linspace(len(front) - 1, 0, fb.points)).astype(int))
+    return [front[i] for i in sorted(picks)]
+
+
+def _accuracy(g: QuantizedGraph, a: Assignment, split) -> float:
+    return float((ApproxNetwork(g, a).predict(split.images) == split.labels).mean())
+
+
+def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
+    """Fine-tune the chosen validation-Pareto points and the exact model; returns finetune_eval.json's content:
+    {"settings", "exact": entry, "assignments": {key: entry}, "points": {point key: assignment key}}, each entry
+    {val_accuracy, val_loss, test_accuracy, test_images, seconds}."""
+    from .explore import point_key
+
+    check_finetunable(explorer.q)
+    run_dir = Path(explorer.run_dir)
+    path = run_dir / "finetune_eval.json"
+    settings = {**asdict(fb), "seed": explorer.seed}
+    done = json.loads(path.read_text()) if path.exists() else {}
+    if done and done.get("settings") != settings:
+        raise ValueError(f"{path}: made with fine-tuning settings {done.get('settings')}; "
+                         "delete it (and RUN_DIR/finetuned) or rerun with the same budget")
+    done = {"settings": settings, "exact": done.get("exact"), "assignments": done.get("assignments", {}),
+            "points": done.get("points", {})}
+    base_val = explorer.info["baseline"]["val_accuracy"]
+    todo: list[tuple[str, Assignment, list[str]]] = []  # (assignment key, assignment, point keys)
+    exact = Assignment.uniform(explorer.q, "exact")
+    by_key = {"exact": (exact, [])}
+    for ap in approaches:
+        for p in finetune_candidates(explorer.points([ap]), base_val, fb):
+            a = explorer.build(ap, {k: tuple(v) for k, v in json.loads(p["genome"]).items()}, res)
+            key = assignment_key(a)
+            by_key.setdefault(key, (a, []))[1].append(point_key(p))
+    for key, (a, pkeys) in by_key.items():
+        for pk in pkeys:
+            done["points"][pk] = key
+        have = done["exact"] if key == "exact" else done["assignments"].get(key)
+        if have is None:
+            todo.append((key, a, pkeys))
+    train = explorer.train
+    tr = training_sample(len(train), fb.images, explorer.seed)
+    images, labels = train.images[tr], train.labels[tr]
+    out_dir = run_dir / "finetuned"
+    out_dir.mkdir(exist_ok=True)
+    if todo:
+        explorer.log(f"fine-tuning {len(todo)} assignments ({fb.epochs} epoch(s) on {len(tr)} training images "
+                     f"outside the validation hold-out), then measuring them on validation and test")
+    for key, a, _ in explorer._bar(todo, "fine-tuning: front points"):
+        t0 = time.time()
+        npz = out_dir / f"{key}.npz"
+        if npz.exists():  # trained before an interruption, not yet measured
+            g = QuantizedGraph.load(npz)
+        else:
+            g = finetune(explorer.q, a, images, labels, npz, epochs=fb.epochs, batch_size=fb.batch_size, lr=fb.lr,
+                         seed=explorer.seed, log=lambda m: None, progress=False)
+        val_acc, val_loss = explorer.val_metrics(a, g)
+        entry = {"val_accuracy": val_acc, "val_loss": val_loss, "test_accuracy": _accuracy(g, a, explorer.test),
+                 "test_images": int(len(explorer.test)), "seconds": time.time() - t0, "graph": f"finetuned/{key}.npz"}
+        if key == "exact":
+            done["exact"] = entry
+        else:
+            done["assignments"][key] = entry
+        write_json(path, done)
+    write_json(path, done)
+    return done
