@@ -131,7 +131,7 @@ def test_resilience_keeps_each_measurement_when_interrupted(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         ex.resilience()
     assert not (tmp_path / "resilience.npz").exists()
-    assert len(json.loads((tmp_path / "resilience-direct.partial.json").read_text())) == 7
+    assert len(ex.units.results(prefix="resilience|")) == 7  # kept in the run's database as they finished
     calls2 = {"n": 0}
 
     def counting(self, a):
@@ -143,7 +143,6 @@ def test_resilience_keeps_each_measurement_when_interrupted(tmp_path, monkeypatc
     n_layers, n_specs = res["direct_loss"].shape
     bins = 2 * TINY.validation_sample
     assert calls2["n"] == 1 + n_layers * n_specs - 7 + bins
-    assert not list(tmp_path.glob("*.partial.json"))
     # the same numbers as an uninterrupted run
     fresh = Explorer(tmp_path / "fresh", wl, TINY, progress=False, log=lambda m: None).resilience()
     for k in ("direct_loss", "direct_acc", "validation"):
@@ -247,7 +246,7 @@ def test_finetune_candidates_spread_over_the_front():
             "energy_gain": 0.1 * i} for i in range(10)]
     fb = FinetuneBudget(epochs=1, images=10, points=3, max_val_loss_pts=6.0)
     got = [p["trial"] for p in finetune_candidates(pts, 0.84, fb)]
-    assert got == [1, 3, 6]  # trial 0 saves nothing, trials 7..9 lose more than 6 points; largest gain kept
+    assert got == [1, 4, 6]  # trial 0 saves nothing, trials 7..9 lose more than 6 points; gains 0.6, 0.35, 0.1
     assert [p["trial"] for p in finetune_candidates(pts, 0.84, FinetuneBudget(1, 10, 20, 6.0))] == list(range(1, 7))
 
 
@@ -311,3 +310,21 @@ def test_cli_explore_finetune_refuses_tflite_before_the_search(tmp_path):
     r = CliRunner().invoke(app, ["explore", "--out", str(tmp_path / "x"), "--model", str(tfl), "--data",
                                  str(need(LOSSLESS_ZIP)), "--budget", "tiny", "--finetune"])
     assert r.exit_code == 2 and "TFLite" in r.output and not (tmp_path / "x").exists()
+
+
+def test_explore_with_per_layer_energy_is_recorded_and_checked_on_resume(tmp_path):
+    ex = Explorer(tmp_path, Workload.open(None, need(LOSSLESS_ZIP)), TINY, progress=False, log=lambda m: None,
+                  energy="per-layer")
+    assert ex.table.per_layer is not None and "per layer" in ex.table.source
+    assert json.loads((tmp_path / "run.json").read_text())["energy"] == "per-layer"
+    a = ex.build("layer", {"s3.conv2": ("roup-p2r2", 1.0)}, {})
+    r = ex.evaluate(a)
+    per = ex.table.per_layer["s3.conv2"]
+    from maxdnn.energy import multiplication_counts
+
+    counts = multiplication_counts(ex.q)
+    mults = {n: counts[n] * int(np.prod(l.weight.shape[:2])) for n, l in ex.q.layers.items()}
+    exact = sum(mults[n] * ex.table.per_layer[n]["exact"] for n in mults)
+    assert r["energy_gain"] == pytest.approx(mults["s3.conv2"] * (per["exact"] - per["roup-p2r2"]) / exact)
+    with pytest.raises(ValueError, match="energy"):
+        Explorer(tmp_path, Workload.open(None, LOSSLESS_ZIP), TINY, progress=False, log=lambda m: None)

@@ -428,6 +428,8 @@ def explore(
     finetune: bool = typer.Option(False, "--finetune", help="Then fine-tune validation-Pareto points with their "
                                   "assignment fixed (and the exact model, the fair baseline), epochs and points "
                                   "set by the budget, and report the front before and after."),
+    workers: int = typer.Option(1, help="Worker processes on this machine sharing the exploration through the "
+                                "storage (each extra one runs in OUT/workers/wK)."),
 ):
     """MAx-DNN exploration: resilience, the three approaches and ALWANN, Pareto report."""
     import time
@@ -446,12 +448,16 @@ def explore(
     if budget not in BUDGETS:
         fail(f"--budget {budget}: expected quick or full")
     specs = _library_specs(library, library_file)
+    if workers < 1:
+        fail(f"--workers {workers}: expected at least 1")
     t0 = time.time()
     try:
         wl = Workload.open(model, _data_or_fail(data))
     except (DataError, ModelError) as e:
         fail(str(e))
     created = _prepare_run_dir(out)
+    if workers > 1:  # the others share this run's database (or the given server)
+        storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     try:
         ex = Explorer(out, wl, BUDGETS[budget], storage, seed, log=lambda m: typer.echo(m, err=True), library=specs,
                       bias_correction=bias_correction, energy=energy)
@@ -463,7 +469,15 @@ def explore(
 
             shutil.rmtree(out, ignore_errors=True)
         fail(str(e))
+    helpers = []
+    if workers > 1:
+        args = ["--approach", approach, "--budget", budget, "--storage", storage, "--seed", str(seed), "--energy",
+                energy] + (["--data", data] if data else []) + (["--model", model] if model else []) \
+            + (["--library", ",".join(specs)] if specs else []) + (["--bias-correction"] if bias_correction else []) \
+            + (["--finetune"] if finetune else [])
+        helpers = _start_workers(out, workers - 1, args)
     run_exploration(ex, aps, finetune=FINETUNE_BUDGETS[budget] if finetune else None)
+    _wait_for_workers(helpers)
     res = ex.resilience()
     info = json.loads((out / "run.json").read_text())
     info["resilience"] = ", ".join(f"{k} {v:.2f}" for k, v in zip(["layers", "filter bins", "kernel bins"], res["validation"]))
@@ -471,6 +485,28 @@ def explore(
     write_json(out / "run.json", info)
     path = write_report(out, ex)
     typer.echo(path.read_text())
+
+
+def _start_workers(out: Path, n: int, args: list[str]) -> list:
+    """Start ``n`` more ``maxdnn explore`` processes with ``args``, each in OUT/workers/wK (its log: worker.log)."""
+    import subprocess
+
+    procs = []
+    for k in range(1, n + 1):
+        wdir = out / "workers" / f"w{k}"
+        wdir.mkdir(parents=True, exist_ok=True)
+        log = open(wdir / "worker.log", "a")
+        procs.append((wdir, subprocess.Popen([sys.executable, "-m", "maxdnn", "explore", "--out", str(wdir), *args],
+                                             stdout=log, stderr=log, stdin=subprocess.DEVNULL)))
+        log.close()
+    return procs
+
+
+def _wait_for_workers(procs) -> None:
+    for wdir, p in procs:
+        if p.wait() != 0:
+            tail = (wdir / "worker.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            fail(f"worker {wdir} failed: {tail[0]}")
 
 
 def _library_specs(library: str | None, library_file: Path | None) -> list[str] | None:
@@ -732,7 +768,7 @@ def hardware_report_cmd(
         t.add_row(r["spec"], str(r["gates"]), f"{r['area_nand2']:.1f}", *extra, str(r["depth"]),
                   *[f"{r['energy'][s]:.1f}" for s in streams], *[f"{r['energy_rel'][s]:.3f}" for s in streams],
                   *([f"{r['pe_energy_rel'][s]:.3f}" for s in streams] if pe else []))
-    Console(width=160).print(t)
+    Console(width=240).print(t)
     if lib and not any(r["area_lib"] for r in rows):
         typer.echo(f"{liberty}: its cells have no area; the area column is the NAND2-equivalent model", err=True)
 

@@ -60,6 +60,7 @@ from .energy import energy_table, hardware_table, network_energy, with_per_layer
 from .error_metrics import error_metrics
 from .multipliers import get_multiplier, roup_specs
 from .graph import QuantizedGraph
+from .work_units import WorkUnits
 from .workload import Workload, describe_data
 
 APPROACHES = ("layer", "filter", "kernel", "alwann")
@@ -156,6 +157,7 @@ class Explorer:
                 raise ValueError(f"{db}: the run's study database is missing")
             stored = f"sqlite:///{db.resolve()}"
         ex.storage_url = stored
+        ex.scope = json.loads((run_dir / "run.json").read_text()).get("scope", "")
         return ex
 
     # ------------------------------------------------------------------ setup
@@ -201,6 +203,15 @@ class Explorer:
             test_acc = float((self.q.predict(self.test.images) == self.test.labels).mean())
             info["baseline"] = {"val_accuracy": val_acc, "val_loss": val_loss, "test_accuracy": test_acc,
                                 "val_images": len(self.val), "test_images": len(self.test)}
+        # a shared server may hold several explorations: this one's studies and units carry its scope
+        ident = {k: info[k] for k in ("budget", "seed", "library", "bias_correction", "energy")}
+        ident.update(model=Path(str(info["model"])).name, data=Path(str(info["data"])).name)
+        info["scope"] = "" if self.storage_arg is None else hashlib.sha256(
+            json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+        self.scope = info["scope"]
+        self.units = WorkUnits(self.storage_url, self.scope, self._engine_kwargs())
+        if self.storage_arg is None:  # RUN_DIR's own database has one worker: claims left are an interrupted run's
+            self.units.release_all_claims()
         self.info = info
         write_json(run_json, info)
 
@@ -248,10 +259,20 @@ class Explorer:
 
     # ------------------------------------------------------------------ resilience
     def resilience(self) -> dict:
+        """The resilience arrays (module docstring): RUN_DIR/resilience.npz; with several workers, computed once
+        (measurements shared unit by unit) and kept in the storage, from which every worker writes its copy."""
         path = self.run_dir / "resilience.npz"
         if path.exists():
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
+        mine = self._resilience()  # every worker takes part: the measurements are units of their own
+        stored = self.units.map(["resilience"], lambda _: {k: v.tolist() for k, v in mine.items()})
+        res = {k: np.asarray(v, dtype=np.float64) for k, v in stored["resilience"].items()}
+        with atomic_path(path, ".npz") as tmp:
+            np.savez(tmp, **res)
+        return res
+
+    def _resilience(self) -> dict:
         t0 = time.time()
         layers = list(self.q.layers)
         specs = self.library
@@ -259,18 +280,21 @@ class Explorer:
         exact = self.evaluate(Assignment.uniform(self.q, "exact"))
         direct_loss = np.zeros((len(layers), len(specs)))
         direct_acc = np.zeros((len(layers), len(specs)))
-        pairs = [(li, si) for li in range(len(layers)) for si in range(len(specs))]
-        partial = self._partial("resilience-direct")  # each measurement is kept as it completes
-        for li, si in self._bar(pairs, "resilience: layer x configuration"):
-            key = f"{layers[li]}|{specs[si]}"
-            if key not in partial:
-                a = Assignment(["exact", specs[si]], {n: np.full(self.q.layers[n].weight.shape[:2], int(n == layers[li]))
-                                                      for n in layers})
-                r = self.evaluate(a)
-                partial[key] = [r["val_loss"], r["val_accuracy"]]
-                self._save_partial("resilience-direct", partial)
-            direct_loss[li, si] = partial[key][0] - exact["val_loss"]
-            direct_acc[li, si] = exact["val_accuracy"] - partial[key][1]
+        pairs = {f"resilience|{layers[li]}|{specs[si]}": (li, si) for li in range(len(layers)) for si in range(len(specs))}
+
+        def measure(key):  # one layer alone with one configuration
+            li, si = pairs[key]
+            a = Assignment(["exact", specs[si]], {n: np.full(self.q.layers[n].weight.shape[:2], int(n == layers[li]))
+                                                  for n in layers})
+            r = self.evaluate(a)
+            return [r["val_loss"], r["val_accuracy"]]
+
+        # each measurement is kept in the storage as it completes, and shared with other workers
+        with self._bar([], "resilience: layer x configuration", total=len(pairs)) as bar:
+            measured = self.units.map(list(pairs), measure, bar)
+        for key, (li, si) in pairs.items():
+            direct_loss[li, si] = measured[key][0] - exact["val_loss"]
+            direct_acc[li, si] = exact["val_accuracy"] - measured[key][1]
         res["direct_loss"], res["direct_acc"] = direct_loss, direct_acc
         proxy = taylor_proxy(self.q, self.val.images[: self.budget.proxy_images],
                              self.val.labels[: self.budget.proxy_images], specs)
@@ -280,18 +304,7 @@ class Explorer:
         res["layer_proxy"] = np.array([[proxy[n]["layer"][s] for s in range(len(specs))] for n in layers])
         res["validation"] = self._validate_proxy(res, exact)
         res["seconds"] = np.array(time.time() - t0)
-        with atomic_path(path, ".npz") as tmp:
-            np.savez(tmp, **res)
-        for name in ("resilience-direct", "resilience-bins"):
-            (self.run_dir / f"{name}.partial.json").unlink(missing_ok=True)
         return res
-
-    def _partial(self, name: str) -> dict:
-        path = self.run_dir / f"{name}.partial.json"
-        return json.loads(path.read_text()) if path.exists() else {}
-
-    def _save_partial(self, name: str, done: dict) -> None:
-        write_json(self.run_dir / f"{name}.partial.json", done, indent=None)
 
     def _validate_proxy(self, res, exact) -> np.ndarray:
         """Spearman rho of proxy vs direct loss change: [layers, filter bins, kernel bins].
@@ -317,19 +330,23 @@ class Explorer:
                 jobs.append((kind, name, b, float(proxy[b].sum())))
         direct = {"filter": [], "kernel": []}
         proxies = {"filter": [], "kernel": []}
-        partial = self._partial("resilience-bins")
-        for kind, name, units, psum in self._bar(jobs, "resilience: proxy validation"):
-            key = f"{kind}|{name}|{specs[mid]}|{','.join(map(str, units))}"
-            if key not in partial:
-                shape = self.q.layers[name].weight.shape[:2]
-                m = np.zeros(shape, dtype=np.int64)
-                if kind == "filter":
-                    m[units] = 1
-                else:
-                    m.flat[units] = 1
-                partial[key] = self.evaluate(Assignment(["exact", specs[mid]], {name: m}))["val_loss"]
-                self._save_partial("resilience-bins", partial)
-            direct[kind].append(partial[key] - exact["val_loss"])
+        by_key = {f"bin|{kind}|{name}|{specs[mid]}|"
+                  f"{hashlib.sha256(','.join(map(str, units)).encode()).hexdigest()[:16]}": (kind, name, units)
+                  for kind, name, units, _ in jobs}
+
+        def measure(key):  # one bin of units alone with the middle configuration
+            kind, name, units = by_key[key]
+            m = np.zeros(self.q.layers[name].weight.shape[:2], dtype=np.int64)
+            if kind == "filter":
+                m[units] = 1
+            else:
+                m.flat[units] = 1
+            return self.evaluate(Assignment(["exact", specs[mid]], {name: m}))["val_loss"]
+
+        with self._bar([], "resilience: proxy validation", total=len(by_key)) as bar:
+            measured = self.units.map(list(by_key), measure, bar)
+        for key, (kind, _, _), (_, _, _, psum) in zip(by_key, by_key.values(), jobs):
+            direct[kind].append(measured[key] - exact["val_loss"])
             proxies[kind].append(psum)
         rho_f = _spearman(proxies["filter"], direct["filter"])
         rho_k = _spearman(proxies["kernel"], direct["kernel"])
@@ -367,26 +384,32 @@ class Explorer:
         return "; ".join(parts) if parts else "all exact"
 
     # ------------------------------------------------------------------ searches
+    def _engine_kwargs(self) -> dict:
+        if self.storage_url.startswith("sqlite"):
+            return {"connect_args": {"timeout": 60}}
+        return {"connect_args": {"connect_timeout": 5}} if self.storage_url.startswith("postgres") else {}
+
     def _storage(self):
         import optuna
 
-        if self.storage_url.startswith("sqlite"):
-            return optuna.storages.RDBStorage(self.storage_url, engine_kwargs={"connect_args": {"timeout": 60}})
-        kwargs = {"connect_args": {"connect_timeout": 5}} if self.storage_url.startswith("postgres") else {}
-        return optuna.storages.RDBStorage(self.storage_url, heartbeat_interval=20, grace_period=60, engine_kwargs=kwargs)
+        # no Optuna heartbeats: a dead worker's unit is retried through maxdnn.work_units, and the trial it
+        # left RUNNING is never counted (only COMPLETE trials are points)
+        return optuna.storages.RDBStorage(self.storage_url, engine_kwargs=self._engine_kwargs())
+
+    def study_name(self, name: str) -> str:
+        """``name`` within this exploration's scope (a shared server may hold several explorations)."""
+        return f"{self.scope}/{name}" if getattr(self, "scope", "") else name
 
     def _study(self, name: str, sampler=None):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(study_name=name, storage=self._storage(), directions=["maximize", "maximize"],
+        study = optuna.create_study(study_name=self.study_name(name), storage=self._storage(), directions=["maximize", "maximize"],
                                     sampler=sampler, load_if_exists=True)
-        if self.storage_url.startswith("sqlite"):
-            # a single-machine run: trials left RUNNING belong to an interrupted process
+        if self.storage_arg is None:
+            # RUN_DIR's own database, one worker: trials left RUNNING belong to an interrupted process
             for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
                 study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        else:
-            optuna.storages.fail_stale_trials(study)
         return study
 
     def _record(self, study, trial, approach, source, genome, res):
@@ -403,19 +426,27 @@ class Explorer:
         return r
 
     def sweep(self, approach: str, res: dict) -> None:
+        """Every (configuration, fraction) of the grid once: each point is a unit (shared by workers)."""
         import optuna
 
         study = self._study(f"{approach}-sweep", optuna.samplers.RandomSampler(seed=self.seed))
         fractions = self.budget.sweep_fractions
-        done = {(t.user_attrs["config"], round(t.user_attrs["fraction"], 6))
-                for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
-        grid = [(s, float(f)) for s in self.library for f in fractions if (s, round(float(f), 6)) not in done]
+        grid = {f"sweep|{approach}|{s}|{float(f):g}": (s, float(f)) for s in self.library for f in fractions}
         layers = list(self.q.layers)
-        for spec, frac in self._bar(grid, f"{approach}: sweep"):
+
+        def point(key):
+            spec, frac = grid[key]
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+                if (t.user_attrs["config"], round(t.user_attrs["fraction"], 6)) == (spec, round(frac, 6)):
+                    return t.number  # evaluated before units were kept (an older run): not again
             trial = study.ask()
             trial.set_user_attr("config", spec)
             trial.set_user_attr("fraction", frac)
             self._record(study, trial, approach, "sweep", self._sweep_genome(approach, spec, frac, res, layers), res)
+            return trial.number
+
+        with self._bar([], f"{approach}: sweep", total=len(grid)) as bar:
+            self.units.map(list(grid), point, bar)
 
     def _sweep_genome(self, approach, spec, frac, res, layers):
         if approach in ("layer", "alwann"):
@@ -426,21 +457,25 @@ class Explorer:
         return {n: (spec, frac) for n in layers}
 
     def nsga(self, approach: str, res: dict) -> None:
+        """The budget's NSGA-II trials: each trial slot is a unit, so that several workers run exactly the
+        budget's number of trials between them (the sampler reads every finished trial from the storage)."""
         import optuna
 
         sampler = optuna.samplers.NSGAIISampler(population_size=self.budget.population, seed=self.seed)
         study = self._study(f"{approach}-nsga2", sampler)
-        done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-        todo = max(self.budget.nsga_trials - done, 0)
         if approach == "alwann":
             choices = self.alwann_choices()
         else:
             choices = ["exact"] + self.library
         layers = list(self.q.layers)
-        if not study.get_trials(deepcopy=False):
+
+        def seed_generation(_):
             # first generation: seeded with the sweep's validation-Pareto genomes (random genomes alone
             # start far from the useful, mildly approximated region)
-            for genome in self._seed_genomes(approach)[: self.budget.population // 2]:
+            if study.get_trials(deepcopy=False):
+                return 0
+            seeds = self._seed_genomes(approach)[: self.budget.population // 2]
+            for genome in seeds:
                 params = {}
                 for n in layers:
                     spec, frac = genome.get(n, ("exact", 0.0))
@@ -448,14 +483,32 @@ class Explorer:
                     if approach not in ("layer", "alwann"):
                         params[f"frac:{n}"] = frac
                 study.enqueue_trial(params)
-        for _ in self._bar(range(todo), f"{approach}: NSGA-II"):
+            return len(seeds)
+
+        # a run made before trial slots were units: its finished trials fill the first slots
+        legacy = 0 if self.units.results(prefix=f"nsga|{approach}|") else \
+            len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+        self.units.map([f"nsga-seed|{approach}"], seed_generation)
+
+        def trial_slot(key):
+            if int(key.rsplit("|", 1)[1]) < legacy:
+                return None  # finished before units were kept: not again
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+                if t.user_attrs.get("unit") == key:
+                    return t.number  # told by a worker that died before it stored the unit: not again
             trial = study.ask()
+            trial.set_user_attr("unit", key)
             genome = {}
             for n in layers:
                 spec = trial.suggest_categorical(f"cfg:{n}", choices)
                 frac = 1.0 if approach in ("layer", "alwann") else trial.suggest_float(f"frac:{n}", 0.0, 1.0, step=FRACTION_STEP)
                 genome[n] = (spec, frac)
             self._record(study, trial, approach, "nsga2", genome, res)
+            return trial.number
+
+        slots = [f"nsga|{approach}|{i}" for i in range(self.budget.nsga_trials)]
+        with self._bar([], f"{approach}: NSGA-II", total=len(slots)) as bar:
+            self.units.map(slots, trial_slot, bar)
 
     def _seed_genomes(self, approach: str) -> list[dict]:
         source = "layer" if approach == "alwann" else approach
@@ -465,10 +518,11 @@ class Explorer:
 
     phase = ""  # "[k/n] " while run_exploration runs
 
-    def _bar(self, items, desc):
+    def _bar(self, items, desc, total=None):
         from tqdm import tqdm
 
-        return tqdm(list(items), desc=self.phase + desc, disable=not self.progress, leave=True, mininterval=1)
+        return tqdm(list(items), desc=self.phase + desc, disable=not self.progress, leave=True, mininterval=1,
+                    total=total)
 
     # ------------------------------------------------------------------ points and test evaluation
     def points(self, approaches=APPROACHES) -> list[dict]:
@@ -478,7 +532,7 @@ class Explorer:
         for ap in approaches:
             for kind in ("sweep", "nsga2"):
                 try:
-                    study = optuna.load_study(study_name=f"{ap}-{kind}", storage=self._storage())
+                    study = optuna.load_study(study_name=self.study_name(f"{ap}-{kind}"), storage=self._storage())
                 except KeyError:
                     continue
                 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
@@ -490,27 +544,33 @@ class Explorer:
         return out
 
     def evaluate_front(self, approaches=APPROACHES, res=None) -> None:
-        """Test accuracy of every validation-Pareto point (stored in RUN_DIR/test_eval.json)."""
+        """Test accuracy of every validation-Pareto point: each point a unit (shared by workers), all of them
+        written to RUN_DIR/test_eval.json, and every front point's assignment to RUN_DIR/pareto/."""
         res = res if res is not None else self.resilience()
         path = self.run_dir / "test_eval.json"
-        done = json.loads(path.read_text()) if path.exists() else {}
+        local = json.loads(path.read_text()) if path.exists() else {}  # runs made before units were kept
         front_dir = self.run_dir / "pareto"
         front_dir.mkdir(exist_ok=True)
-        todo = []
+        points = {}
         for ap in approaches:
             for p in pareto_front(self.points([ap])):
-                key = point_key(p)
-                if key not in done:
-                    todo.append((ap, p, key))
-        for ap, p, key in self._bar(todo, "test set: Pareto points"):
-            genome = {k: tuple(v) for k, v in json.loads(p["genome"]).items()}
-            a = self.build(ap, genome, res)
+                genome = {k: tuple(v) for k, v in json.loads(p["genome"]).items()}
+                a = self.build(ap, genome, res)
+                a.meta = {"approach": ap, "summary": p["summary"], "val_accuracy": p["val_accuracy"],
+                          "energy_gain": p["energy_gain"]}
+                a.save(front_dir / f"{ap}-{p['source']}-{p['trial']}.json")
+                points[f"test|{point_key(p)}"] = a
+
+        def measure(key):
+            if key.split("|", 1)[1] in local:
+                return local[key.split("|", 1)[1]]
+            a = points[key]
             pred = ApproxNetwork(self.graph_for(a), a).predict(self.test.images)
-            a.meta = {"approach": ap, "summary": p["summary"], "val_accuracy": p["val_accuracy"],
-                      "energy_gain": p["energy_gain"]}
-            a.save(front_dir / f"{ap}-{p['source']}-{p['trial']}.json")
-            done[key] = {"test_accuracy": float((pred == self.test.labels).mean()), "test_images": int(len(self.test))}
-            write_json(path, done)
+            return {"test_accuracy": float((pred == self.test.labels).mean()), "test_images": int(len(self.test))}
+
+        with self._bar([], "test set: Pareto points", total=len(points)) as bar:
+            measured = self.units.map(list(points), measure, bar)
+        write_json(path, {**local, **{k.split("|", 1)[1]: v for k, v in measured.items()}})
 
 
 def point_key(p: dict) -> str:

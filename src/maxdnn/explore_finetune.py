@@ -4,9 +4,9 @@ After the search, some of each approach's validation-Pareto points are
 fine-tuned with their assignment fixed (``maxdnn.finetune``) and measured
 again, on validation and on test, through the integer engine. Which points:
 per approach, up to ``points`` of the validation front within
-``max_val_loss_pts`` of the exact baseline (fine-tuning recovers a few points,
-not tens), spread evenly over the front's energy gains, the largest gain always
-among them. Everything is chosen on validation, as in the search. Identical
+``max_val_loss_pts`` of the exact baseline (fine-tuning recovers several
+points, not tens): the largest gain, and those nearest to evenly spaced gains
+below it. Everything is chosen on validation, as in the search. Identical
 assignments (layer-level and ALWANN-style often share points) are fine-tuned
 once. The exact model is fine-tuned the same way: it is the fair baseline
 (a gain bought by extra training of the exact model is not a gain from
@@ -44,14 +44,14 @@ class FinetuneBudget:
     epochs: int
     images: int | None  # training images outside the validation hold-out (None: all of them)
     points: int  # per approach
-    max_val_loss_pts: float = 8.0
+    max_val_loss_pts: float = 12.0
     lr: float = 1e-3
     batch_size: int = 64
 
 
 FINETUNE_BUDGETS = {
-    "quick": FinetuneBudget(epochs=1, images=20000, points=3),
-    "full": FinetuneBudget(epochs=2, images=None, points=8),
+    "quick": FinetuneBudget(epochs=1, images=20000, points=4, max_val_loss_pts=12.0),
+    "full": FinetuneBudget(epochs=2, images=None, points=8, max_val_loss_pts=12.0),
     "tiny": FinetuneBudget(epochs=1, images=64, points=1, max_val_loss_pts=100.0),  # for tests
 }
 
@@ -73,7 +73,11 @@ def finetune_candidates(points: list[dict], base_val_accuracy: float, fb: Finetu
              and 100 * (base_val_accuracy - p["val_accuracy"]) <= fb.max_val_loss_pts + 1e-9]
     if len(front) <= fb.points:
         return front
-    picks = np.unique(np.round(np.linspace(len(front) - 1, 0, fb.points)).astype(int))
+    gains = np.array([p["energy_gain"] for p in front])
+    picks = {len(front) - 1}  # the largest gain, then the points nearest to evenly spaced gains below it
+    for target in np.linspace(gains[-1], gains[0], fb.points)[1:]:
+        free = [i for i in range(len(front)) if i not in picks]
+        picks.add(min(free, key=lambda i: (abs(gains[i] - target), -i)))
     return [front[i] for i in sorted(picks)]
 
 
@@ -98,7 +102,6 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
     done = {"settings": settings, "exact": done.get("exact"), "assignments": done.get("assignments", {}),
             "points": done.get("points", {})}
     base_val = explorer.info["baseline"]["val_accuracy"]
-    todo: list[tuple[str, Assignment, list[str]]] = []  # (assignment key, assignment, point keys)
     exact = Assignment.uniform(explorer.q, "exact")
     by_key = {"exact": (exact, [])}
     for ap in approaches:
@@ -109,18 +112,18 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
     for key, (a, pkeys) in by_key.items():
         for pk in pkeys:
             done["points"][pk] = key
-        have = done["exact"] if key == "exact" else done["assignments"].get(key)
-        if have is None:
-            todo.append((key, a, pkeys))
     train = explorer.train
     tr = training_sample(len(train), fb.images, explorer.seed)
     images, labels = train.images[tr], train.labels[tr]
     out_dir = run_dir / "finetuned"
     out_dir.mkdir(exist_ok=True)
-    if todo:
-        explorer.log(f"fine-tuning {len(todo)} assignments ({fb.epochs} epoch(s) on {len(tr)} training images "
-                     f"outside the validation hold-out), then measuring them on validation and test")
-    for key, a, _ in explorer._bar(todo, "fine-tuning: front points"):
+    local = {"exact": done["exact"], **done["assignments"]}  # results of this run directory so far
+
+    def measure(unit):
+        key = unit.split("|")[-1]
+        if local.get(key) is not None:
+            return local[key]
+        a = by_key[key][0]
         t0 = time.time()
         npz = out_dir / f"{key}.npz"
         if npz.exists():  # trained before an interruption, not yet measured
@@ -129,12 +132,20 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
             g = finetune(explorer.q, a, images, labels, npz, epochs=fb.epochs, batch_size=fb.batch_size, lr=fb.lr,
                          seed=explorer.seed, log=lambda m: None, progress=False)
         val_acc, val_loss = explorer.val_metrics(a, g)
-        entry = {"val_accuracy": val_acc, "val_loss": val_loss, "test_accuracy": _accuracy(g, a, explorer.test),
-                 "test_images": int(len(explorer.test)), "seconds": time.time() - t0, "graph": f"finetuned/{key}.npz"}
+        return {"val_accuracy": val_acc, "val_loss": val_loss, "test_accuracy": _accuracy(g, a, explorer.test),
+                "test_images": int(len(explorer.test)), "seconds": time.time() - t0,
+                "graph": f"finetuned/{key}.npz", "worker": explorer.units.worker}
+
+    units = [f"finetune|{json.dumps(settings, sort_keys=True)}|{key}" for key in by_key]
+    explorer.log(f"fine-tuning {len(units)} assignments ({fb.epochs} epoch(s) on {len(tr)} training images "
+                 f"outside the validation hold-out), then measuring them on validation and test")
+    with explorer._bar([], "fine-tuning: front points", total=len(units)) as bar:
+        measured = explorer.units.map(units, measure, bar)
+    for unit, entry in measured.items():
+        key = unit.split("|")[-1]
         if key == "exact":
             done["exact"] = entry
         else:
             done["assignments"][key] = entry
-        write_json(path, done)
     write_json(path, done)
     return done

@@ -1,0 +1,148 @@
+"""Several workers on one exploration through a real PostgreSQL server (and SQLite): nothing lost, nothing
+duplicated, deterministic stages identical to one worker's. The server: $MAXDNN_TEST_POSTGRES (a URL whose
+user may create databases), started by .ci/run with .ci/postgres-up; without it these tests fail."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import LOSSLESS_ZIP, need
+from maxdnn.cli import app
+from maxdnn.explore import BUDGETS, Explorer
+
+TINY = BUDGETS["tiny"]
+ARGS = ["--budget", "tiny", "--approach", "filter"]
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh database on the test server, dropped afterwards."""
+    admin = os.environ.get("MAXDNN_TEST_POSTGRES")
+    if not admin:
+        pytest.fail("MAXDNN_TEST_POSTGRES is not set: start a throwaway server with eval \"$(.ci/postgres-up)\"")
+    import sqlalchemy as sa
+
+    name = f"maxdnn_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as c:
+        c.execute(sa.text(f"CREATE DATABASE {name}"))
+    yield admin.rsplit("/", 1)[0] + "/" + name
+    with engine.connect() as c:
+        c.execute(sa.text(f"DROP DATABASE {name} WITH (FORCE)"))
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def one_worker(tmp_path_factory):
+    run = tmp_path_factory.mktemp("one")
+    r = CliRunner().invoke(app, ["explore", "--out", str(run), "--data", str(need(LOSSLESS_ZIP)), *ARGS])
+    assert r.exit_code == 0, r.output
+    return run
+
+
+def trials(run, storage=None):
+    ex = Explorer.reader(run)
+    if storage:
+        ex.storage_url = storage
+    return ex.points(["filter"])
+
+
+def test_three_workers_on_postgres_equal_one_worker(one_worker, pg_url, tmp_path):
+    run = tmp_path / "three"
+    t0 = time.time()
+    r = CliRunner().invoke(app, ["explore", "--out", str(run), "--data", str(LOSSLESS_ZIP), "--storage", pg_url,
+                                 "--workers", "3", *ARGS])
+    assert r.exit_code == 0, r.output
+    assert time.time() - t0 < 600
+    one = {(p["summary"], p["val_accuracy"], p["energy_gain"]) for p in trials(one_worker) if p["source"] == "sweep"}
+    pts = trials(run)
+    sweep = [p for p in pts if p["source"] == "sweep"]
+    assert {(p["summary"], p["val_accuracy"], p["energy_gain"]) for p in sweep} == one  # the same sweep
+    assert len(sweep) == len({p["genome"] for p in sweep})
+    assert sum(p["source"] == "nsga2" for p in pts) == TINY.nsga_trials  # none lost, none duplicated
+    for k in ("direct_loss", "direct_acc", "validation"):  # resilience identical, in every worker's copy
+        ref = np.load(one_worker / "resilience.npz")[k]
+        for d in (run, run / "workers" / "w1", run / "workers" / "w2"):
+            np.testing.assert_array_equal(np.load(d / "resilience.npz")[k], ref)
+    a = json.loads((one_worker / "test_eval.json").read_text())
+    b = json.loads((run / "test_eval.json").read_text())
+    shared = set(a) & set(b)
+    assert shared and all(a[k] == b[k] for k in shared)  # test numbers of the points both fronts hold
+    import sqlalchemy as sa
+
+    with sa.create_engine(pg_url).connect() as c:  # every unit finished (which worker did which is timing)
+        assert {s for (s,) in c.execute(sa.text("select state from maxdnn_units")).all()} == {"done"}
+
+
+def test_claims_are_exclusive_and_dead_workers_units_are_taken_over(pg_url, monkeypatch):
+    import maxdnn.work_units as wu
+
+    a, b = wu.WorkUnits(pg_url, "s"), wu.WorkUnits(pg_url, "s")
+    assert a.claim("k1") and not b.claim("k1")  # exactly one wins
+    assert b.map(["k0"], lambda k: {"v": 0}) == {"k0": {"v": 0}} and not a.claim("k0")  # done: nobody claims it
+    monkeypatch.setattr(wu, "GRACE_SECONDS", 0.5)
+    time.sleep(1.0)  # a's heartbeat thread renews every HEARTBEAT_SECONDS (10 s): its claim on k1 is now stale
+    got = b.map(["k1", "k2"], lambda k: k.upper())
+    assert got == {"k1": "K1", "k2": "K2"} and b.results(prefix="k") == {"k0": {"v": 0}, "k1": "K1", "k2": "K2"}
+    assert wu.WorkUnits(pg_url, "other").results(prefix="k") == {}  # scopes are separate explorations
+    calls = []
+
+    def failing(k):
+        calls.append(k)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        a.map(["k3"], failing)
+    assert b.claim("k3")  # a failed unit is released at once, not after the grace period
+
+
+def test_worker_killed_mid_run_loses_and_duplicates_nothing(pg_url, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MAXDNN_HEARTBEAT_GRACE": "4"}
+    cmd = [sys.executable, "-m", "maxdnn", "explore", "--data", str(need(LOSSLESS_ZIP)), "--storage", pg_url, *ARGS]
+    victim = subprocess.Popen(cmd + ["--out", str(tmp_path / "a")], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(pg_url)
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None:
+        time.sleep(0.3)
+        try:
+            with engine.connect() as c:
+                claimed = c.execute(sa.text("select count(*) from maxdnn_units where state = 'claimed' "
+                                            "and key like 'sweep|%'")).scalar()
+        except sa.exc.SQLAlchemyError:
+            continue
+        if claimed:
+            break
+    assert victim.poll() is None, "finished before it could be killed"
+    victim.send_signal(signal.SIGKILL)  # mid-unit: it holds a sweep point
+    victim.wait()
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "b")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    pts = trials(tmp_path / "b")
+    sweep = [p["genome"] for p in pts if p["source"] == "sweep"]
+    ex = Explorer.reader(tmp_path / "b")
+    lib = json.loads((tmp_path / "b" / "run.json").read_text())["library"]
+    assert len(sweep) == len(set(sweep)) == len(lib) * len(TINY.sweep_fractions)  # nothing lost or repeated
+    assert sum(p["source"] == "nsga2" for p in pts) == TINY.nsga_trials
+    with engine.connect() as c:
+        assert c.execute(sa.text("select count(*) from maxdnn_units where state <> 'done'")).scalar() == 0
+    engine.dispose()
+    assert ex.scope  # a shared server: the exploration's studies carry its scope
+
+
+def test_unreachable_server_is_one_line_within_seconds(tmp_path):
+    t0 = time.time()
+    r = CliRunner().invoke(app, ["explore", "--out", str(tmp_path / "x"), "--data", str(need(LOSSLESS_ZIP)),
+                                 "--storage", "postgresql://nobody@10.255.255.1:5432/none", *ARGS])
+    assert r.exit_code == 2 and "cannot open the study storage" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and time.time() - t0 < 20
+    assert not (tmp_path / "x").exists()
