@@ -328,3 +328,22 @@ def test_explore_with_per_layer_energy_is_recorded_and_checked_on_resume(tmp_pat
     assert r["energy_gain"] == pytest.approx(mults["s3.conv2"] * (per["exact"] - per["roup-p2r2"]) / exact)
     with pytest.raises(ValueError, match="energy"):
         Explorer(tmp_path, Workload.open(None, LOSSLESS_ZIP), TINY, progress=False, log=lambda m: None)
+
+
+def test_rerun_of_a_finished_run_adds_to_its_wall_time(finished_run, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from maxdnn.cli import app
+
+    src, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    info = json.loads((run / "run.json").read_text())
+    info["wall_seconds"] = 1000.0
+    (run / "run.json").write_text(json.dumps(info))
+    r = CliRunner().invoke(app, ["explore", "--out", str(run), "--data", str(LOSSLESS_ZIP), "--budget", "tiny"])
+    assert r.exit_code == 0, r.output
+    wall = json.loads((run / "run.json").read_text())["wall_seconds"]
+    assert 1000 < wall < 1300 and f"exploration wall time: {wall:.0f} s" in (run / "report.md").read_text()

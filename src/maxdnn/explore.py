@@ -197,6 +197,7 @@ class Explorer:
                     was = old.get(k)["name"] if k == "budget" and isinstance(old.get(k), dict) else old.get(k)
                     raise ValueError(f"{run_json}: this run was made with {k} {was!r}; rerun with it or use another RUN_DIR")
             info["baseline"] = old.get("baseline")
+            info.update({k: v for k, v in old.items() if k not in info})  # wall time so far, resilience summary
         if not info.get("baseline"):
             self.log(f"exact int8 baseline on {len(self.val)} validation and {len(self.test)} test images")
             val_acc, val_loss = self.val_metrics(Assignment.uniform(self.q, "exact"))
