@@ -475,7 +475,10 @@ def explore(
                 energy] + (["--data", data] if data else []) + (["--model", model] if model else []) \
             + (["--library", ",".join(specs)] if specs else []) + (["--bias-correction"] if bias_correction else []) \
             + (["--finetune"] if finetune else [])
-        helpers = _start_workers(out, workers - 1, args)
+        helpers = _start_workers(out, workers - 1, args, _threads_per_worker(workers))
+        import torch
+
+        torch.set_num_threads(_threads_per_worker(workers))
     run_exploration(ex, aps, finetune=FINETUNE_BUDGETS[budget] if finetune else None)
     _wait_for_workers(helpers)
     res = ex.resilience()
@@ -487,9 +490,20 @@ def explore(
     typer.echo(path.read_text())
 
 
-def _start_workers(out: Path, n: int, args: list[str]) -> list:
-    """Start ``n`` more ``maxdnn explore`` processes with ``args``, each in OUT/workers/wK (its log: worker.log)."""
+def _threads_per_worker(workers: int) -> int:
+    """The machine's cores shared out between the workers (more threads than cores slow every one of them)."""
+    import os
+
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _start_workers(out: Path, n: int, args: list[str], threads: int) -> list:
+    """Start ``n`` more ``maxdnn explore`` processes with ``args``, each in OUT/workers/wK (its log: worker.log),
+    each with ``threads`` compute threads."""
+    import os
     import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "NUMBA_NUM_THREADS": str(threads)}
 
     procs = []
     for k in range(1, n + 1):
@@ -497,7 +511,7 @@ def _start_workers(out: Path, n: int, args: list[str]) -> list:
         wdir.mkdir(parents=True, exist_ok=True)
         log = open(wdir / "worker.log", "a")
         procs.append((wdir, subprocess.Popen([sys.executable, "-m", "maxdnn", "explore", "--out", str(wdir), *args],
-                                             stdout=log, stderr=log, stdin=subprocess.DEVNULL)))
+                                             stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)))
         log.close()
     return procs
 
