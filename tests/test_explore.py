@@ -234,7 +234,7 @@ def test_explore_says_what_it_does_from_the_start(tmp_path):
     ex = Explorer(tmp_path, Workload.open(None, need(LOSSLESS_ZIP)), TINY, progress=False, log=msgs.append)
     assert [m.split(" ")[0] for m in msgs[:3]] == ["reading", "quantizing", "exact"], msgs
     ex.phase, ex.progress = "[phase 2/9] ", True
-    bar = ex._bar([1, 2], "layer: sweep")
+    bar = ex.progress_bar("layer: sweep", 2)
     assert bar.desc == "[phase 2/9] layer: sweep" and bar.leave
     bar.close()
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 
@@ -111,7 +112,7 @@ def with_per_layer(table: EnergyTable, energy: str | None, qnet) -> EnergyTable:
     else:
         where = energy
         try:
-            doc = json.loads(open(energy).read())
+            doc = json.loads(Path(energy).read_text())
         except FileNotFoundError:
             raise EnergyModelError(f"--energy {energy}: expected {ENERGY_CHOICES}") from None
         except (OSError, ValueError) as e:

@@ -291,7 +291,7 @@ class Explorer:
             return [r["val_loss"], r["val_accuracy"]]
 
         # each measurement is kept in the storage as it completes, and shared with other workers
-        with self._bar([], "resilience: layer x configuration", total=len(pairs)) as bar:
+        with self.progress_bar("resilience: layer x configuration", total=len(pairs)) as bar:
             measured = self.units.map(list(pairs), measure, bar)
         for key, (li, si) in pairs.items():
             direct_loss[li, si] = measured[key][0] - exact["val_loss"]
@@ -344,7 +344,7 @@ class Explorer:
                 m.flat[units] = 1
             return self.evaluate(Assignment(["exact", specs[mid]], {name: m}))["val_loss"]
 
-        with self._bar([], "resilience: proxy validation", total=len(by_key)) as bar:
+        with self.progress_bar("resilience: proxy validation", total=len(by_key)) as bar:
             measured = self.units.map(list(by_key), measure, bar)
         for key, (kind, _, _), (_, _, _, psum) in zip(by_key, by_key.values(), jobs):
             direct[kind].append(measured[key] - exact["val_loss"])
@@ -446,7 +446,7 @@ class Explorer:
             self._record(study, trial, approach, "sweep", self._sweep_genome(approach, spec, frac, res, layers), res)
             return trial.number
 
-        with self._bar([], f"{approach}: sweep", total=len(grid)) as bar:
+        with self.progress_bar(f"{approach}: sweep", total=len(grid)) as bar:
             self.units.map(list(grid), point, bar)
 
     def _sweep_genome(self, approach, spec, frac, res, layers):
@@ -508,7 +508,7 @@ class Explorer:
             return trial.number
 
         slots = [f"nsga|{approach}|{i}" for i in range(self.budget.nsga_trials)]
-        with self._bar([], f"{approach}: NSGA-II", total=len(slots)) as bar:
+        with self.progress_bar(f"{approach}: NSGA-II", total=len(slots)) as bar:
             self.units.map(slots, trial_slot, bar)
 
     def _seed_genomes(self, approach: str) -> list[dict]:
@@ -519,11 +519,11 @@ class Explorer:
 
     phase = ""  # "[k/n] " while run_exploration runs
 
-    def _bar(self, items, desc, total=None):
+    def progress_bar(self, desc: str, total: int):
+        """A bar of ``total`` steps named after the phase; the caller advances it (``WorkUnits.map`` does)."""
         from tqdm import tqdm
 
-        return tqdm(list(items), desc=self.phase + desc, disable=not self.progress, leave=True, mininterval=1,
-                    total=total)
+        return tqdm(desc=self.phase + desc, total=total, disable=not self.progress, leave=True, mininterval=1)
 
     # ------------------------------------------------------------------ points and test evaluation
     def points(self, approaches=APPROACHES) -> list[dict]:
@@ -569,7 +569,7 @@ class Explorer:
             pred = ApproxNetwork(self.graph_for(a), a).predict(self.test.images)
             return {"test_accuracy": float((pred == self.test.labels).mean()), "test_images": int(len(self.test))}
 
-        with self._bar([], "test set: Pareto points", total=len(points)) as bar:
+        with self.progress_bar("test set: Pareto points", total=len(points)) as bar:
             measured = self.units.map(list(points), measure, bar)
         write_json(path, {**local, **{k.split("|", 1)[1]: v for k, v in measured.items()}})
 

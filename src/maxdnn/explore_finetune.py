@@ -139,7 +139,7 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
     units = [f"finetune|{json.dumps(settings, sort_keys=True)}|{key}" for key in by_key]
     explorer.log(f"fine-tuning {len(units)} assignments ({fb.epochs} epoch(s) on {len(tr)} training images "
                  f"outside the validation hold-out), then measuring them on validation and test")
-    with explorer._bar([], "fine-tuning: front points", total=len(units)) as bar:
+    with explorer.progress_bar("fine-tuning: front points", len(units)) as bar:
         measured = explorer.units.map(units, measure, bar)
     for unit, entry in measured.items():
         key = unit.split("|")[-1]

@@ -85,7 +85,14 @@ def mac_verilog(spec: str, bits: int = 8, rounding: str = "folded") -> str:
 def accumulator_inputs(spec: str, stream: "Stream", bits: int = 8) -> np.ndarray:
     """The accumulator value entering each operation: the running sum of the stream's products (the design's
     own), cleared every PE_DOT_LENGTH products."""
-    prod = np.asarray(get_multiplier(spec, bits)(stream.x, stream.w), dtype=np.int64)
+    return _running_sums(_products(spec, stream, bits))
+
+
+def _products(spec: str, stream: "Stream", bits: int) -> np.ndarray:
+    return np.asarray(get_multiplier(spec, bits)(stream.x, stream.w), dtype=np.int64)
+
+
+def _running_sums(prod: np.ndarray) -> np.ndarray:
     acc = np.zeros_like(prod)
     for start in range(0, len(prod), PE_DOT_LENGTH):
         chunk = prod[start:start + PE_DOT_LENGTH]
@@ -223,11 +230,12 @@ def pe_energy(spec: str, stream: Stream, bits: int = 8, rounding: str = "folded"
     path = _hw_cache() / f"pe-energy-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
-    acc = accumulator_inputs(spec, stream, bits)
+    prod = _products(spec, stream, bits)
+    acc = _running_sums(prod)
     toggles, _ = net.toggles(x=stream.x, w=stream.w, acc=acc)
     n = max(len(stream.x) - 1, 1)
     datapath = float((toggles * net.toggle_energy()).sum() / n)
-    stored = acc + np.asarray(get_multiplier(spec, bits)(stream.x, stream.w), dtype=np.int64)
+    stored = acc + prod
     mask = (1 << PE_ACC_BITS) - 1
     flips = np.array([bin(int(v)).count("1") for v in ((stored[1:] ^ stored[:-1]) & mask)])
     bit_toggles = float(flips.sum() / n)
