@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import LOSSLESS_ZIP, need
-from maxdnn.approx import ApproxNetwork, filter_assignment, kernel_assignment, layer_assignment
+from maxdnn.approx import ApproxNetwork, Assignment, filter_assignment, kernel_assignment, layer_assignment, logits_shared
 from maxdnn.graph import Add, Affine, Clamp, Concat, Flatten, GraphError, MulLayer, Pool, QuantizedGraph
 from maxdnn.models import ModelError, load_model
 from maxdnn.multipliers import roup_specs
@@ -162,6 +162,42 @@ def test_fast_engine_equals_reference_approximate(net_and_graph, family):
     for a in assignments:
         got = ApproxNetwork(g, a).logits(torch.as_tensor(x)).numpy()
         assert np.array_equal(got, reference_forward(g, x, a.reference_products(g))), a.granularity()
+
+
+def test_shared_pass_equals_each_network_alone(net_and_graph):
+    """Several assignments in one pass (shared prefix, branches where the products differ) give each
+    assignment's own output, on every node type: branches, concat, residual sums, depthwise, signed input;
+    and the layers every member computes alike run once."""
+    _, g = net_and_graph
+    rng = np.random.default_rng(4)
+    x = torch.as_tensor(images(rng, 4))
+    roup = roup_specs(8)
+    names = list(g.layers)
+    one_layer = [Assignment(["exact", s], {n: np.full(g.layers[n].weight.shape[:2], int(n == name)) for n in names})
+                 for name in names[::-1] for s in ("roup-p1r2", "roup-p2r0")]
+    assignments = one_layer + [
+        Assignment.uniform(g, "exact"),
+        Assignment.uniform(g, "roup-p0r0"),  # exact products, spelled another way
+        layer_assignment(g, {n: str(rng.choice(roup)) for n in names}),
+        filter_assignment(g, {n: [str(rng.choice(roup)) for _ in range(l.weight.shape[0])] for n, l in g.layers.items()}),
+        kernel_assignment(["exact", "mitchell", "roup-p1r3"], {n: rng.integers(0, 3, l.weight.shape[:2]) for n, l in g.layers.items()}),
+        one_layer[0],  # the same assignment twice
+    ]
+    nets = [ApproxNetwork(g, a) for a in assignments]
+    alone = [net.logits(x) for net in nets]
+    calls: dict[str, int] = {}
+    for net in nets:
+        def counted(name, t, conv=net.conv):
+            calls[name] = calls.get(name, 0) + 1
+            return conv(name, t)
+        net.conv = counted
+    together = logits_shared(nets, x)
+    for a, b in zip(alone, together):
+        assert torch.equal(a, b)
+    # the first layer is approximated only by the two one-layer members that target it, and by the three
+    # whole-network ones: every other member shares one exact computation of it
+    assert calls[names[0]] == 1 + 2 + 3
+    assert sum(calls.values()) < sum(len(names) for _ in nets)
 
 
 def test_float_twin_tracks_float_network(net_and_graph):

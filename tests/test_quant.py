@@ -201,3 +201,35 @@ def test_tflite_requantization_three_forms_equal_the_definition(rng, per_tensor)
     bneg = neg[None, :, None, None] if not per_tensor else neg[0]
     assert np.array_equal(tflite_single_multiply(acc, bm0, bneg), single)
     assert np.array_equal(tflite_requant(acc.astype(np.float64), m0, neg, True), single)
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "float64-wide"])
+def test_compiled_half_up_requant_equals_the_torch_form(rng, per_tensor, layout):
+    """The one-pass CPU requantization (bias, half-up multiply-shift, zero point, clamp) gives exactly the
+    torch form's float64 results, including accumulators where acc * m0 is rounded (past 2^53)."""
+    from maxdnn.graph import QParams, _requant_cpu
+    from maxdnn.quant import quantize_multiplier
+
+    f = 1 if per_tensor else 7
+    acc = rng.integers(-(1 << 23), 1 << 23, size=(5, 7, 6, 4)).astype(np.float64)
+    acc.flat[:20] = [0, 1, -1, (1 << 23) - 1, -(1 << 23), 12345, -12345, 1 << 22, 7, -7] * 2
+    bias = rng.integers(-5000, 5000, size=7).astype(np.float64)
+    m0, shift = zip(*(quantize_multiplier(float(s)) for s in rng.uniform(1e-5, 0.9, size=f)))
+    m0 = torch.tensor(m0, dtype=torch.float64)
+    shift = np.array(shift, dtype=np.float64)
+    rq = (m0, torch.as_tensor(2.0 ** (shift - 1)), torch.as_tensor(2.0 ** -shift))
+    wide = layout == "float64-wide"
+    q = QParams(0.1, 3, None, None) if wide else QParams(0.1, 3, 0, 255)
+    t = torch.as_tensor(acc, dtype=torch.float64 if wide else torch.float32)
+    if layout != "contiguous":
+        t = t.contiguous(memory_format=torch.channels_last)
+    got = _requant_cpu(t, torch.as_tensor(bias), rq, q)
+
+    def chan(v):
+        return v.reshape(1, -1, 1, 1)
+    want = (t.to(torch.float64) + chan(torch.as_tensor(bias))).mul_(chan(rq[0])).add_(chan(rq[1])).mul_(chan(rq[2]))
+    want = want.floor_().add_(3)
+    want = want if wide else want.clamp_(0, 255).to(torch.float32)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    assert got.is_contiguous(memory_format=torch.channels_last) == (layout != "contiguous")

@@ -40,3 +40,25 @@ def tflite_requant(acc, m0, shift, single):  # pragma: no cover - compiled
                 threshold = (mask >> 1) + (1 if high < 0 else 0)
                 out[b, c, i, j] = (high >> right) + (1 if (high & mask) > threshold else 0)
     return out
+
+
+@njit(parallel=True, cache=True)
+def requant_half_up(acc, bias, m0, half, inv, zp, lo, hi, wide, out):  # pragma: no cover - compiled
+    """A multiplying layer's output in one pass: floor(((acc + bias) * m0 + half) * inv) + zp, clamped to
+    [lo, hi] unless ``wide``; the same float64 operations, in the same order, as the torch form.
+
+    acc: [N, H, W, C] (any strides, float32 or float64 holding integers); bias, m0, half, inv: float64 [C] or [1];
+    out: [N, H, W, C] (float32, or float64 when wide), written in place."""
+    n, h, w, c_n = acc.shape
+    per_c = m0.shape[0] > 1
+    for ny in prange(n * h):
+        b = ny // h
+        y = ny % h
+        for x in range(w):
+            for c in range(c_n):
+                k = c if per_c else 0
+                v = (np.float64(acc[b, y, x, c]) + bias[c]) * m0[k] + half[k]
+                v = np.floor(v * inv[k]) + zp
+                if not wide:
+                    v = min(max(v, lo), hi)
+                out[b, y, x, c] = v

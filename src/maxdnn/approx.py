@@ -22,9 +22,11 @@ Padding positions form no product (and are not counted as multiplications).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from .atomic import atomic_path, write_json
 from .multipliers import Multiplier, SpecError, get_multiplier, round_at
 from .graph import QuantizedGraph
+from ._round_kernel import round_stack
 from .quant import ACT_MAX, conv_out_hw, float_conv_exact, layer_bound
 
 ASSIGNMENT_FORMAT = "maxdnn-assignment-v1"
@@ -293,6 +296,8 @@ class LayerPlan:
             groups.append(_Group(rb, None if rb is not None else torch.as_tensor(t, device=self.device),
                                  int(np.abs(t).max()), filters, wt))
         self.groups = groups
+        self.round_bits = (np.array([g.round_bit for g in groups], dtype=np.int64)
+                           if all(g.round_bit is not None for g in groups) else None)
         owner = np.concatenate([g.filters for g in groups])
         self.disjoint = len(owner) == len(np.unique(owner))
         dev = self.device
@@ -357,6 +362,37 @@ class LayerPlan:
             torch.add(xf, step / 2, out=out)
             out.mul_(1.0 / step).floor_().mul_(step)
 
+    def _transformed(self, x: torch.Tensor, xf: torch.Tensor, stacked: bool):
+        """Every group's transformed activations: a list of [N, C, H, W] tensors, or (``stacked``) one
+        [N, G*C, H, W] tensor. On the CPU, rounding transforms are written in one compiled pass over x."""
+        n, c = xf.shape[:2]
+        rest = tuple(xf.shape[2:])
+        k = len(self.groups)
+        if xf.device.type == "cpu" and xf.dim() == 4 and self.round_bits is not None:
+            src = xf.permute(0, 2, 3, 1).numpy()
+            if stacked:  # [N, H, W, G, C]: channels_last [N, G*C, H, W]
+                buf = torch.empty((n,) + rest + (k, c), dtype=torch.float32)
+                round_stack(src, self.round_bits, buf.permute(3, 0, 1, 2, 4).numpy())
+                return buf.reshape((n,) + rest + (k * c,)).permute(0, 3, 1, 2)
+            buf = torch.empty((k, n) + rest + (c,), dtype=torch.float32)
+            round_stack(src, self.round_bits, buf.numpy())
+            return [buf[i].permute(0, 3, 1, 2) for i in range(k)]
+        fmt = torch.channels_last if xf.is_contiguous(memory_format=torch.channels_last) and xf.dim() == 4 else torch.contiguous_format
+        if stacked:
+            buf = torch.empty((n, c * k) + rest, dtype=torch.float32, device=xf.device, memory_format=fmt)
+            for i, g in enumerate(self.groups):
+                self._transform_into(g, x, xf, buf[:, i * c:(i + 1) * c])
+            return buf
+        outs = []
+        for g in self.groups:
+            if g.round_bit == 0:
+                outs.append(xf)
+                continue
+            xt = torch.empty_like(xf)
+            self._transform_into(g, x, xf, xt)
+            outs.append(xt)
+        return outs
+
     def _separable(self, x: torch.Tensor) -> torch.Tensor:
         xf = x if x.dtype == torch.float32 else x.to(torch.float32)
         pads = self.pads
@@ -365,30 +401,16 @@ class LayerPlan:
             x = F.pad(x, pads)
             pads = (0, 0, 0, 0)
         if self.mode == "single":
-            g = self.groups[0]
-            if g.round_bit == 0:
-                xt = xf
-            else:
-                xt = torch.empty_like(xf)
-                self._transform_into(g, x, xf, xt)
+            xt = xf if self.groups[0].round_bit == 0 else self._transformed(x, xf, stacked=False)[0]
             weight, bound = self.conv_args
             return float_conv_exact(xt, weight, self.stride, pads, bound, self.conv_groups)
         if self.mode == "per-group":
-            outs = []
-            for g, wg, gb in self.sub:
-                xt = torch.empty_like(xf)
-                self._transform_into(g, x, xf, xt)
-                outs.append(float_conv_exact(xt, wg, self.stride, pads, gb))
+            outs = [float_conv_exact(xt, wg, self.stride, pads, gb)
+                    for xt, (_, wg, gb) in zip(self._transformed(x, xf, stacked=False), self.sub)]
             dtype = torch.float64 if any(o.dtype == torch.float64 for o in outs) else torch.float32
             return torch.cat([o.to(dtype) for o in outs], 1).index_select(1, self.pick)
-        n, c = xf.shape[:2]
-        fmt = torch.channels_last if xf.is_contiguous(memory_format=torch.channels_last) and xf.dim() == 4 else torch.contiguous_format
-        buf = torch.empty((n, c * len(self.groups)) + tuple(xf.shape[2:]), dtype=torch.float32, device=xf.device,
-                          memory_format=fmt)
-        for k, g in enumerate(self.groups):
-            self._transform_into(g, x, xf, buf[:, k * c:(k + 1) * c])
         weight, bound = self.conv_args
-        return float_conv_exact(buf, weight, self.stride, pads, bound)
+        return float_conv_exact(self._transformed(x, xf, stacked=True), weight, self.stride, pads, bound)
 
 
 def _dense(w: np.ndarray, amap: np.ndarray, groups: int):
@@ -517,6 +539,25 @@ class ApproxNetwork:
     def conv(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.plans[name](x)
 
+    @property
+    def layer_keys(self) -> dict[str, str]:
+        """Per layer, what its products are: equal keys give equal accumulators ("exact" for exact
+        products, whatever the spelling)."""
+        if not hasattr(self, "_keys"):
+            a = self.assignment
+            self._keys = {}
+            for name, m in a.maps.items():
+                m = np.broadcast_to(np.asarray(m), self.qnet.layers[name].weight.shape[:2])
+                used = np.unique(m)
+                names = [str(a.specs[i]) for i in used]
+                if all(_exact_spec(nm, a.bits) for nm in names):
+                    self._keys[name] = "exact"
+                    continue
+                remap = np.searchsorted(used, m)
+                h = hashlib.sha256(json.dumps(names).encode() + remap.astype(np.int64).tobytes())
+                self._keys[name] = h.hexdigest()
+        return self._keys
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.qnet.forward_int(x, self.conv)
 
@@ -525,3 +566,32 @@ class ApproxNetwork:
 
     def outputs(self, images: np.ndarray, batch_size: int = 100) -> np.ndarray:
         return self.qnet.outputs(images, batch_size=batch_size, device=self.device, conv=self.conv)
+
+
+@lru_cache(maxsize=None)
+def _exact_spec(spec: str, bits: int) -> bool:
+    """The multiplier forms every product exactly (``exact``, or a separable form with identity transforms)."""
+    if spec == "exact":
+        return True
+    m = get_multiplier(spec, bits)
+    if not m.separable:
+        return False
+    xs = np.arange(m.x_format.min, m.x_format.max + 1)
+    ws = np.arange(m.w_format.min, m.w_format.max + 1)
+    return bool(np.array_equal(m.x_transform(xs), xs) and np.array_equal(m.w_transform(ws), ws))
+
+
+def logits_shared(nets: list[ApproxNetwork], x: torch.Tensor) -> list[torch.Tensor]:
+    """Every network's integer output for the same input batch, in one pass per graph: networks on one
+    graph share the layers where their products agree (``QuantizedGraph.forward_shared``), above all the
+    exact prefix before the first approximated layer."""
+    outs: list[torch.Tensor | None] = [None] * len(nets)
+    by_graph: dict[int, list[int]] = {}
+    for i, net in enumerate(nets):
+        by_graph.setdefault(id(net.qnet), []).append(i)
+    for members in by_graph.values():
+        q = nets[members[0]].qnet
+        got = q.forward_shared(x, [nets[i].conv for i in members], [nets[i].layer_keys for i in members])
+        for i, o in zip(members, got):
+            outs[i] = o
+    return outs

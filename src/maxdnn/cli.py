@@ -227,6 +227,8 @@ def train(
     holdout: int = typer.Option(5000, help="Training images held out as the validation split (seeded)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     arch: str = typer.Option("resnet8", help="Zoo architecture: resnet8 or resnet20."),
+    init: Optional[str] = typer.Option(None, help="Start from this checkpoint's weights (a zoo name or a .pt of the same "
+                                                   "architecture) with a fresh schedule, instead of a seeded initialization."),
 ):
     """Train a zoo network on the training split minus the validation hold-out."""
     import numpy as np
@@ -245,16 +247,25 @@ def train(
         tempfile.TemporaryFile(dir=out.parent if str(out.parent) else ".").close()
     except OSError as e:
         fail(f"{out}: cannot write the checkpoint there ({e.strerror})")
+    init_model = None
+    if init is not None:
+        from .models import ModelError, arch_of, load_model
+        try:
+            init_model = load_model(init)
+        except ModelError as e:
+            fail(str(e))
+        if arch_of(init_model) != arch:
+            fail(f"--init {init}: a {arch_of(init_model)} checkpoint, not {arch}")
     ds = _load_split(data, "train")
     tr, held = validation_split(len(ds), holdout, seed=0) if holdout else (np.arange(len(ds)), np.zeros(0, int))
     sub = ds.subset(tr)
     typer.echo(f"training on {len(sub)} images of {ds.source} (train split, {len(held)} held out)", err=True)
     command = (f"maxdnn train --arch {arch} --data {data} --out {out.name} --epochs {epochs} --batch-size {batch_size} "
-               f"--lr {lr} --seed {seed} --holdout {holdout}")
+               f"--lr {lr} --seed {seed} --holdout {holdout}" + (f" --init {Path(init).name}" if init else ""))
     meta = {"data": str(ds.source), "train_images": len(sub), "holdout": int(len(held)), "command": command}
     try:
         run_train(sub.images, sub.labels, out, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                  meta=meta, arch=arch)
+                  meta=meta, arch=arch, init=init_model)
     except ValueError as e:  # a saved state from other settings
         fail(str(e))
     typer.echo(str(out))

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_path
-from ._requant_kernel import tflite_requant
+from ._requant_kernel import requant_half_up, tflite_requant
 from .quant import Requant, conv_out_hw, float_conv_exact, layer_bound, tflite_multiply_torch, tflite_single_multiply
 
 GRAPH_FORMAT = "maxdnn-qgraph-v1"
@@ -343,13 +343,61 @@ class QuantizedGraph:
         float tensor of the exact integer accumulators. ``taps``, when given,
         receives each layer's operands.
         """
-        conv = conv or self.exact_conv
-        p = self._torch_params(x.device)
-        vals: dict[str, torch.Tensor] = {"input": x.to(torch.float32) + self.pixel_offset if self.pixel_offset
-                                         else x.to(torch.float32)}
-        if x.device.type == "cpu" and x.dim() == 4:
-            vals["input"] = vals["input"].contiguous(memory_format=torch.channels_last)  # oneDNN prefers NHWC
+        return self.forward_shared(x, [conv or self.exact_conv], None, taps)[0]
 
+    @torch.no_grad()
+    def forward_shared(self, x: torch.Tensor, convs: list[Callable[[str, torch.Tensor], torch.Tensor]],
+                       keys: list[dict] | None = None, taps: dict | None = None) -> list[torch.Tensor]:
+        """``forward_int`` for several products at once, sharing the work they have in common.
+
+        ``keys[i][layer]`` says what ``convs[i]`` computes at a multiplying layer: members with equal keys
+        at every layer so far hold equal values, so their common prefix of the graph (for example the
+        exact layers before the first approximated one) runs once, and the graph branches where their
+        keys first differ. Branches run depth first, each value freed after its last use. Returns
+        every member's integer output, in order.
+        """
+        nodes = self.nodes
+        p = self._torch_params(x.device)
+        last_use = {}
+        for i, n in enumerate(nodes):
+            for inp in n.inputs:
+                last_use[inp] = i
+        last_use[self.output.name] = len(nodes)
+        first = x.to(torch.float32) + self.pixel_offset if self.pixel_offset else x.to(torch.float32)
+        if x.device.type == "cpu" and x.dim() == 4:
+            first = first.contiguous(memory_format=torch.channels_last)  # oneDNN prefers NHWC
+        outs: list[torch.Tensor | None] = [None] * len(convs)
+
+        def run(i: int, vals: dict, members: list[int]) -> None:
+            while i < len(nodes):
+                n = nodes[i]
+                if isinstance(n, MulLayer) and keys is not None and len(members) > 1:
+                    branches: dict = {}
+                    for m in members:
+                        branches.setdefault(keys[m][n.name], []).append(m)
+                    if len(branches) > 1:
+                        for sub in branches.values():
+                            mine = dict(vals)
+                            self._node(n, mine, convs[sub[0]], p, taps)
+                            _free(mine, i)
+                            run(i + 1, mine, sub)
+                        return
+                self._node(n, vals, convs[members[0]], p, taps)
+                _free(vals, i)
+                i += 1
+            out = vals[self.output.name].to(torch.int64)
+            for m in members:
+                outs[m] = out
+
+        def _free(vals: dict, i: int) -> None:
+            for k in [k for k in vals if last_use.get(k, -1) <= i]:
+                del vals[k]
+
+        run(0, {"input": first}, list(range(len(convs))))
+        return outs
+
+    def _node(self, n: Node, vals: dict, conv, p: dict, taps: dict | None) -> None:
+        """Compute node ``n`` of the fast exact engine into ``vals`` from its inputs there."""
         def requant(t, r):
             if isinstance(r[0], str):  # TFLite: integer arithmetic (the products exceed float64's exact range)
                 if t.device.type == "cpu":  # one compiled pass instead of ~20 int64 tensor passes
@@ -369,42 +417,44 @@ class QuantizedGraph:
                 return t.to(torch.float64)
             return t.clamp_(q.lo, q.hi).to(torch.float32)
 
-        for n in self.nodes:
-            ins = [vals[i] for i in n.inputs]
-            if isinstance(n, MulLayer):
-                xin = ins[0]
-                if n.in_q.zero_point:
-                    xin = xin - n.in_q.zero_point
-                if n.op == "linear":
-                    xin = xin[:, :, None, None]
-                if taps is not None:
-                    taps[n.name] = xin
-                acc = conv(n.name, xin).to(torch.float64).add_(_chan(p[n.name]["b"], 4))
-                y = finish(requant(acc, p[n.name]["rq"]), n.out)
-                vals[n.name] = y.flatten(1) if n.op == "linear" else y
-            elif isinstance(n, TfliteAdd):
-                parts = [requant((v.to(torch.float64) - zp) * float(1 << n.left_shift), r)
-                         for v, zp, r in zip(ins, n.in_zps, p[n.name]["rq"])]
-                vals[n.name] = finish(requant(parts[0] + parts[1], p[n.name]["out"]), n.out)
-            elif isinstance(n, Merge):
-                parts = []
-                for v, zp, r in zip(ins, n.in_zps, p[n.name]["rq"]):
-                    v = v.to(torch.float64) - zp if zp else v.to(torch.float64)
-                    parts.append(v if r is None else requant(v, r))
-                t = torch.cat(parts, 1) if isinstance(n, Concat) else sum(parts[1:], parts[0].clone())
-                vals[n.name] = finish(t, n.out)
-            elif isinstance(n, Affine):
-                t = ins[0].to(torch.float64) - n.in_zp + _chan(p[n.name]["off"], ins[0].dim())
-                vals[n.name] = finish(requant(t, p[n.name]["rq"]), n.out)
-            elif isinstance(n, Clamp):
-                vals[n.name] = ins[0].clamp(n.out.lo, n.out.hi)
-            elif isinstance(n, Pool):
-                vals[n.name] = _pool_float(ins[0], n)
-            elif isinstance(n, Flatten):
-                vals[n.name] = ins[0].flatten(1)
-            else:  # pragma: no cover - every node type is handled above
-                raise GraphError(f"node {n.name}: unknown kind {n.kind}")
-        return vals[self.output.name].to(torch.int64)
+        ins = [vals[i] for i in n.inputs]
+        if isinstance(n, MulLayer):
+            xin = ins[0]
+            if n.in_q.zero_point:
+                xin = xin - n.in_q.zero_point
+            if n.op == "linear":
+                xin = xin[:, :, None, None]
+            if taps is not None:
+                taps[n.name] = xin
+            acc = conv(n.name, xin)
+            r = p[n.name]["rq"]
+            if acc.device.type == "cpu" and not isinstance(r[0], str):
+                y = _requant_cpu(acc, p[n.name]["b"], r, n.out)  # one compiled pass
+            else:
+                y = finish(requant(acc.to(torch.float64).add_(_chan(p[n.name]["b"], 4)), r), n.out)
+            vals[n.name] = y.flatten(1) if n.op == "linear" else y
+        elif isinstance(n, TfliteAdd):
+            parts = [requant((v.to(torch.float64) - zp) * float(1 << n.left_shift), r)
+                     for v, zp, r in zip(ins, n.in_zps, p[n.name]["rq"])]
+            vals[n.name] = finish(requant(parts[0] + parts[1], p[n.name]["out"]), n.out)
+        elif isinstance(n, Merge):
+            parts = []
+            for v, zp, r in zip(ins, n.in_zps, p[n.name]["rq"]):
+                v = v.to(torch.float64) - zp if zp else v.to(torch.float64)
+                parts.append(v if r is None else requant(v, r))
+            t = torch.cat(parts, 1) if isinstance(n, Concat) else sum(parts[1:], parts[0].clone())
+            vals[n.name] = finish(t, n.out)
+        elif isinstance(n, Affine):
+            t = ins[0].to(torch.float64) - n.in_zp + _chan(p[n.name]["off"], ins[0].dim())
+            vals[n.name] = finish(requant(t, p[n.name]["rq"]), n.out)
+        elif isinstance(n, Clamp):
+            vals[n.name] = ins[0].clamp(n.out.lo, n.out.hi)
+        elif isinstance(n, Pool):
+            vals[n.name] = _pool_float(ins[0], n)
+        elif isinstance(n, Flatten):
+            vals[n.name] = ins[0].flatten(1)
+        else:  # pragma: no cover - every node type is handled above
+            raise GraphError(f"node {n.name}: unknown kind {n.kind}")
 
     def outputs(self, images: np.ndarray, batch_size: int = 100, device: str = "cpu", conv=None) -> np.ndarray:
         """The integer output tensor for every image (int64 [N, ...])."""
@@ -528,6 +578,17 @@ def _graph_from_doc(doc, arrays) -> QuantizedGraph:
 
 
 # ---------------------------------------------------------------- pooling
+
+
+def _requant_cpu(acc: torch.Tensor, bias: torch.Tensor, rq, q: QParams) -> torch.Tensor:
+    """A layer's accumulators [N, F, H, W] (float, integer values) to its output codes, in the layout of ``acc``:
+    bias, half-up requantization, zero point and clamp in one compiled pass (``requant_half_up``)."""
+    fmt = torch.channels_last if acc.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    out = torch.empty(acc.shape, dtype=torch.float64 if q.wide else torch.float32, memory_format=fmt)
+    m0, half, inv = rq
+    requant_half_up(acc.permute(0, 2, 3, 1).numpy(), bias.numpy(), m0.numpy(), half.numpy(), inv.numpy(),
+                    float(q.zero_point), float(q.lo or 0), float(q.hi or 0), q.wide, out.permute(0, 2, 3, 1).numpy())
+    return out
 
 
 def pool_window(n: Pool, hw) -> tuple[tuple[int, int], int, tuple[int, int, int, int]]:

@@ -50,11 +50,17 @@ def train(
     meta: dict | None = None,
     eval_fn=None,
     arch: str = "resnet8",
+    init: torch.nn.Module | None = None,
 ) -> torch.nn.Module:
+    """Train ``arch`` from a seeded initialization, or from ``init``'s weights (a model of the same
+    architecture: a warm restart with a fresh one-cycle schedule)."""
     out = Path(out)
     state_path = out.with_name(out.name + ".state")
     torch.manual_seed(seed)
-    model = build_model(arch).to(device)
+    model = build_model(arch)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    model = model.to(device)
     if device == "cpu":
         model = model.to(memory_format=torch.channels_last)  # oneDNN trains NHWC faster on the CPU
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
