@@ -82,31 +82,32 @@ def test_report_recomputable_from_points_csv(finished_run):
 
 
 def test_resume_after_interruption_loses_and_repeats_nothing(tmp_path, monkeypatch):
+    """An interruption loses only the batch of units under way (asked, not told); a rerun evaluates
+    exactly the points that were not finished."""
     wl = Workload.open(None, need(LOSSLESS_ZIP))
     ex = Explorer(tmp_path, wl, TINY, progress=False, log=lambda m: None)
     ex.resilience()
     calls = {"n": 0}
-    real = Explorer.evaluate
+    real = Explorer.evaluate_many
 
-    def interrupting(self, a):
-        calls["n"] += 1
-        if calls["n"] == 9:
+    def interrupting(self, assignments):
+        calls["n"] += len(assignments)
+        if calls["n"] >= 9:
             raise KeyboardInterrupt
-        return real(self, a)
+        return real(self, assignments)
 
-    monkeypatch.setattr(Explorer, "evaluate", interrupting)
+    monkeypatch.setattr(Explorer, "evaluate_many", interrupting)
     with pytest.raises(KeyboardInterrupt):
         run_exploration(ex)
     done_first = len(ex.points())
-    assert done_first == 8
-    monkeypatch.setattr(Explorer, "evaluate", real)
+    assert 0 < done_first < 9
     calls2 = {"n": 0}
 
-    def counting(self, a):
-        calls2["n"] += 1
-        return real(self, a)
+    def counting(self, assignments):
+        calls2["n"] += len(assignments)
+        return real(self, assignments)
 
-    monkeypatch.setattr(Explorer, "evaluate", counting)
+    monkeypatch.setattr(Explorer, "evaluate_many", counting)
     ex2 = Explorer(tmp_path, wl, TINY, progress=False, log=lambda m: None)
     run_exploration(ex2)
     total = sum(expected_points(ex2).values())
@@ -115,34 +116,36 @@ def test_resume_after_interruption_loses_and_repeats_nothing(tmp_path, monkeypat
 
 
 def test_resilience_keeps_each_measurement_when_interrupted(tmp_path, monkeypatch):
-    """A kill inside the resilience phase loses only the measurement under way."""
+    """A kill inside the resilience phase loses only the batch of measurements under way (one layer's
+    configurations, measured in one pass)."""
     wl = Workload.open(None, need(LOSSLESS_ZIP))
-    real = Explorer.evaluate
+    real = Explorer.evaluate_many
     calls = {"n": 0}
+    n_specs = TINY.library_size
 
-    def interrupting(self, a):
-        calls["n"] += 1
-        if calls["n"] == 9:  # the exact baseline, then 7 layer x configuration measurements, then the kill
+    def interrupting(self, assignments):
+        calls["n"] += len(assignments)
+        if calls["n"] > 1 + 2 * n_specs:  # the exact baseline, then two layers' measurements, then the kill
             raise KeyboardInterrupt
-        return real(self, a)
+        return real(self, assignments)
 
-    monkeypatch.setattr(Explorer, "evaluate", interrupting)
+    monkeypatch.setattr(Explorer, "evaluate_many", interrupting)
     ex = Explorer(tmp_path, wl, TINY, progress=False, log=lambda m: None)
     with pytest.raises(KeyboardInterrupt):
         ex.resilience()
     assert not (tmp_path / "resilience.npz").exists()
-    assert len(ex.units.results(prefix="resilience|")) == 7  # kept in the run's database as they finished
+    assert len(ex.units.results(prefix="resilience|")) == 2 * n_specs  # kept in the run's database as they finished
     calls2 = {"n": 0}
 
-    def counting(self, a):
-        calls2["n"] += 1
-        return real(self, a)
+    def counting(self, assignments):
+        calls2["n"] += len(assignments)
+        return real(self, assignments)
 
-    monkeypatch.setattr(Explorer, "evaluate", counting)
+    monkeypatch.setattr(Explorer, "evaluate_many", counting)
     res = Explorer(tmp_path, wl, TINY, progress=False, log=lambda m: None).resilience()
     n_layers, n_specs = res["direct_loss"].shape
     bins = 2 * TINY.validation_sample
-    assert calls2["n"] == 1 + n_layers * n_specs - 7 + bins
+    assert calls2["n"] == 1 + n_layers * n_specs - 2 * n_specs + bins
     # the same numbers as an uninterrupted run
     fresh = Explorer(tmp_path / "fresh", wl, TINY, progress=False, log=lambda m: None).resilience()
     for k in ("direct_loss", "direct_acc", "validation"):

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ._lut_kernel import lut_error_taps
-from .approx import ApproxNetwork, Assignment
+from .approx import ApproxNetwork, Assignment, logits_shared
 from .bias_correction import bias_corrected, correction_images
 from .atomic import atomic_path, write_json
 from .data import validation_split
@@ -65,6 +65,7 @@ from .workload import Workload, describe_data
 
 APPROACHES = ("layer", "filter", "kernel", "alwann")
 FRACTION_STEP = 0.125
+EVAL_BATCH = 8  # units a worker claims at once and evaluates in one pass over the images
 
 
 @dataclass
@@ -243,20 +244,32 @@ class Explorer:
     def val_metrics(self, a: Assignment, graph: QuantizedGraph | None = None) -> tuple[float, float]:
         """(accuracy, mean cross-entropy) on the validation images; ``graph``: another graph than the
         assignment's own (a fine-tuned one)."""
-        net = ApproxNetwork(graph if graph is not None else self.graph_for(a), a)
-        correct, loss = 0, 0.0
+        return self.val_metrics_many([a], [graph])[0]
+
+    def val_metrics_many(self, assignments: list[Assignment], graphs: list | None = None) -> list[tuple[float, float]]:
+        """``val_metrics`` of several assignments in one pass over the validation images (networks on one
+        graph share their common layers: ``approx.logits_shared``)."""
+        graphs = graphs or [None] * len(assignments)
+        nets = [ApproxNetwork(g if g is not None else self.graph_for(a), a) for a, g in zip(assignments, graphs)]
+        correct, loss = np.zeros(len(nets), dtype=np.int64), np.zeros(len(nets))
         for i in range(0, len(self.val), 250):
             x = torch.as_tensor(self.val.images[i:i + 250])
             y = torch.as_tensor(self.val.labels[i:i + 250])
-            logits = net.logits(x).double() * self.q.logit_scale
-            correct += int((logits.argmax(1) == y).sum())
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        return correct / len(self.val), loss / len(self.val)
+            for k, out in enumerate(logits_shared(nets, x)):
+                logits = out.double() * self.q.logit_scale
+                correct[k] += int((logits.argmax(1) == y).sum())
+                loss[k] += float(F.cross_entropy(logits, y, reduction="sum"))
+        return [(int(c) / len(self.val), float(v) / len(self.val)) for c, v in zip(correct, loss)]
 
     def evaluate(self, a: Assignment) -> dict:
-        acc, loss = self.val_metrics(a)
-        en = network_energy(self.q, a, self.table)
-        return {"val_accuracy": acc, "val_loss": loss, "energy": en["energy"], "energy_gain": en["energy_gain"]}
+        return self.evaluate_many([a])[0]
+
+    def evaluate_many(self, assignments: list[Assignment]) -> list[dict]:
+        out = []
+        for a, (acc, loss) in zip(assignments, self.val_metrics_many(assignments)):
+            en = network_energy(self.q, a, self.table)
+            out.append({"val_accuracy": acc, "val_loss": loss, "energy": en["energy"], "energy_gain": en["energy_gain"]})
+        return out
 
     # ------------------------------------------------------------------ resilience
     def resilience(self) -> dict:
@@ -283,16 +296,17 @@ class Explorer:
         direct_acc = np.zeros((len(layers), len(specs)))
         pairs = {f"resilience|{layers[li]}|{specs[si]}": (li, si) for li in range(len(layers)) for si in range(len(specs))}
 
-        def measure(key):  # one layer alone with one configuration
+        def one_layer(key):  # one layer alone with one configuration
             li, si = pairs[key]
-            a = Assignment(["exact", specs[si]], {n: np.full(self.q.layers[n].weight.shape[:2], int(n == layers[li]))
-                                                  for n in layers})
-            r = self.evaluate(a)
-            return [r["val_loss"], r["val_accuracy"]]
+            return Assignment(["exact", specs[si]], {n: np.full(self.q.layers[n].weight.shape[:2], int(n == layers[li]))
+                                                     for n in layers})
+
+        def measure(keys):  # a layer's configurations in one pass: the exact layers before it run once
+            return [[r["val_loss"], r["val_accuracy"]] for r in self.evaluate_many([one_layer(k) for k in keys])]
 
         # each measurement is kept in the storage as it completes, and shared with other workers
         with self.progress_bar("resilience: layer x configuration", total=len(pairs)) as bar:
-            measured = self.units.map(list(pairs), measure, bar)
+            measured = self.units.map(list(pairs), measure, bar, batch=len(specs))
         for key, (li, si) in pairs.items():
             direct_loss[li, si] = measured[key][0] - exact["val_loss"]
             direct_acc[li, si] = exact["val_accuracy"] - measured[key][1]
@@ -335,17 +349,20 @@ class Explorer:
                   f"{hashlib.sha256(','.join(map(str, units)).encode()).hexdigest()[:16]}": (kind, name, units)
                   for kind, name, units, _ in jobs}
 
-        def measure(key):  # one bin of units alone with the middle configuration
+        def one_bin(key):  # one bin of units alone with the middle configuration
             kind, name, units = by_key[key]
             m = np.zeros(self.q.layers[name].weight.shape[:2], dtype=np.int64)
             if kind == "filter":
                 m[units] = 1
             else:
                 m.flat[units] = 1
-            return self.evaluate(Assignment(["exact", specs[mid]], {name: m}))["val_loss"]
+            return Assignment(["exact", specs[mid]], {name: m})
+
+        def measure(keys):
+            return [r["val_loss"] for r in self.evaluate_many([one_bin(k) for k in keys])]
 
         with self.progress_bar("resilience: proxy validation", total=len(by_key)) as bar:
-            measured = self.units.map(list(by_key), measure, bar)
+            measured = self.units.map(list(by_key), measure, bar, batch=EVAL_BATCH)
         for key, (kind, _, _), (_, _, _, psum) in zip(by_key, by_key.values(), jobs):
             direct[kind].append(measured[key] - exact["val_loss"])
             proxies[kind].append(psum)
@@ -413,9 +430,13 @@ class Explorer:
                 study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         return study
 
-    def _record(self, study, trial, approach, source, genome, res):
-        a = self.build(approach, genome, res)
-        r = self.evaluate(a)
+    def _record_many(self, study, asked: list, approach: str, source: str, res: dict) -> None:
+        """Evaluate the asked trials' genomes (``asked``: (trial, genome) pairs) in one pass and tell them."""
+        built = [self.build(approach, genome, res) for _, genome in asked]
+        for (trial, genome), a, r in zip(asked, built, self.evaluate_many(built)):
+            self._tell(study, trial, approach, source, genome, a, r)
+
+    def _tell(self, study, trial, approach, source, genome, a, r):
         for k, v in r.items():
             trial.set_user_attr(k, v)
         trial.set_user_attr("approach", approach)
@@ -435,19 +456,26 @@ class Explorer:
         grid = {f"sweep|{approach}|{s}|{float(f):g}": (s, float(f)) for s in self.library for f in fractions}
         layers = list(self.q.layers)
 
-        def point(key):
-            spec, frac = grid[key]
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-                if (t.user_attrs["config"], round(t.user_attrs["fraction"], 6)) == (spec, round(frac, 6)):
-                    return t.number  # evaluated before units were kept (an older run): not again
-            trial = study.ask()
-            trial.set_user_attr("config", spec)
-            trial.set_user_attr("fraction", frac)
-            self._record(study, trial, approach, "sweep", self._sweep_genome(approach, spec, frac, res, layers), res)
-            return trial.number
+        def points(keys):
+            numbers, asked = [], []
+            finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            for key in keys:
+                spec, frac = grid[key]
+                old = [t.number for t in finished
+                       if (t.user_attrs["config"], round(t.user_attrs["fraction"], 6)) == (spec, round(frac, 6))]
+                if old:  # evaluated before units were kept (an older run): not again
+                    numbers.append(old[0])
+                    continue
+                trial = study.ask()
+                trial.set_user_attr("config", spec)
+                trial.set_user_attr("fraction", frac)
+                asked.append((trial, self._sweep_genome(approach, spec, frac, res, layers)))
+                numbers.append(trial.number)
+            self._record_many(study, asked, approach, "sweep", res)
+            return numbers
 
         with self.progress_bar(f"{approach}: sweep", total=len(grid)) as bar:
-            self.units.map(list(grid), point, bar)
+            self.units.map(list(grid), points, bar, batch=EVAL_BATCH)
 
     def _sweep_genome(self, approach, spec, frac, res, layers):
         if approach in ("layer", "alwann"):
@@ -491,25 +519,32 @@ class Explorer:
             len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
         self.units.map([f"nsga-seed|{approach}"], seed_generation)
 
-        def trial_slot(key):
-            if int(key.rsplit("|", 1)[1]) < legacy:
-                return None  # finished before units were kept: not again
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-                if t.user_attrs.get("unit") == key:
-                    return t.number  # told by a worker that died before it stored the unit: not again
-            trial = study.ask()
-            trial.set_user_attr("unit", key)
-            genome = {}
-            for n in layers:
-                spec = trial.suggest_categorical(f"cfg:{n}", choices)
-                frac = 1.0 if approach in ("layer", "alwann") else trial.suggest_float(f"frac:{n}", 0.0, 1.0, step=FRACTION_STEP)
-                genome[n] = (spec, frac)
-            self._record(study, trial, approach, "nsga2", genome, res)
-            return trial.number
+        def trial_slots(keys):  # up to a generation's slots: asked together, evaluated in one pass, told
+            numbers, asked = [], []
+            told = {t.user_attrs.get("unit"): t.number
+                    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+            for key in keys:
+                if int(key.rsplit("|", 1)[1]) < legacy:
+                    numbers.append(None)  # finished before units were kept: not again
+                    continue
+                if key in told:
+                    numbers.append(told[key])  # told by a worker that died before it stored the unit: not again
+                    continue
+                trial = study.ask()
+                trial.set_user_attr("unit", key)
+                genome = {}
+                for n in layers:
+                    spec = trial.suggest_categorical(f"cfg:{n}", choices)
+                    frac = 1.0 if approach in ("layer", "alwann") else trial.suggest_float(f"frac:{n}", 0.0, 1.0, step=FRACTION_STEP)
+                    genome[n] = (spec, frac)
+                asked.append((trial, genome))
+                numbers.append(trial.number)
+            self._record_many(study, asked, approach, "nsga2", res)
+            return numbers
 
         slots = [f"nsga|{approach}|{i}" for i in range(self.budget.nsga_trials)]
         with self.progress_bar(f"{approach}: NSGA-II", total=len(slots)) as bar:
-            self.units.map(slots, trial_slot, bar)
+            self.units.map(slots, trial_slots, bar, batch=self.budget.population)
 
     def _seed_genomes(self, approach: str) -> list[dict]:
         source = "layer" if approach == "alwann" else approach
@@ -562,15 +597,20 @@ class Explorer:
                 a.save(front_dir / f"{ap}-{p['source']}-{p['trial']}.json")
                 points[f"test|{point_key(p)}"] = a
 
-        def measure(key):
-            if key.split("|", 1)[1] in local:
-                return local[key.split("|", 1)[1]]
-            a = points[key]
-            pred = ApproxNetwork(self.graph_for(a), a).predict(self.test.images)
-            return {"test_accuracy": float((pred == self.test.labels).mean()), "test_images": int(len(self.test))}
+        def measure(keys):  # several points in one pass over the test images
+            todo = [k for k in keys if k.split("|", 1)[1] not in local]
+            nets = [ApproxNetwork(self.graph_for(points[k]), points[k]) for k in todo]
+            correct = np.zeros(len(todo), dtype=np.int64)
+            for i in range(0, len(self.test) if todo else 0, 250):
+                y = torch.as_tensor(self.test.labels[i:i + 250])
+                for j, out in enumerate(logits_shared(nets, torch.as_tensor(self.test.images[i:i + 250]))):
+                    correct[j] += int((out.argmax(1) == y).sum())
+            mine = {k: {"test_accuracy": int(c) / len(self.test), "test_images": int(len(self.test))}
+                    for k, c in zip(todo, correct)}
+            return [local[k.split("|", 1)[1]] if k not in mine else mine[k] for k in keys]
 
         with self.progress_bar("test set: Pareto points", total=len(points)) as bar:
-            measured = self.units.map(list(points), measure, bar)
+            measured = self.units.map(list(points), measure, bar, batch=EVAL_BATCH)
         write_json(path, {**local, **{k.split("|", 1)[1]: v for k, v in measured.items()}})
 
 

@@ -111,13 +111,14 @@ class WorkUnits:
         with self.engine.begin() as c:
             return c.execute(UNITS.delete().where(UNITS.c.scope == self.scope, UNITS.c.state == "claimed")).rowcount
 
-    def _compute(self, key: str, compute: Callable[[str], object]):
+    def _compute(self, keys: list[str], compute_many: Callable[[list[str]], list]) -> dict[str, object]:
         try:
-            result = compute(key)
+            results = compute_many(list(keys))
         except BaseException:
-            self.release(key)
+            for key in keys:
+                self.release(key)
             raise
-        return self.complete(key, result)
+        return {key: self.complete(key, r) for key, r in zip(keys, results)}
 
     def _ensure_heartbeat(self) -> None:
         if self._beat is not None and self._beat.is_alive():
@@ -141,32 +142,43 @@ class WorkUnits:
         self._beat.start()
 
     # ---------------------------------------------------------------- the common loop
-    def map(self, keys: list[str], compute: Callable[[str], object], bar=None) -> dict[str, object]:
+    def map(self, keys: list[str], compute: Callable, bar=None, batch: int = 1) -> dict[str, object]:
         """Every key's result: computed here for the units this worker claims, read from the database for the
         others, waiting for units other workers hold (and taking over those whose worker died).
-        ``bar``: a tqdm bar over ``keys`` (advanced as results arrive)."""
+        ``compute(key)`` returns one unit's result; with ``batch`` > 1, ``compute(keys)`` takes up to
+        ``batch`` claimed keys at once (one pass over the data for all of them) and returns their results
+        in order. ``bar``: a tqdm bar over ``keys`` (advanced as results arrive)."""
+        many = compute if batch > 1 else (lambda ks: [compute(ks[0])])
         done = self.results(keys)
         seen = len(done)
-        if bar is not None:
-            bar.update(seen)
+        pending: list[str] = []
+
+        def advance(flush: bool) -> None:
+            nonlocal seen
+            if pending and (flush or len(pending) >= batch):
+                done.update(self._compute(pending, many))
+                pending.clear()
+            if bar is not None:
+                bar.update(len(done) - seen)
+                seen = len(done)
+
+        advance(False)
         for key in keys:
             if key in done:
                 continue
             if self.claim(key):
-                done[key] = self._compute(key, compute)
+                pending.append(key)
             else:
                 done.update(self.results([key]))
-            if bar is not None:
-                bar.update(len(done) - seen)
-                seen = len(done)
+            advance(False)
+        advance(True)
         while missing := [k for k in keys if k not in done]:
             done.update(self.results(missing))
             for key in [k for k in missing if k not in done]:
                 if self.claim(key):  # its worker stopped: take it over
-                    done[key] = self._compute(key, compute)
-            if bar is not None:
-                bar.update(len(done) - seen)
-                seen = len(done)
+                    pending.append(key)
+                    advance(False)
+            advance(True)
             if any(k not in done for k in keys):
                 time.sleep(POLL_SECONDS)
         return {k: done[k] for k in keys}
