@@ -233,3 +233,33 @@ def test_compiled_half_up_requant_equals_the_torch_form(rng, per_tensor, layout)
     want = want if wide else want.clamp_(0, 255).to(torch.float32)
     assert got.dtype == want.dtype and torch.equal(got, want)
     assert got.is_contiguous(memory_format=torch.channels_last) == (layout != "contiguous")
+
+
+@pytest.mark.parametrize("which", ["both", "first", "none", "wide"])
+def test_compiled_add_equals_the_torch_form(rng, which):
+    """The one-pass CPU Add (zero points, per-input requantization, output zero point, clamp) gives exactly
+    the torch form's float64 results, inputs in mixed layouts."""
+    from maxdnn.graph import Add, QParams, _add_cpu
+    from maxdnn.quant import quantize_multiplier
+
+    def rq(f):
+        m0, shift = zip(*(quantize_multiplier(float(s)) for s in rng.uniform(0.05, 1.9, size=f)))
+        shift = np.array(shift, dtype=np.float64)
+        return (torch.tensor(m0, dtype=torch.float64), torch.as_tensor(2.0 ** (shift - 1)), torch.as_tensor(2.0 ** -shift))
+
+    a = torch.as_tensor(rng.integers(-128, 128, size=(3, 5, 4, 6)), dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    b = torch.as_tensor(rng.integers(0, 256, size=(3, 5, 4, 6)), dtype=torch.float32)
+    rqs = {"both": [rq(5), rq(1)], "first": [rq(5), None], "none": [None, None], "wide": [rq(1), rq(5)]}[which]
+    out = QParams(0.1, 0, None, None) if which == "wide" else QParams(0.1, -3, -128, 127)
+    n = Add("add", ["a", "b"], out, in_zps=[-5, 7], requants=[None, None])
+    got = _add_cpu([a, b], n, rqs)
+
+    def chan(v):
+        return v.reshape(1, -1, 1, 1)
+    parts = []
+    for v, zp, r in zip((a, b), n.in_zps, rqs):
+        v = v.to(torch.float64) - zp
+        parts.append(v if r is None else v.mul(chan(r[0])).add_(chan(r[1])).mul_(chan(r[2])).floor_())
+    want = (parts[0] + parts[1]).add_(out.zero_point)
+    want = want if which == "wide" else want.clamp_(-128, 127).to(torch.float32)
+    assert got.dtype == want.dtype and torch.equal(got, want)

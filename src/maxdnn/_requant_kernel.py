@@ -62,3 +62,32 @@ def requant_half_up(acc, bias, m0, half, inv, zp, lo, hi, wide, out):  # pragma:
                 if not wide:
                     v = min(max(v, lo), hi)
                 out[b, y, x, c] = v
+
+
+@njit(parallel=True, cache=True)
+def add_half_up(a, b, ra, rb, use_a, use_b, zpa, zpb, zp, lo, hi, wide, out):  # pragma: no cover - compiled
+    """A two-input Add in one pass, with the torch form's float64 operations in its order: each input minus its
+    zero point, requantized (floor((v * m0 + half) * inv), when ``use_*``) to the output scale, summed, plus the
+    output zero point, clamped unless ``wide``.
+
+    a, b: [N, H, W, C] (any strides); ra, rb: float64 [3, C] or [3, 1] rows m0, half, inv; out: [N, H, W, C]."""
+    n, h, w, c_n = a.shape
+    pa = ra.shape[1] > 1
+    pb = rb.shape[1] > 1
+    for ny in prange(n * h):
+        bb = ny // h
+        y = ny % h
+        for x in range(w):
+            for c in range(c_n):
+                va = np.float64(a[bb, y, x, c]) - zpa
+                if use_a:
+                    k = c if pa else 0
+                    va = np.floor((va * ra[0, k] + ra[1, k]) * ra[2, k])
+                vb = np.float64(b[bb, y, x, c]) - zpb
+                if use_b:
+                    k = c if pb else 0
+                    vb = np.floor((vb * rb[0, k] + rb[1, k]) * rb[2, k])
+                v = va + vb + zp
+                if not wide:
+                    v = min(max(v, lo), hi)
+                out[bb, y, x, c] = v

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_path
-from ._requant_kernel import requant_half_up, tflite_requant
+from ._requant_kernel import add_half_up, requant_half_up, tflite_requant
 from .quant import Requant, conv_out_hw, float_conv_exact, layer_bound, tflite_multiply_torch, tflite_single_multiply
 
 GRAPH_FORMAT = "maxdnn-qgraph-v1"
@@ -437,6 +437,9 @@ class QuantizedGraph:
             parts = [requant((v.to(torch.float64) - zp) * float(1 << n.left_shift), r)
                      for v, zp, r in zip(ins, n.in_zps, p[n.name]["rq"])]
             vals[n.name] = finish(requant(parts[0] + parts[1], p[n.name]["out"]), n.out)
+        elif (isinstance(n, Add) and len(ins) == 2 and ins[0].device.type == "cpu" and ins[0].dim() == 4
+              and ins[0].shape == ins[1].shape and not any(r is not None and isinstance(r[0], str) for r in p[n.name]["rq"])):
+            vals[n.name] = _add_cpu(ins, n, p[n.name]["rq"])  # one compiled pass
         elif isinstance(n, Merge):
             parts = []
             for v, zp, r in zip(ins, n.in_zps, p[n.name]["rq"]):
@@ -588,6 +591,20 @@ def _requant_cpu(acc: torch.Tensor, bias: torch.Tensor, rq, q: QParams) -> torch
     m0, half, inv = rq
     requant_half_up(acc.permute(0, 2, 3, 1).numpy(), bias.numpy(), m0.numpy(), half.numpy(), inv.numpy(),
                     float(q.zero_point), float(q.lo or 0), float(q.hi or 0), q.wide, out.permute(0, 2, 3, 1).numpy())
+    return out
+
+
+def _add_cpu(ins: list[torch.Tensor], n: "Add", rqs) -> torch.Tensor:
+    """A two-input Add's output codes in one compiled pass (``add_half_up``), in the layout of its first input."""
+    a, b = ins
+    q = n.out
+    fmt = torch.channels_last if a.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    out = torch.empty(a.shape, dtype=torch.float64 if q.wide else torch.float32, memory_format=fmt)
+    none = np.zeros((3, 1))
+    ra, rb = (none if r is None else torch.stack([t.reshape(-1).to(torch.float64) for t in r]).numpy() for r in rqs)
+    add_half_up(a.permute(0, 2, 3, 1).numpy(), b.permute(0, 2, 3, 1).numpy(), ra, rb, rqs[0] is not None,
+                rqs[1] is not None, float(n.in_zps[0]), float(n.in_zps[1]), float(q.zero_point), float(q.lo or 0),
+                float(q.hi or 0), q.wide, out.permute(0, 2, 3, 1).numpy())
     return out
 
 
