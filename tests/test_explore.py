@@ -350,3 +350,17 @@ def test_rerun_of_a_finished_run_adds_to_its_wall_time(finished_run, tmp_path):
     assert r.exit_code == 0, r.output
     wall = json.loads((run / "run.json").read_text())["wall_seconds"]
     assert 1000 < wall < 1300 and f"exploration wall time: {wall:.0f} s" in (run / "report.md").read_text()
+
+
+def test_test_selection_keeps_the_cited_points_and_spreads_the_rest():
+    from maxdnn.explore import THRESHOLDS, test_selection
+
+    front = [{"val_accuracy": 0.84 - 0.0025 * i, "energy_gain": 0.03 * i} for i in range(25)]
+    assert test_selection(front, 0.84, 0) == front and test_selection(front, 0.84, 30) == front
+    chosen = test_selection(front, 0.84, 8)
+    assert len(chosen) == 8 and len({id(p) for p in chosen}) == 8
+    for t in THRESHOLDS:  # the table's point at each threshold is measured
+        ok = [p for p in front if 100 * (0.84 - p["val_accuracy"]) <= t + 1e-9]
+        assert max(ok, key=lambda p: p["energy_gain"]) in chosen
+    gains = sorted(p["energy_gain"] for p in chosen)
+    assert gains[0] == 0.0 and gains[-1] == front[-1]["energy_gain"]  # the ends of the front, then between

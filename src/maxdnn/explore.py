@@ -64,6 +64,7 @@ from .work_units import WorkUnits
 from .workload import Workload, describe_data
 
 APPROACHES = ("layer", "filter", "kernel", "alwann")
+THRESHOLDS = (0.5, 1.0, 2.0, 4.0)  # validation accuracy losses (points) the report's table is read at
 FRACTION_STEP = 0.125
 EVAL_BATCH = 8  # units a worker claims at once and evaluates in one pass over the images
 
@@ -78,10 +79,11 @@ class Budget:
     nsga_trials: int
     population: int
     validation_sample: int  # filters / kernels per proxy-validation sample
+    test_points: int = 0  # front points per approach measured on the test set (0: all)
 
 
 BUDGETS = {
-    "quick": Budget("quick", 1000, 128, (0.25, 0.5, 0.75, 1.0), 8, 36, 12, 8),
+    "quick": Budget("quick", 1000, 128, (0.25, 0.5, 0.75, 1.0), 8, 36, 12, 8, test_points=8),
     "full": Budget("full", 5000, 512, tuple(np.arange(1, 9) / 8), 31, 300, 40, 16),
     "tiny": Budget("tiny", 64, 16, (0.5, 1.0), 3, 6, 4, 3),  # for tests
 }
@@ -193,6 +195,8 @@ class Explorer:
             old = json.loads(run_json.read_text())
             old.setdefault("bias_correction", False)
             old.setdefault("energy", "average")
+            if isinstance(old.get("budget"), dict):
+                old["budget"].setdefault("test_points", 0)  # runs made before the field: every front point
             for k in ("model", "data", "budget", "seed", "library", "bias_correction", "energy"):
                 if old.get(k) != info[k]:
                     was = old.get(k)["name"] if k == "budget" and isinstance(old.get(k), dict) else old.get(k)
@@ -431,21 +435,15 @@ class Explorer:
         return study
 
     def _record_many(self, study, asked: list, approach: str, source: str, res: dict) -> None:
-        """Evaluate the asked trials' genomes (``asked``: (trial, genome) pairs) in one pass and tell them."""
-        built = [self.build(approach, genome, res) for _, genome in asked]
-        for (trial, genome), a, r in zip(asked, built, self.evaluate_many(built)):
-            self._tell(study, trial, approach, source, genome, a, r)
-
-    def _tell(self, study, trial, approach, source, genome, a, r):
-        for k, v in r.items():
-            trial.set_user_attr(k, v)
-        trial.set_user_attr("approach", approach)
-        trial.set_user_attr("source", source)
-        trial.set_user_attr("summary", self.summary(genome))
-        trial.set_user_attr("genome", json.dumps(genome))
-        trial.set_user_attr("granularity", a.granularity())
-        study.tell(trial, [r["val_accuracy"], r["energy_gain"]])
-        return r
+        """Evaluate the asked trials (``asked``: (trial, genome, extra attributes) triples) in one pass and
+        tell them."""
+        built = [self.build(approach, genome, res) for _, genome, _ in asked]
+        for (trial, genome, extra), a, r in zip(asked, built, self.evaluate_many(built)):
+            # one attribute, one write to the storage (each write is a transaction)
+            trial.set_user_attr("point", {**r, **extra, "approach": approach, "source": source,
+                                          "summary": self.summary(genome), "genome": json.dumps(genome),
+                                          "granularity": a.granularity()})
+            study.tell(trial, [r["val_accuracy"], r["energy_gain"]])
 
     def sweep(self, approach: str, res: dict) -> None:
         """Every (configuration, fraction) of the grid once: each point is a unit (shared by workers)."""
@@ -462,14 +460,12 @@ class Explorer:
             for key in keys:
                 spec, frac = grid[key]
                 old = [t.number for t in finished
-                       if (t.user_attrs["config"], round(t.user_attrs["fraction"], 6)) == (spec, round(frac, 6))]
+                       if (point_attrs(t)["config"], round(point_attrs(t)["fraction"], 6)) == (spec, round(frac, 6))]
                 if old:  # evaluated before units were kept (an older run): not again
                     numbers.append(old[0])
                     continue
                 trial = study.ask()
-                trial.set_user_attr("config", spec)
-                trial.set_user_attr("fraction", frac)
-                asked.append((trial, self._sweep_genome(approach, spec, frac, res, layers)))
+                asked.append((trial, self._sweep_genome(approach, spec, frac, res, layers), {"config": spec, "fraction": frac}))
                 numbers.append(trial.number)
             self._record_many(study, asked, approach, "sweep", res)
             return numbers
@@ -521,7 +517,7 @@ class Explorer:
 
         def trial_slots(keys):  # up to a generation's slots: asked together, evaluated in one pass, told
             numbers, asked = [], []
-            told = {t.user_attrs.get("unit"): t.number
+            told = {point_attrs(t).get("unit"): t.number
                     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
             for key in keys:
                 if int(key.rsplit("|", 1)[1]) < legacy:
@@ -531,13 +527,12 @@ class Explorer:
                     numbers.append(told[key])  # told by a worker that died before it stored the unit: not again
                     continue
                 trial = study.ask()
-                trial.set_user_attr("unit", key)
                 genome = {}
                 for n in layers:
                     spec = trial.suggest_categorical(f"cfg:{n}", choices)
                     frac = 1.0 if approach in ("layer", "alwann") else trial.suggest_float(f"frac:{n}", 0.0, 1.0, step=FRACTION_STEP)
                     genome[n] = (spec, frac)
-                asked.append((trial, genome))
+                asked.append((trial, genome, {"unit": key}))
                 numbers.append(trial.number)
             self._record_many(study, asked, approach, "nsga2", res)
             return numbers
@@ -572,7 +567,7 @@ class Explorer:
                 except KeyError:
                     continue
                 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-                    u = t.user_attrs
+                    u = point_attrs(t)
                     out.append({"approach": ap, "source": kind, "trial": t.number, "summary": u["summary"],
                                 "genome": u["genome"], "granularity": u.get("granularity", ""),
                                 "val_accuracy": u["val_accuracy"], "val_loss": u["val_loss"],
@@ -580,22 +575,27 @@ class Explorer:
         return out
 
     def evaluate_front(self, approaches=APPROACHES, res=None) -> None:
-        """Test accuracy of every validation-Pareto point: each point a unit (shared by workers), all of them
-        written to RUN_DIR/test_eval.json, and every front point's assignment to RUN_DIR/pareto/."""
+        """Test accuracy of the validation-Pareto points (all, or the budget's ``test_points`` per approach:
+        ``test_selection``): each point a unit (shared by workers), all of them written to
+        RUN_DIR/test_eval.json, and every front point's assignment to RUN_DIR/pareto/."""
         res = res if res is not None else self.resilience()
         path = self.run_dir / "test_eval.json"
         local = json.loads(path.read_text()) if path.exists() else {}  # runs made before units were kept
         front_dir = self.run_dir / "pareto"
         front_dir.mkdir(exist_ok=True)
         points = {}
+        base_val = self.info["baseline"]["val_accuracy"]
         for ap in approaches:
-            for p in pareto_front(self.points([ap])):
+            front = pareto_front(self.points([ap]))
+            chosen = {id(p) for p in test_selection(front, base_val, self.budget.test_points)}
+            for p in front:
                 genome = {k: tuple(v) for k, v in json.loads(p["genome"]).items()}
                 a = self.build(ap, genome, res)
                 a.meta = {"approach": ap, "summary": p["summary"], "val_accuracy": p["val_accuracy"],
                           "energy_gain": p["energy_gain"]}
                 a.save(front_dir / f"{ap}-{p['source']}-{p['trial']}.json")
-                points[f"test|{point_key(p)}"] = a
+                if id(p) in chosen:
+                    points[f"test|{point_key(p)}"] = a
 
         def measure(keys):  # several points in one pass over the test images
             todo = [k for k in keys if k.split("|", 1)[1] not in local]
@@ -612,6 +612,48 @@ class Explorer:
         with self.progress_bar("test set: Pareto points", total=len(points)) as bar:
             measured = self.units.map(list(points), measure, bar, batch=EVAL_BATCH)
         write_json(path, {**local, **{k.split("|", 1)[1]: v for k, v in measured.items()}})
+
+
+def test_selection(front: list[dict], base_val_accuracy: float, cap: int) -> list[dict]:
+    """The front points measured on the test set: all when ``cap`` is 0 or the front is no larger; else the
+    points the report's table cites (largest gain within each of ``THRESHOLDS`` validation points), then
+    points evenly spread in gain, up to ``cap``."""
+    if cap <= 0 or len(front) <= cap:
+        return list(front)
+    picked: list[dict] = []
+    for t in THRESHOLDS:
+        ok = [p for p in front if 100 * (base_val_accuracy - p["val_accuracy"]) <= t + 1e-9]
+        best = max(ok, key=lambda p: p["energy_gain"]) if ok else None
+        if best is not None and all(best is not q for q in picked):
+            picked.append(best)
+    by_gain = sorted(front, key=lambda p: p["energy_gain"])
+    for i in np.argsort(_spread_order(len(by_gain))):
+        if len(picked) >= cap:
+            break
+        if all(by_gain[i] is not q for q in picked):
+            picked.append(by_gain[i])
+    return picked
+
+
+def _spread_order(n: int) -> np.ndarray:
+    """Rank of each index 0..n-1 in an order that spreads picks evenly: ends first, then halving the gaps."""
+    order, seen = [], set()
+    k = 1
+    while len(order) < n:
+        for i in np.round(np.linspace(0, n - 1, k + 1)).astype(int):
+            if int(i) not in seen:
+                seen.add(int(i))
+                order.append(int(i))
+        k *= 2
+    rank = np.empty(n, dtype=int)
+    rank[np.array(order)] = np.arange(n)
+    return rank
+
+
+def point_attrs(trial) -> dict:
+    """A told trial's attributes: one ``point`` attribute, or (runs made before it) one attribute each."""
+    u = trial.user_attrs
+    return {**u, **u["point"]} if "point" in u else u
 
 
 def point_key(p: dict) -> str:

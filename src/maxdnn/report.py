@@ -15,8 +15,7 @@ import os
 from pathlib import Path
 
 from .atomic import atomic_path, write_text
-
-THRESHOLDS = (0.5, 1.0, 2.0, 4.0)
+from .explore import THRESHOLDS
 Z95 = 1.959963984540054
 
 
