@@ -374,9 +374,11 @@ class LayerPlan:
                 buf = torch.empty((n,) + rest + (k, c), dtype=torch.float32)
                 round_stack(src, self.round_bits, buf.permute(3, 0, 1, 2, 4).numpy())
                 return buf.reshape((n,) + rest + (k * c,)).permute(0, 3, 1, 2)
-            buf = torch.empty((k, n) + rest + (c,), dtype=torch.float32)
-            round_stack(src, self.round_bits, buf.numpy())
-            return [buf[i].permute(0, 3, 1, 2) for i in range(k)]
+            rounded = np.nonzero(self.round_bits)[0]  # the identity group (t = 0) takes x as it is
+            buf = torch.empty((len(rounded), n) + rest + (c,), dtype=torch.float32)
+            round_stack(src, self.round_bits[rounded], buf.numpy())
+            views = dict(zip(rounded.tolist(), (buf[i].permute(0, 3, 1, 2) for i in range(len(rounded)))))
+            return [views.get(i, xf) for i in range(k)]
         fmt = torch.channels_last if xf.is_contiguous(memory_format=torch.channels_last) and xf.dim() == 4 else torch.contiguous_format
         if stacked:
             buf = torch.empty((n, c * k) + rest, dtype=torch.float32, device=xf.device, memory_format=fmt)
