@@ -71,6 +71,27 @@ def test_train_out_checked_before_any_epoch(tmp_path):
     one_line_error(r, "--epochs")
 
 
+def test_train_init_starts_from_the_checkpoint_and_checks_its_arch(tmp_path):
+    import torch
+
+    from maxdnn.models import load_model
+
+    out = tmp_path / "m.pt"
+    r = runner.invoke(app, ["train", "--data", str(need(LOSSLESS_ZIP)), "--out", str(out), "--epochs", "1",
+                            "--holdout", "3900", "--lr", "1e-12", "--init", "resnet8"])
+    assert r.exit_code == 0, r.output
+    start, trained = load_model("resnet8"), load_model(str(out))
+    convs = [k for k, v in start.state_dict().items() if v.dim() == 4]
+    assert convs and all(torch.allclose(start.state_dict()[k], trained.state_dict()[k], atol=1e-6) for k in convs)
+    assert "--init resnet8" in trained.meta["command"]
+    r = runner.invoke(app, ["train", "--data", str(LOSSLESS_ZIP), "--out", str(tmp_path / "n.pt"), "--arch", "resnet20",
+                            "--init", "resnet8"])
+    one_line_error(r, "a resnet8 checkpoint, not resnet20")
+    r = runner.invoke(app, ["train", "--data", str(LOSSLESS_ZIP), "--out", str(tmp_path / "n.pt"), "--init",
+                            str(tmp_path / "none.pt")])
+    one_line_error(r, "none.pt")
+
+
 def _commands(cmd, path=()):
     import click
 

@@ -320,6 +320,7 @@ class LayerPlan:
                 self.sub.append((g, torch.as_tensor(wg, device=dev), layer_bound(wg, g.x_max)))
             self.mode = "per-group"
             self.pick = torch.as_tensor(np.argsort(owner), device=dev)
+            self.group_index = [torch.as_tensor(g.filters, device=dev) for g in groups]
         else:
             # stacked: [F, G*C, kh, kw] over the stacked transformed activations
             wcat = np.concatenate([g.weight for g in groups], axis=1)
@@ -410,7 +411,13 @@ class LayerPlan:
             outs = [float_conv_exact(xt, wg, self.stride, pads, gb)
                     for xt, (_, wg, gb) in zip(self._transformed(x, xf, stacked=False), self.sub)]
             dtype = torch.float64 if any(o.dtype == torch.float64 for o in outs) else torch.float32
-            return torch.cat([o.to(dtype) for o in outs], 1).index_select(1, self.pick)
+            fmt = torch.channels_last if outs[0].dim() == 4 and outs[0].is_contiguous(memory_format=torch.channels_last) \
+                else torch.contiguous_format
+            acc = torch.empty((outs[0].shape[0], len(self.pick)) + tuple(outs[0].shape[2:]), dtype=dtype,
+                              device=outs[0].device, memory_format=fmt)
+            for (g, _, _), o, idx in zip(self.sub, outs, self.group_index):
+                acc.index_copy_(1, idx, o.to(dtype))  # each group's filters into their places
+            return acc
         weight, bound = self.conv_args
         return float_conv_exact(self._transformed(x, xf, stacked=True), weight, self.stride, pads, bound)
 
