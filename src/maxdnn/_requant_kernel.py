@@ -42,6 +42,19 @@ def tflite_requant(acc, m0, shift, single):  # pragma: no cover - compiled
     return out
 
 
+@njit(inline="always", cache=True)
+def _half_up(v, m0, half, inv):  # pragma: no cover - compiled
+    """floor((v * m0 + half) * inv): half-up requantization, the torch form's float64 operations in its order."""
+    return np.floor((v * m0 + half) * inv)
+
+
+@njit(inline="always", cache=True)
+def _to_code(v, zp, lo, hi, wide):  # pragma: no cover - compiled
+    """v plus the output zero point, clamped to [lo, hi] unless ``wide``."""
+    v = v + zp
+    return v if wide else min(max(v, lo), hi)
+
+
 @njit(parallel=True, cache=True)
 def requant_half_up(acc, bias, m0, half, inv, zp, lo, hi, wide, out):  # pragma: no cover - compiled
     """A multiplying layer's output in one pass: floor(((acc + bias) * m0 + half) * inv) + zp, clamped to
@@ -57,11 +70,8 @@ def requant_half_up(acc, bias, m0, half, inv, zp, lo, hi, wide, out):  # pragma:
         for x in range(w):
             for c in range(c_n):
                 k = c if per_c else 0
-                v = (np.float64(acc[b, y, x, c]) + bias[c]) * m0[k] + half[k]
-                v = np.floor(v * inv[k]) + zp
-                if not wide:
-                    v = min(max(v, lo), hi)
-                out[b, y, x, c] = v
+                v = _half_up(np.float64(acc[b, y, x, c]) + bias[c], m0[k], half[k], inv[k])
+                out[b, y, x, c] = _to_code(v, zp, lo, hi, wide)
 
 
 @njit(parallel=True, cache=True)
@@ -82,12 +92,9 @@ def add_half_up(a, b, ra, rb, use_a, use_b, zpa, zpb, zp, lo, hi, wide, out):  #
                 va = np.float64(a[bb, y, x, c]) - zpa
                 if use_a:
                     k = c if pa else 0
-                    va = np.floor((va * ra[0, k] + ra[1, k]) * ra[2, k])
+                    va = _half_up(va, ra[0, k], ra[1, k], ra[2, k])
                 vb = np.float64(b[bb, y, x, c]) - zpb
                 if use_b:
                     k = c if pb else 0
-                    vb = np.floor((vb * rb[0, k] + rb[1, k]) * rb[2, k])
-                v = va + vb + zp
-                if not wide:
-                    v = min(max(v, lo), hi)
-                out[bb, y, x, c] = v
+                    vb = _half_up(vb, rb[0, k], rb[1, k], rb[2, k])
+                out[bb, y, x, c] = _to_code(va + vb, zp, lo, hi, wide)

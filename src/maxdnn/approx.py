@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -312,15 +312,14 @@ class LayerPlan:
             if mask is not None:
                 raise AssertionError("dense expansion is only used with several transforms")
         elif self.disjoint:
-            # one convolution per group over its own filters (total work: one exact convolution);
-            # the outputs are put back in filter order
-            self.sub = []
+            # one convolution per group over its own filters (together one exact convolution's arithmetic;
+            # on the CPU oneDNN pads each to 16 output channels), the outputs written to their filters' places
+            self.sub = []  # (filter indices, weights, accumulator bound) per group
             for g in groups:
                 wg = g.weight[g.filters]
-                self.sub.append((g, torch.as_tensor(wg, device=dev), layer_bound(wg, g.x_max)))
+                self.sub.append((torch.as_tensor(g.filters, device=dev), torch.as_tensor(wg, device=dev),
+                                 layer_bound(wg, g.x_max)))
             self.mode = "per-group"
-            self.pick = torch.as_tensor(np.argsort(owner), device=dev)
-            self.group_index = [torch.as_tensor(g.filters, device=dev) for g in groups]
         else:
             # stacked: [F, G*C, kh, kw] over the stacked transformed activations
             wcat = np.concatenate([g.weight for g in groups], axis=1)
@@ -413,9 +412,9 @@ class LayerPlan:
             dtype = torch.float64 if any(o.dtype == torch.float64 for o in outs) else torch.float32
             fmt = torch.channels_last if outs[0].dim() == 4 and outs[0].is_contiguous(memory_format=torch.channels_last) \
                 else torch.contiguous_format
-            acc = torch.empty((outs[0].shape[0], len(self.pick)) + tuple(outs[0].shape[2:]), dtype=dtype,
-                              device=outs[0].device, memory_format=fmt)
-            for (g, _, _), o, idx in zip(self.sub, outs, self.group_index):
+            acc = torch.empty((outs[0].shape[0], sum(len(idx) for idx, _, _ in self.sub)) + tuple(outs[0].shape[2:]),
+                              dtype=dtype, device=outs[0].device, memory_format=fmt)
+            for (idx, _, _), o in zip(self.sub, outs):
                 acc.index_copy_(1, idx, o.to(dtype))  # each group's filters into their places
             return acc
         weight, bound = self.conv_args
@@ -548,24 +547,22 @@ class ApproxNetwork:
     def conv(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.plans[name](x)
 
-    @property
+    @cached_property
     def layer_keys(self) -> dict[str, str]:
         """Per layer, what its products are: equal keys give equal accumulators ("exact" for exact
         products, whatever the spelling)."""
-        if not hasattr(self, "_keys"):
-            a = self.assignment
-            self._keys = {}
-            for name, m in a.maps.items():
-                m = np.broadcast_to(np.asarray(m), self.qnet.layers[name].weight.shape[:2])
-                used = np.unique(m)
-                names = [str(a.specs[i]) for i in used]
-                if all(_exact_spec(nm, a.bits) for nm in names):
-                    self._keys[name] = "exact"
-                    continue
-                remap = np.searchsorted(used, m)
-                h = hashlib.sha256(json.dumps(names).encode() + remap.astype(np.int64).tobytes())
-                self._keys[name] = h.hexdigest()
-        return self._keys
+        a = self.assignment
+        keys = {}
+        for name, m in a.maps.items():
+            m = np.broadcast_to(np.asarray(m), self.qnet.layers[name].weight.shape[:2])
+            used = np.unique(m)
+            names = [str(a.specs[i]) for i in used]
+            if all(_exact_spec(nm, a.bits) for nm in names):
+                keys[name] = "exact"
+                continue
+            remap = np.searchsorted(used, m)
+            keys[name] = hashlib.sha256(json.dumps(names).encode() + remap.astype(np.int64).tobytes()).hexdigest()
+        return keys
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.qnet.forward_int(x, self.conv)

@@ -486,10 +486,11 @@ def explore(
                 energy] + (["--data", data] if data else []) + (["--model", model] if model else []) \
             + (["--library", ",".join(specs)] if specs else []) + (["--bias-correction"] if bias_correction else []) \
             + (["--finetune"] if finetune else [])
-        helpers = _start_workers(out, workers - 1, args, _threads_per_worker(workers))
+        threads = _threads_per_worker(workers)
+        helpers = _start_workers(out, workers - 1, args, threads)
         import torch
 
-        torch.set_num_threads(_threads_per_worker(workers))
+        torch.set_num_threads(threads)
     run_exploration(ex, aps, finetune=FINETUNE_BUDGETS[budget] if finetune else None)
     _wait_for_workers(helpers)
     res = ex.resilience()

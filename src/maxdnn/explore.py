@@ -456,13 +456,14 @@ class Explorer:
 
         def points(keys):
             numbers, asked = [], []
-            finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            finished = {}  # (config, fraction) -> the first trial that evaluated it
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+                u = point_attrs(t)
+                finished.setdefault((u["config"], round(u["fraction"], 6)), t.number)
             for key in keys:
                 spec, frac = grid[key]
-                old = [t.number for t in finished
-                       if (point_attrs(t)["config"], round(point_attrs(t)["fraction"], 6)) == (spec, round(frac, 6))]
-                if old:  # evaluated before units were kept (an older run): not again
-                    numbers.append(old[0])
+                if (spec, round(frac, 6)) in finished:  # evaluated before units were kept (an older run): not again
+                    numbers.append(finished[(spec, round(frac, 6))])
                     continue
                 trial = study.ask()
                 asked.append((trial, self._sweep_genome(approach, spec, frac, res, layers), {"config": spec, "fraction": frac}))
@@ -614,29 +615,34 @@ class Explorer:
         write_json(path, {**local, **{k.split("|", 1)[1]: v for k, v in measured.items()}})
 
 
+def largest_gain_within(front: list[dict], loss_pts, threshold: float) -> dict | None:
+    """The point of ``front`` with the largest energy gain among those whose accuracy loss ``loss_pts(p)``
+    (points) is at most ``threshold``; None when there is none."""
+    ok = [p for p in front if loss_pts(p) <= threshold + 1e-9]
+    return max(ok, key=lambda p: p["energy_gain"]) if ok else None
+
+
 def test_selection(front: list[dict], base_val_accuracy: float, cap: int) -> list[dict]:
     """The front points measured on the test set: all when ``cap`` is 0 or the front is no larger; else the
     points the report's table cites (largest gain within each of ``THRESHOLDS`` validation points), then
     points evenly spread in gain, up to ``cap``."""
     if cap <= 0 or len(front) <= cap:
         return list(front)
-    picked: list[dict] = []
+    picked: dict[int, dict] = {}  # by id: the same point may be cited at several thresholds
     for t in THRESHOLDS:
-        ok = [p for p in front if 100 * (base_val_accuracy - p["val_accuracy"]) <= t + 1e-9]
-        best = max(ok, key=lambda p: p["energy_gain"]) if ok else None
-        if best is not None and all(best is not q for q in picked):
-            picked.append(best)
+        best = largest_gain_within(front, lambda p: 100 * (base_val_accuracy - p["val_accuracy"]), t)
+        if best is not None:
+            picked.setdefault(id(best), best)
     by_gain = sorted(front, key=lambda p: p["energy_gain"])
-    for i in np.argsort(_spread_order(len(by_gain))):
+    for i in _spread_order(len(by_gain)):
         if len(picked) >= cap:
             break
-        if all(by_gain[i] is not q for q in picked):
-            picked.append(by_gain[i])
-    return picked
+        picked.setdefault(id(by_gain[i]), by_gain[i])
+    return list(picked.values())
 
 
-def _spread_order(n: int) -> np.ndarray:
-    """Rank of each index 0..n-1 in an order that spreads picks evenly: ends first, then halving the gaps."""
+def _spread_order(n: int) -> list[int]:
+    """The indices 0..n-1 in an order that spreads picks evenly: the ends first, then halving the gaps."""
     order, seen = [], set()
     k = 1
     while len(order) < n:
@@ -645,9 +651,7 @@ def _spread_order(n: int) -> np.ndarray:
                 seen.add(int(i))
                 order.append(int(i))
         k *= 2
-    rank = np.empty(n, dtype=int)
-    rank[np.array(order)] = np.arange(n)
-    return rank
+    return order
 
 
 def point_attrs(trial) -> dict:

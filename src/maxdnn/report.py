@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from .atomic import atomic_path, write_text
-from .explore import THRESHOLDS
+from .explore import THRESHOLDS, largest_gain_within
 Z95 = 1.959963984540054
 
 
@@ -149,8 +149,7 @@ def best_at_thresholds(rows: list[dict], finetuned: bool = False) -> dict[str, d
         front = [r for r in rows if r["approach"] == ap and r["on_front"]]
         out[ap] = {}
         for t in THRESHOLDS:
-            ok = [r for r in front if r["val_loss_pts"] <= t + 1e-9]
-            out[ap][t] = max(ok, key=lambda r: r["energy_gain"]) if ok else None
+            out[ap][t] = largest_gain_within(front, lambda r: r["val_loss_pts"], t)
     return out
 
 
