@@ -378,11 +378,11 @@ class QuantizedGraph:
                     if len(branches) > 1:
                         for sub in branches.values():
                             mine = dict(vals)
-                            self._node(n, mine, convs[sub[0]], p, taps)
+                            _eval_node(n, mine, convs[sub[0]], p, taps)
                             _free(mine, i)
                             run(i + 1, mine, sub)
                         return
-                self._node(n, vals, convs[members[0]], p, taps)
+                _eval_node(n, vals, convs[members[0]], p, taps)
                 _free(vals, i)
                 i += 1
             out = vals[self.output.name].to(torch.int64)
@@ -395,69 +395,6 @@ class QuantizedGraph:
 
         run(0, {"input": first}, list(range(len(convs))))
         return outs
-
-    def _node(self, n: Node, vals: dict, conv, p: dict, taps: dict | None) -> None:
-        """Compute node ``n`` of the fast exact engine into ``vals`` from its inputs there."""
-        def requant(t, r):
-            if isinstance(r[0], str):  # TFLite: integer arithmetic (the products exceed float64's exact range)
-                if t.device.type == "cpu":  # one compiled pass instead of ~20 int64 tensor passes
-                    t4 = t.reshape(t.shape[:2] + (1,) * (4 - t.dim())) if t.dim() < 4 else t
-                    out = tflite_requant(t4.to(torch.float64).numpy(), r[1].numpy(), r[2].numpy(), r[0] != "tflite")
-                    return torch.from_numpy(out).reshape(t.shape)
-                m0, shift = (_chan(v, t.dim()) for v in r[1:])
-                f = tflite_multiply_torch if r[0] == "tflite" else tflite_single_multiply
-                return f(t.to(torch.int64), m0, shift).to(torch.float64)
-            m0, half, inv = (_chan(v, t.dim()) for v in r)
-            return t.to(torch.float64).mul_(m0).add_(half).mul_(inv).floor_()
-
-        def finish(t, q: QParams):
-            if q.zero_point:
-                t = t.add_(q.zero_point)
-            if q.wide:
-                return t.to(torch.float64)
-            return t.clamp_(q.lo, q.hi).to(torch.float32)
-
-        ins = [vals[i] for i in n.inputs]
-        if isinstance(n, MulLayer):
-            xin = ins[0]
-            if n.in_q.zero_point:
-                xin = xin - n.in_q.zero_point
-            if n.op == "linear":
-                xin = xin[:, :, None, None]
-            if taps is not None:
-                taps[n.name] = xin
-            acc = conv(n.name, xin)
-            r = p[n.name]["rq"]
-            if acc.device.type == "cpu" and not isinstance(r[0], str):
-                y = _requant_cpu(acc, p[n.name]["b"], r, n.out)  # one compiled pass
-            else:
-                y = finish(requant(acc.to(torch.float64).add_(_chan(p[n.name]["b"], 4)), r), n.out)
-            vals[n.name] = y.flatten(1) if n.op == "linear" else y
-        elif isinstance(n, TfliteAdd):
-            parts = [requant((v.to(torch.float64) - zp) * float(1 << n.left_shift), r)
-                     for v, zp, r in zip(ins, n.in_zps, p[n.name]["rq"])]
-            vals[n.name] = finish(requant(parts[0] + parts[1], p[n.name]["out"]), n.out)
-        elif (isinstance(n, Add) and len(ins) == 2 and ins[0].device.type == "cpu" and ins[0].dim() == 4
-              and ins[0].shape == ins[1].shape and not any(r is not None and isinstance(r[0], str) for r in p[n.name]["rq"])):
-            vals[n.name] = _add_cpu(ins, n, p[n.name]["rq"])  # one compiled pass
-        elif isinstance(n, Merge):
-            parts = []
-            for v, zp, r in zip(ins, n.in_zps, p[n.name]["rq"]):
-                v = v.to(torch.float64) - zp if zp else v.to(torch.float64)
-                parts.append(v if r is None else requant(v, r))
-            t = torch.cat(parts, 1) if isinstance(n, Concat) else sum(parts[1:], parts[0].clone())
-            vals[n.name] = finish(t, n.out)
-        elif isinstance(n, Affine):
-            t = ins[0].to(torch.float64) - n.in_zp + _chan(p[n.name]["off"], ins[0].dim())
-            vals[n.name] = finish(requant(t, p[n.name]["rq"]), n.out)
-        elif isinstance(n, Clamp):
-            vals[n.name] = ins[0].clamp(n.out.lo, n.out.hi)
-        elif isinstance(n, Pool):
-            vals[n.name] = _pool_float(ins[0], n)
-        elif isinstance(n, Flatten):
-            vals[n.name] = ins[0].flatten(1)
-        else:  # pragma: no cover - every node type is handled above
-            raise GraphError(f"node {n.name}: unknown kind {n.kind}")
 
     def outputs(self, images: np.ndarray, batch_size: int = 100, device: str = "cpu", conv=None) -> np.ndarray:
         """The integer output tensor for every image (int64 [N, ...])."""
@@ -580,7 +517,71 @@ def _graph_from_doc(doc, arrays) -> QuantizedGraph:
                           int(doc.get("pixel_offset", 0)))
 
 
-# ---------------------------------------------------------------- pooling
+# ---------------------------------------------------------------- the fast engine's nodes
+
+
+def _eval_node(n: Node, vals: dict, conv, p: dict, taps: dict | None) -> None:
+    """Compute node ``n`` of the fast exact engine into ``vals`` from its inputs there."""
+    def requant(t, r):
+        if isinstance(r[0], str):  # TFLite: integer arithmetic (the products exceed float64's exact range)
+            if t.device.type == "cpu":  # one compiled pass instead of ~20 int64 tensor passes
+                t4 = t.reshape(t.shape[:2] + (1,) * (4 - t.dim())) if t.dim() < 4 else t
+                out = tflite_requant(t4.to(torch.float64).numpy(), r[1].numpy(), r[2].numpy(), r[0] != "tflite")
+                return torch.from_numpy(out).reshape(t.shape)
+            m0, shift = (_chan(v, t.dim()) for v in r[1:])
+            f = tflite_multiply_torch if r[0] == "tflite" else tflite_single_multiply
+            return f(t.to(torch.int64), m0, shift).to(torch.float64)
+        m0, half, inv = (_chan(v, t.dim()) for v in r)
+        return t.to(torch.float64).mul_(m0).add_(half).mul_(inv).floor_()
+
+    def finish(t, q: QParams):
+        if q.zero_point:
+            t = t.add_(q.zero_point)
+        if q.wide:
+            return t.to(torch.float64)
+        return t.clamp_(q.lo, q.hi).to(torch.float32)
+
+    ins = [vals[i] for i in n.inputs]
+    if isinstance(n, MulLayer):
+        xin = ins[0]
+        if n.in_q.zero_point:
+            xin = xin - n.in_q.zero_point
+        if n.op == "linear":
+            xin = xin[:, :, None, None]
+        if taps is not None:
+            taps[n.name] = xin
+        acc = conv(n.name, xin)
+        r = p[n.name]["rq"]
+        if acc.device.type == "cpu" and not isinstance(r[0], str):
+            y = _requant_cpu(acc, p[n.name]["b"], r, n.out)  # one compiled pass
+        else:
+            y = finish(requant(acc.to(torch.float64).add_(_chan(p[n.name]["b"], 4)), r), n.out)
+        vals[n.name] = y.flatten(1) if n.op == "linear" else y
+    elif isinstance(n, TfliteAdd):
+        parts = [requant((v.to(torch.float64) - zp) * float(1 << n.left_shift), r)
+                 for v, zp, r in zip(ins, n.in_zps, p[n.name]["rq"])]
+        vals[n.name] = finish(requant(parts[0] + parts[1], p[n.name]["out"]), n.out)
+    elif (isinstance(n, Add) and len(ins) == 2 and ins[0].device.type == "cpu" and ins[0].dim() == 4
+          and ins[0].shape == ins[1].shape and not any(r is not None and isinstance(r[0], str) for r in p[n.name]["rq"])):
+        vals[n.name] = _add_cpu(ins, n, p[n.name]["rq"])  # one compiled pass
+    elif isinstance(n, Merge):
+        parts = []
+        for v, zp, r in zip(ins, n.in_zps, p[n.name]["rq"]):
+            v = v.to(torch.float64) - zp if zp else v.to(torch.float64)
+            parts.append(v if r is None else requant(v, r))
+        t = torch.cat(parts, 1) if isinstance(n, Concat) else sum(parts[1:], parts[0].clone())
+        vals[n.name] = finish(t, n.out)
+    elif isinstance(n, Affine):
+        t = ins[0].to(torch.float64) - n.in_zp + _chan(p[n.name]["off"], ins[0].dim())
+        vals[n.name] = finish(requant(t, p[n.name]["rq"]), n.out)
+    elif isinstance(n, Clamp):
+        vals[n.name] = ins[0].clamp(n.out.lo, n.out.hi)
+    elif isinstance(n, Pool):
+        vals[n.name] = _pool_float(ins[0], n)
+    elif isinstance(n, Flatten):
+        vals[n.name] = ins[0].flatten(1)
+    else:  # pragma: no cover - every node type is handled above
+        raise GraphError(f"node {n.name}: unknown kind {n.kind}")
 
 
 def _requant_cpu(acc: torch.Tensor, bias: torch.Tensor, rq, q: QParams) -> torch.Tensor:
@@ -606,6 +607,9 @@ def _add_cpu(ins: list[torch.Tensor], n: "Add", rqs) -> torch.Tensor:
                 rqs[1] is not None, float(n.in_zps[0]), float(n.in_zps[1]), float(q.zero_point), float(q.lo or 0),
                 float(q.hi or 0), q.wide, out.permute(0, 2, 3, 1).numpy())
     return out
+
+
+# ---------------------------------------------------------------- pooling
 
 
 def pool_window(n: Pool, hw) -> tuple[tuple[int, int], int, tuple[int, int, int, int]]:
