@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import LOSSLESS_ZIP, need
-from maxdnn.explore import BUDGETS, Explorer, pareto_front, run_exploration, taylor_proxy
+from maxdnn.approx import Assignment, assignment_key
+from maxdnn.explore import BUDGETS, Explorer, pareto_front, point_key, run_exploration, taylor_proxy
 from maxdnn.report import best_at_thresholds, read_points, write_report
 from maxdnn.workload import Workload
 
@@ -57,6 +58,21 @@ def test_tiny_exploration_end_to_end(finished_run):
     front = [r for r in rows if r["on_front"]]
     assert front and all(r["test_accuracy"] is not None for r in front)
     assert len(list((run / "pareto").glob("*.json"))) == len(front)
+    # each distinct assignment is measured on the test set once, however many approaches' points build it
+    units = ex.units.results(prefix="test|")
+    by_assignment = {}
+    for f in (run / "pareto").glob("*.json"):
+        by_assignment.setdefault(assignment_key(Assignment.load(f, ex.q)), []).append(f.stem)
+    assert set(units) == {f"test|{k}" for k in by_assignment}
+    assert any(len(v) > 1 for v in by_assignment.values())  # layer and ALWANN-style share points here
+    tests = json.loads((run / "test_eval.json").read_text())
+    for stems in by_assignment.values():  # points sharing an assignment share its test numbers
+        assert len({json.dumps(tests[point_key(_point(ex, s))]) for s in stems}) == 1
+
+
+def _point(ex, stem):
+    ap, source, trial = stem.rsplit("-", 2)
+    return next(p for p in ex.points([ap]) if p["source"] == source and p["trial"] == int(trial))
 
 
 def test_report_recomputable_from_points_csv(finished_run):
@@ -260,7 +276,6 @@ def test_explore_finetune_stage(finished_run, tmp_path, monkeypatch):
 
     import maxdnn.explore_finetune as ef
     from maxdnn.approx import ApproxNetwork
-    from maxdnn.explore import point_key
     from maxdnn.graph import QuantizedGraph
 
     src, _ = finished_run

@@ -189,6 +189,15 @@ class Assignment:
         return self
 
 
+def assignment_key(a: Assignment) -> str:
+    """A digest of what an assignment computes (its specs and every layer's map)."""
+    h = hashlib.sha256(json.dumps(a.specs).encode())
+    for name in sorted(a.maps):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(a.maps[name], dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
 def layer_assignment(qnet, per_layer: dict[str, str], bits: int = 8) -> Assignment:
     """One multiplier per layer (layers not named are exact)."""
     specs = sorted(set(per_layer.values()) | {"exact"})

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ._lut_kernel import lut_error_taps
-from .approx import ApproxNetwork, Assignment, logits_shared
+from .approx import ApproxNetwork, Assignment, assignment_key, logits_shared
 from .bias_correction import bias_corrected, correction_images
 from .atomic import atomic_path, write_json
 from .data import validation_split
@@ -577,42 +577,46 @@ class Explorer:
 
     def evaluate_front(self, approaches=APPROACHES, res=None) -> None:
         """Test accuracy of the validation-Pareto points (all, or the budget's ``test_points`` per approach:
-        ``test_selection``): each point a unit (shared by workers), all of them written to
+        ``test_selection``): each distinct assignment a unit (shared by workers; points of several approaches
+        that build the same assignment are measured once), every point's result written to
         RUN_DIR/test_eval.json, and every front point's assignment to RUN_DIR/pareto/."""
         res = res if res is not None else self.resilience()
         path = self.run_dir / "test_eval.json"
-        local = json.loads(path.read_text()) if path.exists() else {}  # runs made before units were kept
+        local = json.loads(path.read_text()) if path.exists() else {}  # by point key
         front_dir = self.run_dir / "pareto"
         front_dir.mkdir(exist_ok=True)
-        points = {}
+        chosen: dict[str, tuple[Assignment, list[str]]] = {}  # unit -> (assignment, its points' keys)
         base_val = self.info["baseline"]["val_accuracy"]
         for ap in approaches:
             front = pareto_front(self.points([ap]))
-            chosen = {id(p) for p in test_selection(front, base_val, self.budget.test_points)}
+            picked = {id(p) for p in test_selection(front, base_val, self.budget.test_points)}
             for p in front:
                 genome = {k: tuple(v) for k, v in json.loads(p["genome"]).items()}
                 a = self.build(ap, genome, res)
                 a.meta = {"approach": ap, "summary": p["summary"], "val_accuracy": p["val_accuracy"],
                           "energy_gain": p["energy_gain"]}
                 a.save(front_dir / f"{ap}-{p['source']}-{p['trial']}.json")
-                if id(p) in chosen:
-                    points[f"test|{point_key(p)}"] = a
+                if id(p) in picked:
+                    chosen.setdefault(f"test|{assignment_key(a)}", (a, []))[1].append(point_key(p))
 
-        def measure(keys):  # several points in one pass over the test images
-            todo = [k for k in keys if k.split("|", 1)[1] not in local]
-            nets = [ApproxNetwork(self.graph_for(points[k]), points[k]) for k in todo]
+        def known(unit):  # measured before by this run directory (runs made before units were per assignment)
+            return next((local[k] for k in chosen[unit][1] if k in local), None)
+
+        def measure(units):  # several assignments in one pass over the test images
+            todo = [u for u in units if known(u) is None]
+            nets = [ApproxNetwork(self.graph_for(chosen[u][0]), chosen[u][0]) for u in todo]
             correct = np.zeros(len(todo), dtype=np.int64)
             for i in range(0, len(self.test) if todo else 0, 250):
                 y = torch.as_tensor(self.test.labels[i:i + 250])
                 for j, out in enumerate(logits_shared(nets, torch.as_tensor(self.test.images[i:i + 250]))):
                     correct[j] += int((out.argmax(1) == y).sum())
-            mine = {k: {"test_accuracy": int(c) / len(self.test), "test_images": int(len(self.test))}
-                    for k, c in zip(todo, correct)}
-            return [local[k.split("|", 1)[1]] if k not in mine else mine[k] for k in keys]
+            mine = {u: {"test_accuracy": int(c) / len(self.test), "test_images": int(len(self.test))}
+                    for u, c in zip(todo, correct)}
+            return [mine[u] if u in mine else known(u) for u in units]
 
-        with self.progress_bar("test set: Pareto points", total=len(points)) as bar:
-            measured = self.units.map(list(points), measure, bar, batch=EVAL_BATCH)
-        write_json(path, {**local, **{k.split("|", 1)[1]: v for k, v in measured.items()}})
+        with self.progress_bar("test set: Pareto points", total=len(chosen)) as bar:
+            measured = self.units.map(list(chosen), measure, bar, batch=EVAL_BATCH)
+        write_json(path, {**local, **{pk: measured[u] for u, (_, pkeys) in chosen.items() for pk in pkeys}})
 
 
 def largest_gain_within(front: list[dict], loss_pts, threshold: float) -> dict | None:

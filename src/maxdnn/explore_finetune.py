@@ -24,7 +24,6 @@ last finished epoch).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .approx import ApproxNetwork, Assignment
+from .approx import ApproxNetwork, Assignment, assignment_key
 from .atomic import write_json
 from .data import training_sample
 from .finetune import check_finetunable, finetune
@@ -54,15 +53,6 @@ FINETUNE_BUDGETS = {
     "full": FinetuneBudget(epochs=2, images=None, points=8, max_val_loss_pts=12.0),
     "tiny": FinetuneBudget(epochs=1, images=64, points=1, max_val_loss_pts=100.0),  # for tests
 }
-
-
-def assignment_key(a: Assignment) -> str:
-    """A digest of what an assignment computes (its specs and every layer's map)."""
-    h = hashlib.sha256(json.dumps(a.specs).encode())
-    for name in sorted(a.maps):
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(a.maps[name], dtype=np.int64).tobytes())
-    return h.hexdigest()[:16]
 
 
 def finetune_candidates(points: list[dict], base_val_accuracy: float, fb: FinetuneBudget) -> list[dict]:
