@@ -168,35 +168,54 @@ def test_resilience_keeps_each_measurement_when_interrupted(tmp_path, monkeypatc
         np.testing.assert_array_equal(res[k], fresh[k])
 
 
-def test_resume_after_kill_9(tmp_path):
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "maxdnn", "explore", "--data", str(need(LOSSLESS_ZIP)), "--budget", "tiny",
-           "--out", str(run), "--approach", "filter"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _explore_until_trials(run, n_trials: int, sig):
+    """Start a tiny filter-level exploration in a process, send it ``sig`` once ``n_trials`` trials are complete;
+    returns (the command, the process's exit code, its stderr)."""
     import sqlite3
 
+    cmd = [sys.executable, "-m", "maxdnn", "explore", "--data", str(need(LOSSLESS_ZIP)), "--budget", "tiny",
+           "--out", str(run), "--approach", "filter"]
+    p = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    n = 0
     while time.time() < deadline and p.poll() is None:
         time.sleep(0.2)
         try:
             with sqlite3.connect(run / "study.db") as db:
-                n = db.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+                if db.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0] >= n_trials:
+                    break
         except sqlite3.Error:
             continue
-        if n >= 2:
-            break
-    assert p.poll() is None, "finished before it could be killed"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert p.poll() is None, "finished before it could be stopped"
+    p.send_signal(sig)
+    return cmd, p.wait(), p.stderr.read()
+
+
+def test_resume_after_kill_9(tmp_path):
+    run = tmp_path / "run"
+    cmd, _, _ = _explore_until_trials(run, 2, signal.SIGKILL)
+    r = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     ex = Explorer(run, Workload.open(None, LOSSLESS_ZIP), TINY, progress=False, log=lambda m: None)
     pts = ex.points(["filter"])
     assert counts(pts) == {("filter", "sweep"): len(ex.library) * len(TINY.sweep_fractions), ("filter", "nsga2"): TINY.nsga_trials}
     sweep = [p["genome"] for p in pts if p["source"] == "sweep"]
     assert len(sweep) == len(set(sweep))
+
+
+def test_terminated_run_keeps_its_time_and_resumes(tmp_path):
+    import sqlite3
+
+    run = tmp_path / "run"
+    cmd, code, err = _explore_until_trials(run, 2, signal.SIGTERM)
+    assert code == 130 and err.strip().splitlines()[-1] == f"maxdnn: {run}: interrupted; the same command resumes it"
+    first = json.loads((run / "run.json").read_text())["wall_seconds"]
+    assert first > 0
+    with sqlite3.connect(run / "study.db") as db:  # its claims were released, not left to the heartbeat
+        assert db.execute("select count(*) from maxdnn_units where state = 'claimed'").fetchone()[0] == 0
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((run / "run.json").read_text())["wall_seconds"] > first
 
 
 def test_run_dir_mismatch_is_refused(finished_run):

@@ -491,15 +491,39 @@ def explore(
         import torch
 
         torch.set_num_threads(threads)
-    run_exploration(ex, aps, finetune=FINETUNE_BUDGETS[budget] if finetune else None)
-    _wait_for_workers(helpers)
+    import signal
+
+    before = signal.signal(signal.SIGTERM, _interrupt)  # terminated = interrupted: its claims are released
+    try:
+        run_exploration(ex, aps, finetune=FINETUNE_BUDGETS[budget] if finetune else None)
+        _wait_for_workers(helpers)
+    except KeyboardInterrupt:  # the time spent counts towards the run's wall time; a rerun resumes
+        for _, p in helpers:
+            p.terminate()
+        _add_wall_seconds(out, time.time() - t0)
+        typer.echo(f"maxdnn: {out}: interrupted; the same command resumes it", err=True)
+        raise typer.Exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, before)
     res = ex.resilience()
-    info = json.loads((out / "run.json").read_text())
+    info = _add_wall_seconds(out, time.time() - t0)
     info["resilience"] = ", ".join(f"{k} {v:.2f}" for k, v in zip(["layers", "filter bins", "kernel bins"], res["validation"]))
-    info["wall_seconds"] = info.get("wall_seconds", 0) + (time.time() - t0)
     write_json(out / "run.json", info)
     path = write_report(out, ex)
     typer.echo(path.read_text())
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _add_wall_seconds(out: Path, seconds: float) -> dict:
+    """Add ``seconds`` to RUN_DIR/run.json's wall time (summed over every run of the exploration, interrupted
+    ones included); returns run.json's content."""
+    info = json.loads((out / "run.json").read_text())
+    info["wall_seconds"] = info.get("wall_seconds", 0) + seconds
+    write_json(out / "run.json", info)
+    return info
 
 
 def _threads_per_worker(workers: int) -> int:
