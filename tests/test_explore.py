@@ -75,6 +75,32 @@ def _point(ex, stem):
     return next(p for p in ex.points([ap]) if p["source"] == source and p["trial"] == int(trial))
 
 
+def test_an_assignment_is_measured_once_per_exploration(finished_run, monkeypatch):
+    run, ex = finished_run
+    measured = []
+    real = Explorer.val_metrics_many
+
+    def counting(self, assignments, graphs=None):
+        measured.extend(assignments)
+        return real(self, assignments, graphs)
+
+    monkeypatch.setattr(Explorer, "val_metrics_many", counting)
+    pts = ex.points()
+    again = ex.evaluate_many([ex.build(p["approach"], {k: tuple(v) for k, v in json.loads(p["genome"]).items()},
+                                       ex.resilience()) for p in pts])
+    assert not measured  # every point's assignment was kept when first measured
+    assert [(r["val_accuracy"], r["val_loss"]) for r in again] == [(p["val_accuracy"], p["val_loss"]) for p in pts]
+    rng = np.random.default_rng(5)
+    new = Assignment(["exact", "roup-p1r3", "roup-p0r2"], {n: rng.integers(0, 3, l.weight.shape[:2])
+                                                          for n, l in ex.q.layers.items()})
+    twin = Assignment(list(new.specs), {n: m.copy() for n, m in new.maps.items()})
+    got = ex.evaluate_many([new, twin, new])
+    assert len(measured) == 1 and got[0] == got[1] == got[2]
+    assert (got[0]["val_accuracy"], got[0]["val_loss"]) == real(ex, [new])[0]
+    resumed = Explorer(run, Workload.open(None, LOSSLESS_ZIP), TINY, progress=False, log=lambda m: None)
+    assert resumed.evaluate(twin) == got[0] and len(measured) == 1  # kept in the storage, for resumes and workers
+
+
 def test_report_recomputable_from_points_csv(finished_run):
     run, _ = finished_run
     rows = read_points(run / "points.csv")

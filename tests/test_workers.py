@@ -92,6 +92,11 @@ def test_claims_are_exclusive_and_dead_workers_units_are_taken_over(pg_url, monk
     got = b.map(["k1", "k2"], lambda k: k.upper())
     assert got == {"k1": "K1", "k2": "K2"} and b.results(prefix="k") == {"k0": {"v": 0}, "k1": "K1", "k2": "K2"}
     assert wu.WorkUnits(pg_url, "other").results(prefix="k") == {}  # scopes are separate explorations
+    assert a.store("c1", [1, 0.5]) == [1, 0.5] and b.store("c1", [9]) == [1, 0.5]  # the first stored stays
+    many = [f"m{i}" for i in range(600)]
+    assert len(b.map(many, lambda ks: [k.upper() for k in ks], batch=100)) == 600
+    asked = many + [f"x{i}" for i in range(600)]  # more keys than one query takes, half of them unknown
+    assert a.results(asked) == {k: k.upper() for k in many} and a.results(["c1", "k0"]) == {"c1": [1, 0.5], "k0": {"v": 0}}
     calls = []
 
     def failing(k):

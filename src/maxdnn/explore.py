@@ -269,8 +269,17 @@ class Explorer:
         return self.evaluate_many([a])[0]
 
     def evaluate_many(self, assignments: list[Assignment]) -> list[dict]:
+        """Validation accuracy and loss, energy and gain of each assignment. An assignment measured before in
+        this exploration (by any stage, approach or worker: approaches often build the same one) is read back
+        from the storage; the others are measured in one pass and kept there."""
+        keys = [f"val|{assignment_key(a)}" for a in assignments]
+        known = self.units.results(keys)
+        todo = {k: a for k, a in zip(keys, assignments) if k not in known}
+        for k, m in zip(todo, self.val_metrics_many(list(todo.values()))):
+            known[k] = self.units.store(k, list(m))
         out = []
-        for a, (acc, loss) in zip(assignments, self.val_metrics_many(assignments)):
+        for a, k in zip(assignments, keys):
+            acc, loss = known[k]
             en = network_energy(self.q, a, self.table)
             out.append({"val_accuracy": acc, "val_loss": loss, "energy": en["energy"], "energy_gain": en["energy_gain"]})
         return out

@@ -64,10 +64,26 @@ class WorkUnits:
         q = sa.select(UNITS.c.key, UNITS.c.result).where(UNITS.c.scope == self.scope, UNITS.c.state == "done")
         if prefix is not None:
             q = q.where(UNITS.c.key.startswith(prefix, autoescape=True))
+        if keys is None:
+            with self.engine.connect() as c:
+                return {k: json.loads(r) for k, r in c.execute(q).all()}
+        keys = list(dict.fromkeys(keys))
+        out = {}
         with self.engine.connect() as c:
-            rows = c.execute(q).all()
-        wanted = set(keys) if keys is not None else None
-        return {k: json.loads(r) for k, r in rows if wanted is None or k in wanted}
+            for i in range(0, len(keys), 500):  # the rows asked for only, a bounded number of parameters a query
+                out.update({k: json.loads(r) for k, r in c.execute(q.where(UNITS.c.key.in_(keys[i:i + 500]))).all()})
+        return out
+
+    def store(self, key: str, result):
+        """Keep a result nobody needs to claim (a cache entry: whoever computes it first stores it, later ones
+        keep the stored one, which is the same); returns it as every worker reads it."""
+        try:
+            with self.engine.begin() as c:
+                c.execute(UNITS.insert().values(scope=self.scope, key=key, state="done", worker=self.worker,
+                                                heartbeat=time.time(), result=json.dumps(result)))
+        except sa.exc.IntegrityError:
+            return self.results([key]).get(key, json.loads(json.dumps(result)))
+        return json.loads(json.dumps(result))
 
     def claim(self, key: str) -> bool:
         """True if this worker now holds ``key``: a new unit, or one whose holder stopped renewing it."""
