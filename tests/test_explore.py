@@ -11,7 +11,9 @@ import pytest
 
 from conftest import LOSSLESS_ZIP, need
 from maxdnn.approx import Assignment, assignment_key
-from maxdnn.explore import BUDGETS, Explorer, pareto_front, point_key, run_exploration, taylor_proxy
+from maxdnn.explore import BUDGETS, Explorer, run_exploration
+from maxdnn.explore_resilience import taylor_proxy
+from maxdnn.front import pareto_front, point_key
 from maxdnn.report import best_at_thresholds, read_points, write_report
 from maxdnn.workload import Workload
 
@@ -413,7 +415,7 @@ def test_rerun_of_a_finished_run_adds_to_its_wall_time(finished_run, tmp_path):
 
 
 def test_test_selection_keeps_the_cited_points_and_spreads_the_rest():
-    from maxdnn.explore import THRESHOLDS, test_selection
+    from maxdnn.front import THRESHOLDS, test_selection
 
     front = [{"val_accuracy": 0.84 - 0.0025 * i, "energy_gain": 0.03 * i} for i in range(25)]
     assert test_selection(front, 0.84, 0) == front and test_selection(front, 0.84, 30) == front

@@ -177,7 +177,7 @@ def test_table_energy_rules(tmp_path, library):
 def test_imported_table_runs_bit_exact_like_the_builtin(tmp_path, library, qnet, lossless_test):
     """A table import of roup-p1r2 gives the built-in's outputs (LUT path against the separable path),
     and its proxy (error gather) equals the separable proxy."""
-    from maxdnn.explore import taylor_proxy
+    from maxdnn.explore_resilience import taylor_proxy
 
     np.save(tmp_path / "t.npy", get_multiplier("roup-p1r2").lut())
     import_table(tmp_path / "t.npy", "as-table", energy=0.5)

@@ -5,19 +5,6 @@ images (the same seeded hold-out ``maxdnn train`` keeps out of training); final
 numbers of the Pareto-front points are measured on the test split. The test
 split is never used to choose anything.
 
-Resilience (cached in RUN_DIR/resilience.npz):
-- direct, per layer and ROUP configuration: the change of validation loss and
-  accuracy when that layer alone uses the configuration;
-- proxy, per filter and per kernel: a first-order Taylor estimate of the loss
-  change caused by the product errors,
-      S = mean_n | sum_{outputs} dL/dy * (delta accumulator) * s_in * s_w[f] |,
-  with dL/dy the gradient of the float model's loss at the layer's
-  pre-activation output y and the accumulator change computed exactly from
-  the integer operands (R_R(x) R_2P(w) - x w) over the kernel's (or the
-  filter's) products. The proxy is validated against direct measurements
-  (every layer; bins of filters and of kernels sorted by proxy, each bin
-  approximated alone); the Spearman rank correlations are reported.
-
 Approaches (a genome gives each layer a configuration and, for filter and
 kernel, a fraction of its units; units are approximated least sensitive first):
 - ``layer``: one ROUP configuration per layer;
@@ -26,13 +13,16 @@ kernel, a fraction of its units; units are approximated least sensitive first):
 - ``alwann``: ALWANN-style layer-wise assignment, one multiplier per layer
   from the whole library (every ROUP configuration that saves energy, and
   the multipliers of a library given with ``library``, imported ones included).
-Non-separable multipliers (lookup tables) take part like ROUP: their proxy
-sums the gradient times each product's exact error (a compiled gather), and
-they run through the lookup-table engine.
-Each approach runs a sweep over (configuration x fraction), applied to every
-layer (for ``layer``: the fraction of layers least sensitive to the
-configuration), and an NSGA-II search (Optuna) over per-layer genomes
-maximising validation accuracy and energy gain.
+Non-separable multipliers (lookup tables) take part like ROUP and run through
+the lookup-table engine.
+
+``Explorer`` holds what every stage shares (data, quantized graph, library,
+energy table, storage, the evaluation of assignments); the stages are their
+own units, run in order by ``run_exploration``:
+- resilience (``maxdnn.explore_resilience``);
+- per approach, a sweep and an NSGA-II search (``maxdnn.explore_search``);
+- test-set numbers of the validation-Pareto points (``maxdnn.explore_testset``);
+- optionally, fine-tuning of front points (``maxdnn.explore_finetune``).
 
 Every evaluated point is stored as it completes (Optuna storage, SQLite in
 RUN_DIR by default); rerunning resumes without redoing finished points.
@@ -51,22 +41,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._lut_kernel import lut_error_taps
 from .approx import ApproxNetwork, Assignment, assignment_key, logits_shared
 from .bias_correction import bias_corrected, correction_images
-from .atomic import atomic_path, write_json
+from .atomic import write_json
 from .data import validation_split
 from .energy import energy_table, hardware_table, network_energy, with_per_layer
 from .error_metrics import error_metrics
+from .explore_resilience import resilience
+from .explore_search import nsga, point_attrs, sweep
+from .explore_testset import evaluate_front
 from .multipliers import get_multiplier, roup_specs
 from .graph import QuantizedGraph
 from .work_units import WorkUnits
 from .workload import Workload, describe_data
 
 APPROACHES = ("layer", "filter", "kernel", "alwann")
-THRESHOLDS = (0.5, 1.0, 2.0, 4.0)  # validation accuracy losses (points) the report's table is read at
-FRACTION_STEP = 0.125
-EVAL_BATCH = 8  # units a worker claims at once and evaluates in one pass over the images
 
 
 @dataclass
@@ -105,15 +94,9 @@ def roup_library(size: int) -> list[str]:
     return [c[0] for c in sorted(chosen, key=lambda c: -c[1])]
 
 
-def _spearman(a, b) -> float:
-    ra = np.argsort(np.argsort(a)).astype(float)
-    rb = np.argsort(np.argsort(b)).astype(float)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 class Explorer:
+    eval_batch = 8  # units a worker claims at once and evaluates in one pass over the images
+
     def __init__(self, run_dir: str | os.PathLike, workload: Workload, budget: Budget, storage: str | None = None,
                  seed: int = 0, log=print, progress: bool = True, library: list[str] | None = None,
                  bias_correction: bool = False, energy: str = "average"):
@@ -285,105 +268,10 @@ class Explorer:
         return out
 
     # ------------------------------------------------------------------ resilience
+
     def resilience(self) -> dict:
-        """The resilience arrays (module docstring): RUN_DIR/resilience.npz; with several workers, computed once
-        (measurements shared unit by unit) and kept in the storage, from which every worker writes its copy."""
-        path = self.run_dir / "resilience.npz"
-        if path.exists():
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        mine = self._resilience()  # every worker takes part: the measurements are units of their own
-        stored = self.units.map(["resilience"], lambda _: {k: v.tolist() for k, v in mine.items()})
-        res = {k: np.asarray(v, dtype=np.float64) for k, v in stored["resilience"].items()}
-        with atomic_path(path, ".npz") as tmp:
-            np.savez(tmp, **res)
-        return res
-
-    def _resilience(self) -> dict:
-        t0 = time.time()
-        layers = list(self.q.layers)
-        specs = self.library
-        res: dict[str, np.ndarray] = {}
-        exact = self.evaluate(Assignment.uniform(self.q, "exact"))
-        direct_loss = np.zeros((len(layers), len(specs)))
-        direct_acc = np.zeros((len(layers), len(specs)))
-        pairs = {f"resilience|{layers[li]}|{specs[si]}": (li, si) for li in range(len(layers)) for si in range(len(specs))}
-
-        def one_layer(key):  # one layer alone with one configuration
-            li, si = pairs[key]
-            return Assignment(["exact", specs[si]], {n: np.full(self.q.layers[n].weight.shape[:2], int(n == layers[li]))
-                                                     for n in layers})
-
-        def measure(keys):  # a layer's configurations in one pass: the exact layers before it run once
-            return [[r["val_loss"], r["val_accuracy"]] for r in self.evaluate_many([one_layer(k) for k in keys])]
-
-        # each measurement is kept in the storage as it completes, and shared with other workers
-        with self.progress_bar("resilience: layer x configuration", total=len(pairs)) as bar:
-            measured = self.units.map(list(pairs), measure, bar, batch=len(specs))
-        for key, (li, si) in pairs.items():
-            direct_loss[li, si] = measured[key][0] - exact["val_loss"]
-            direct_acc[li, si] = exact["val_accuracy"] - measured[key][1]
-        res["direct_loss"], res["direct_acc"] = direct_loss, direct_acc
-        proxy = taylor_proxy(self.q, self.val.images[: self.budget.proxy_images],
-                             self.val.labels[: self.budget.proxy_images], specs)
-        for name in layers:
-            res[f"kernel/{name}"] = proxy[name]["kernel"]  # [S, F, C]
-            res[f"filter/{name}"] = proxy[name]["filter"]  # [S, F]
-        res["layer_proxy"] = np.array([[proxy[n]["layer"][s] for s in range(len(specs))] for n in layers])
-        res["validation"] = self._validate_proxy(res, exact)
-        res["seconds"] = np.array(time.time() - t0)
-        return res
-
-    def _validate_proxy(self, res, exact) -> np.ndarray:
-        """Spearman rho of proxy vs direct loss change: [layers, filter bins, kernel bins].
-
-        Layers: proxy and direct change of every layer for the library's middle
-        configuration. Filters (of the hidden layer with the most
-        multiplications, besides the kernel layer) and kernels (of the hidden layer with the most kernels): the
-        units are sorted by proxy and cut into ``validation_sample`` equal bins;
-        each bin alone is approximated and its direct loss change measured
-        (single units change the loss by less than the measurement's noise).
-        """
-        layers = list(self.q.layers)
-        specs = self.library
-        mid = len(specs) // 2
-        rho_layer = _spearman(res["layer_proxy"][:, mid], res["direct_loss"][:, mid])
-        k = self.budget.validation_sample
-        fl, kl = proxy_validation_layers(self.q)
-        jobs = []
-        for kind, name in (("filter", fl), ("kernel", kl)):
-            proxy = res[f"{kind}/{name}"][mid].reshape(-1)
-            order = np.argsort(proxy, kind="stable")
-            for b in np.array_split(order, min(k, len(order))):
-                jobs.append((kind, name, b, float(proxy[b].sum())))
-        direct = {"filter": [], "kernel": []}
-        proxies = {"filter": [], "kernel": []}
-        by_key = {f"bin|{kind}|{name}|{specs[mid]}|"
-                  f"{hashlib.sha256(','.join(map(str, units)).encode()).hexdigest()[:16]}": (kind, name, units)
-                  for kind, name, units, _ in jobs}
-
-        def one_bin(key):  # one bin of units alone with the middle configuration
-            kind, name, units = by_key[key]
-            m = np.zeros(self.q.layers[name].weight.shape[:2], dtype=np.int64)
-            if kind == "filter":
-                m[units] = 1
-            else:
-                m.flat[units] = 1
-            return Assignment(["exact", specs[mid]], {name: m})
-
-        def measure(keys):
-            return [r["val_loss"] for r in self.evaluate_many([one_bin(k) for k in keys])]
-
-        with self.progress_bar("resilience: proxy validation", total=len(by_key)) as bar:
-            measured = self.units.map(list(by_key), measure, bar, batch=EVAL_BATCH)
-        for key, (kind, _, _), (_, _, _, psum) in zip(by_key, by_key.values(), jobs):
-            direct[kind].append(measured[key] - exact["val_loss"])
-            proxies[kind].append(psum)
-        rho_f = _spearman(proxies["filter"], direct["filter"])
-        rho_k = _spearman(proxies["kernel"], direct["kernel"])
-        self.log(f"proxy vs direct (Spearman, {specs[mid]}): {len(layers)} layers {rho_layer:.2f}, "
-                 f"{len(direct['filter'])} filter bins of {fl} {rho_f:.2f}, {len(direct['kernel'])} kernel bins of {kl} {rho_k:.2f}")
-        return np.array([rho_layer, rho_f, rho_k])
+        """The resilience arrays (``maxdnn.explore_resilience``), measured once and cached."""
+        return resilience(self)
 
     # ------------------------------------------------------------------ genomes
     def build(self, approach: str, genome: dict[str, tuple[str, float]], res: dict) -> Assignment:
@@ -431,7 +319,7 @@ class Explorer:
         """``name`` within this exploration's scope (a shared server may hold several explorations)."""
         return f"{self.scope}/{name}" if getattr(self, "scope", "") else name
 
-    def _study(self, name: str, sampler=None):
+    def study(self, name: str, sampler=None):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -442,120 +330,6 @@ class Explorer:
             for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
                 study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         return study
-
-    def _record_many(self, study, asked: list, approach: str, source: str, res: dict) -> None:
-        """Evaluate the asked trials (``asked``: (trial, genome, extra attributes) triples) in one pass and
-        tell them."""
-        built = [self.build(approach, genome, res) for _, genome, _ in asked]
-        for (trial, genome, extra), a, r in zip(asked, built, self.evaluate_many(built)):
-            # one attribute, one write to the storage (each write is a transaction)
-            trial.set_user_attr("point", {**r, **extra, "approach": approach, "source": source,
-                                          "summary": self.summary(genome), "genome": json.dumps(genome),
-                                          "granularity": a.granularity()})
-            study.tell(trial, [r["val_accuracy"], r["energy_gain"]])
-
-    def sweep(self, approach: str, res: dict) -> None:
-        """Every (configuration, fraction) of the grid once: each point is a unit (shared by workers)."""
-        import optuna
-
-        study = self._study(f"{approach}-sweep", optuna.samplers.RandomSampler(seed=self.seed))
-        fractions = self.budget.sweep_fractions
-        grid = {f"sweep|{approach}|{s}|{float(f):g}": (s, float(f)) for s in self.library for f in fractions}
-        layers = list(self.q.layers)
-
-        def points(keys):
-            numbers, asked = [], []
-            finished = {}  # (config, fraction) -> the first trial that evaluated it
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-                u = point_attrs(t)
-                finished.setdefault((u["config"], round(u["fraction"], 6)), t.number)
-            for key in keys:
-                spec, frac = grid[key]
-                if (spec, round(frac, 6)) in finished:  # evaluated before units were kept (an older run): not again
-                    numbers.append(finished[(spec, round(frac, 6))])
-                    continue
-                trial = study.ask()
-                asked.append((trial, self._sweep_genome(approach, spec, frac, res, layers), {"config": spec, "fraction": frac}))
-                numbers.append(trial.number)
-            self._record_many(study, asked, approach, "sweep", res)
-            return numbers
-
-        with self.progress_bar(f"{approach}: sweep", total=len(grid)) as bar:
-            self.units.map(list(grid), points, bar, batch=EVAL_BATCH)
-
-    def _sweep_genome(self, approach, spec, frac, res, layers):
-        if approach in ("layer", "alwann"):
-            si = self.library.index(spec)
-            order = np.argsort(res["direct_loss"][:, si], kind="stable")
-            chosen = {layers[i] for i in order[: int(round(frac * len(layers)))]}
-            return {n: (spec, 1.0) for n in layers if n in chosen}
-        return {n: (spec, frac) for n in layers}
-
-    def nsga(self, approach: str, res: dict) -> None:
-        """The budget's NSGA-II trials: each trial slot is a unit, so that several workers run exactly the
-        budget's number of trials between them (the sampler reads every finished trial from the storage)."""
-        import optuna
-
-        sampler = optuna.samplers.NSGAIISampler(population_size=self.budget.population, seed=self.seed)
-        study = self._study(f"{approach}-nsga2", sampler)
-        if approach == "alwann":
-            choices = self.alwann_choices()
-        else:
-            choices = ["exact"] + self.library
-        layers = list(self.q.layers)
-
-        def seed_generation(_):
-            # first generation: seeded with the sweep's validation-Pareto genomes (random genomes alone
-            # start far from the useful, mildly approximated region)
-            if study.get_trials(deepcopy=False):
-                return 0
-            seeds = self._seed_genomes(approach)[: self.budget.population // 2]
-            for genome in seeds:
-                params = {}
-                for n in layers:
-                    spec, frac = genome.get(n, ("exact", 0.0))
-                    params[f"cfg:{n}"] = spec if spec in choices else "exact"
-                    if approach not in ("layer", "alwann"):
-                        params[f"frac:{n}"] = frac
-                study.enqueue_trial(params)
-            return len(seeds)
-
-        # a run made before trial slots were units: its finished trials fill the first slots
-        legacy = 0 if self.units.results(prefix=f"nsga|{approach}|") else \
-            len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-        self.units.map([f"nsga-seed|{approach}"], seed_generation)
-
-        def trial_slots(keys):  # up to a generation's slots: asked together, evaluated in one pass, told
-            numbers, asked = [], []
-            told = {point_attrs(t).get("unit"): t.number
-                    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
-            for key in keys:
-                if int(key.rsplit("|", 1)[1]) < legacy:
-                    numbers.append(None)  # finished before units were kept: not again
-                    continue
-                if key in told:
-                    numbers.append(told[key])  # told by a worker that died before it stored the unit: not again
-                    continue
-                trial = study.ask()
-                genome = {}
-                for n in layers:
-                    spec = trial.suggest_categorical(f"cfg:{n}", choices)
-                    frac = 1.0 if approach in ("layer", "alwann") else trial.suggest_float(f"frac:{n}", 0.0, 1.0, step=FRACTION_STEP)
-                    genome[n] = (spec, frac)
-                asked.append((trial, genome, {"unit": key}))
-                numbers.append(trial.number)
-            self._record_many(study, asked, approach, "nsga2", res)
-            return numbers
-
-        slots = [f"nsga|{approach}|{i}" for i in range(self.budget.nsga_trials)]
-        with self.progress_bar(f"{approach}: NSGA-II", total=len(slots)) as bar:
-            self.units.map(slots, trial_slots, bar, batch=self.budget.population)
-
-    def _seed_genomes(self, approach: str) -> list[dict]:
-        source = "layer" if approach == "alwann" else approach
-        front = pareto_front([p for p in self.points([source]) if p["source"] == "sweep"])
-        # most accurate first
-        return [{k: tuple(v) for k, v in json.loads(p["genome"]).items()} for p in sorted(front, key=lambda p: -p["val_accuracy"])]
 
     phase = ""  # "[k/n] " while run_exploration runs
 
@@ -584,183 +358,6 @@ class Explorer:
                                 "energy": u["energy"], "energy_gain": u["energy_gain"]})
         return out
 
-    def evaluate_front(self, approaches=APPROACHES, res=None) -> None:
-        """Test accuracy of the validation-Pareto points (all, or the budget's ``test_points`` per approach:
-        ``test_selection``): each distinct assignment a unit (shared by workers; points of several approaches
-        that build the same assignment are measured once), every point's result written to
-        RUN_DIR/test_eval.json, and every front point's assignment to RUN_DIR/pareto/."""
-        res = res if res is not None else self.resilience()
-        path = self.run_dir / "test_eval.json"
-        local = json.loads(path.read_text()) if path.exists() else {}  # by point key
-        front_dir = self.run_dir / "pareto"
-        front_dir.mkdir(exist_ok=True)
-        chosen: dict[str, tuple[Assignment, list[str]]] = {}  # unit -> (assignment, its points' keys)
-        base_val = self.info["baseline"]["val_accuracy"]
-        for ap in approaches:
-            front = pareto_front(self.points([ap]))
-            picked = {id(p) for p in test_selection(front, base_val, self.budget.test_points)}
-            for p in front:
-                genome = {k: tuple(v) for k, v in json.loads(p["genome"]).items()}
-                a = self.build(ap, genome, res)
-                a.meta = {"approach": ap, "summary": p["summary"], "val_accuracy": p["val_accuracy"],
-                          "energy_gain": p["energy_gain"]}
-                a.save(front_dir / f"{ap}-{p['source']}-{p['trial']}.json")
-                if id(p) in picked:
-                    chosen.setdefault(f"test|{assignment_key(a)}", (a, []))[1].append(point_key(p))
-
-        def known(unit):  # measured before by this run directory (runs made before units were per assignment)
-            return next((local[k] for k in chosen[unit][1] if k in local), None)
-
-        def measure(units):  # several assignments in one pass over the test images
-            todo = [u for u in units if known(u) is None]
-            nets = [ApproxNetwork(self.graph_for(chosen[u][0]), chosen[u][0]) for u in todo]
-            correct = np.zeros(len(todo), dtype=np.int64)
-            for i in range(0, len(self.test) if todo else 0, 250):
-                y = torch.as_tensor(self.test.labels[i:i + 250])
-                for j, out in enumerate(logits_shared(nets, torch.as_tensor(self.test.images[i:i + 250]))):
-                    correct[j] += int((out.argmax(1) == y).sum())
-            mine = {u: {"test_accuracy": int(c) / len(self.test), "test_images": int(len(self.test))}
-                    for u, c in zip(todo, correct)}
-            return [mine[u] if u in mine else known(u) for u in units]
-
-        with self.progress_bar("test set: Pareto points", total=len(chosen)) as bar:
-            measured = self.units.map(list(chosen), measure, bar, batch=EVAL_BATCH)
-        write_json(path, {**local, **{pk: measured[u] for u, (_, pkeys) in chosen.items() for pk in pkeys}})
-
-
-def largest_gain_within(front: list[dict], loss_pts, threshold: float) -> dict | None:
-    """The point of ``front`` with the largest energy gain among those whose accuracy loss ``loss_pts(p)``
-    (points) is at most ``threshold``; None when there is none."""
-    ok = [p for p in front if loss_pts(p) <= threshold + 1e-9]
-    return max(ok, key=lambda p: p["energy_gain"]) if ok else None
-
-
-def test_selection(front: list[dict], base_val_accuracy: float, cap: int) -> list[dict]:
-    """The front points measured on the test set: all when ``cap`` is 0 or the front is no larger; else the
-    points the report's table cites (largest gain within each of ``THRESHOLDS`` validation points), then
-    points evenly spread in gain, up to ``cap``."""
-    if cap <= 0 or len(front) <= cap:
-        return list(front)
-    picked: dict[int, dict] = {}  # by id: the same point may be cited at several thresholds
-    for t in THRESHOLDS:
-        best = largest_gain_within(front, lambda p: 100 * (base_val_accuracy - p["val_accuracy"]), t)
-        if best is not None:
-            picked.setdefault(id(best), best)
-    by_gain = sorted(front, key=lambda p: p["energy_gain"])
-    for i in _spread_order(len(by_gain)):
-        if len(picked) >= cap:
-            break
-        picked.setdefault(id(by_gain[i]), by_gain[i])
-    return list(picked.values())
-
-
-def _spread_order(n: int) -> list[int]:
-    """The indices 0..n-1 in an order that spreads picks evenly: the ends first, then halving the gaps."""
-    order, seen = [], set()
-    k = 1
-    while len(order) < n:
-        for i in np.round(np.linspace(0, n - 1, k + 1)).astype(int):
-            if int(i) not in seen:
-                seen.add(int(i))
-                order.append(int(i))
-        k *= 2
-    return order
-
-
-def point_attrs(trial) -> dict:
-    """A told trial's attributes: one ``point`` attribute, or (runs made before it) one attribute each."""
-    u = trial.user_attrs
-    return {**u, **u["point"]} if "point" in u else u
-
-
-def point_key(p: dict) -> str:
-    return hashlib.sha256(f"{p['approach']}|{p['genome']}".encode()).hexdigest()[:16]
-
-
-def pareto_front(points: list[dict], acc="val_accuracy", gain="energy_gain") -> list[dict]:
-    """Points not dominated in (accuracy, energy gain), both maximised; sorted by gain."""
-    front = []
-    for p in points:
-        if not any(q[acc] >= p[acc] and q[gain] >= p[gain] and (q[acc] > p[acc] or q[gain] > p[gain]) for q in points):
-            front.append(p)
-    uniq = {}
-    for p in front:
-        uniq.setdefault((p[acc], p[gain]), p)
-    return sorted(uniq.values(), key=lambda p: p[gain])
-
-
-def proxy_validation_layers(q: QuantizedGraph) -> tuple[str, str]:
-    """(filter layer, kernel layer) whose bins validate the proxy: the hidden layer with the most
-    kernels, and the hidden layer with the most multiplications besides it."""
-    from .energy import multiplication_counts
-
-    counts = multiplication_counts(q)
-    hidden = [n for n in q.layers if n != q.output.name] or list(q.layers)
-    kl = max(hidden, key=lambda n: (int(np.prod(q.layers[n].weight.shape[:2])), -hidden.index(n)))
-    rest = [n for n in hidden if n != kl] or hidden
-    fl = max(rest, key=lambda n: (counts[n] * int(np.prod(q.layers[n].weight.shape[:2])), -rest.index(n)))
-    return fl, kl
-
-
-def taylor_proxy(q: QuantizedGraph, images: np.ndarray, labels: np.ndarray, specs: list[str]) -> dict:
-    """First-order Taylor sensitivity of every layer, filter and kernel to each spec (see module docstring).
-
-    The gradient is that of the loss of the graph's real-valued twin (``QuantizedGraph.float_forward``)
-    at each multiplying layer's real pre-activation output."""
-    outs: dict = {}
-    x = torch.as_tensor(images)
-    logits = q.float_forward(x, outputs=outs)
-    loss = F.cross_entropy(logits, torch.as_tensor(labels), reduction="sum")
-    loss.backward()
-    grads = {n: o.grad.detach().double() for n, o in outs.items()}
-    taps: dict = {}
-    q.forward_int(x, taps=taps)
-    result = {}
-    for name, layer in q.layers.items():
-        mults = [get_multiplier(s, x_signed=layer.x_signed) for s in specs]
-        g = grads[name]
-        n, f = g.shape[:2]
-        groups = layer.groups
-        g = g.reshape(n, groups, f // groups, -1)  # [N, G, F/G, L]
-        xin = taps[name].double()
-        cg, kh, kw = layer.weight.shape[1:]
-        w = torch.as_tensor(layer.weight, dtype=torch.float64).reshape(f, -1)  # [F, C/G*K]
-        scale = torch.as_tensor(layer.acc_scale)[None, :, None]  # [1, F, 1]
-
-        def a_for(xt):
-            cols = F.unfold(F.pad(xt, layer.pads), (kh, kw), stride=layer.stride)  # [N, C*K, L]
-            cols = cols.reshape(n, groups, cg * kh * kw, -1)
-            return torch.einsum("ngfl,ngkl->ngfk", g, cols).reshape(n, f, -1)  # [N, F, C/G*K]
-
-        a0 = a_for(xin) * w[None]
-        by_r = {}
-        kern, filt, lay = [], [], []
-        lut_cols = None
-        for m in mults:
-            if not m.separable:  # lookup table: the gradient times each product's exact error, gathered
-                if lut_cols is None:
-                    idx = F.pad(xin - m.x_format.min + 1, layer.pads)  # row 0 of the error table: padding
-                    lut_cols = F.unfold(idx, (kh, kw), stride=layer.stride).round().to(torch.int32)
-                    lut_cols = lut_cols.reshape(n, groups, cg * kh * kw, -1).numpy()
-                    lut_g = np.ascontiguousarray(g.reshape(n, f, -1).numpy())
-                    widx = (layer.weight.reshape(f, -1) - m.w_format.min).astype(np.int64)
-                xs, ws = m.x_format.values(), m.w_format.values()
-                err = np.zeros((len(xs) + 1, len(ws)))
-                err[1:] = m.lut() - xs[:, None] * ws[None, :]
-                d = torch.from_numpy(lut_error_taps(lut_g, lut_cols, widx, err)) * scale
-            else:
-                key = m.x_transform(np.arange(-128, 256)).tobytes()
-                if key not in by_r:
-                    by_r[key] = a_for(torch.as_tensor(m.x_transform(xin.long().numpy()), dtype=torch.float64))
-                wt = torch.as_tensor(m.w_transform(layer.weight).reshape(f, -1), dtype=torch.float64)
-                d = (by_r[key] * wt[None] - a0) * scale  # [N, F, C/G*K]
-            dk = d.reshape(n, f, cg, kh * kw).sum(3)  # [N, F, C/G]
-            kern.append(dk.abs().mean(0).numpy())
-            filt.append(dk.sum(2).abs().mean(0).numpy())
-            lay.append(float(dk.sum((1, 2)).abs().mean()))
-        result[name] = {"kernel": np.stack(kern), "filter": np.stack(filt), "layer": lay}
-    return result
-
 
 def run_exploration(explorer: Explorer, approaches=APPROACHES, finetune=None) -> dict:
     """Resilience, then per approach its sweep (not for alwann) and NSGA-II, then test-set numbers; with a
@@ -773,13 +370,13 @@ def run_exploration(explorer: Explorer, approaches=APPROACHES, finetune=None) ->
     for k, (kind, ap) in enumerate(steps, 1):
         explorer.phase = f"[phase {k}/{len(steps)}] "
         if kind == "resilience":
-            res = explorer.resilience()
+            res = resilience(explorer)
         elif kind == "sweep":
-            explorer.sweep(ap, res)
+            sweep(explorer, ap, res)
         elif kind == "nsga":
-            explorer.nsga(ap, res)
+            nsga(explorer, ap, res)
         elif kind == "test":
-            explorer.evaluate_front(approaches, res)
+            evaluate_front(explorer, approaches, res)
         else:
             from .explore_finetune import finetune_front
 

@@ -35,6 +35,7 @@ from .approx import ApproxNetwork, Assignment, assignment_key
 from .atomic import write_json
 from .data import training_sample
 from .finetune import check_finetunable, finetune
+from .front import pareto_front, point_key
 from .graph import QuantizedGraph
 
 
@@ -57,8 +58,6 @@ FINETUNE_BUDGETS = {
 
 def finetune_candidates(points: list[dict], base_val_accuracy: float, fb: FinetuneBudget) -> list[dict]:
     """The validation-Pareto points of one approach to fine-tune (module docstring), by increasing gain."""
-    from .explore import pareto_front
-
     front = [p for p in pareto_front(points) if p["energy_gain"] > 0
              and 100 * (base_val_accuracy - p["val_accuracy"]) <= fb.max_val_loss_pts + 1e-9]
     if len(front) <= fb.points:
@@ -79,8 +78,6 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
     """Fine-tune the chosen validation-Pareto points and the exact model; returns finetune_eval.json's content:
     {"settings", "exact": entry, "assignments": {key: entry}, "points": {point key: assignment key}}, each entry
     {val_accuracy, val_loss, test_accuracy, test_images, seconds}."""
-    from .explore import point_key
-
     check_finetunable(explorer.q)
     run_dir = Path(explorer.run_dir)
     path = run_dir / "finetune_eval.json"

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from .atomic import atomic_path, write_text
-from .explore import THRESHOLDS, largest_gain_within
+from .front import THRESHOLDS, largest_gain_within, pareto_front, point_key
 Z95 = 1.959963984540054
 
 
@@ -66,7 +66,6 @@ def write_points(run_dir: Path, explorer) -> Path:
     """Every evaluated point (``finetuned`` = 0), and every fine-tuned one again with its numbers after
     fine-tuning (``finetuned`` = 1); ``on_front``: on its approach's validation front, fine-tuned points
     among fine-tuned ones. Losses are against the exact int8 model as quantized (not fine-tuned)."""
-    from .explore import pareto_front, point_key
 
     info = json.loads((run_dir / "run.json").read_text())
     base = info["baseline"]

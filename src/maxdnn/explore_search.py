@@ -1,0 +1,145 @@
+"""The searches of an exploration: per approach, a sweep over (configuration x fraction) and NSGA-II.
+
+A genome gives each layer a configuration and, for filter and kernel, a
+fraction of its units (approximated least sensitive first, by the resilience
+proxy); ``Explorer.build`` turns it into an assignment. The sweep applies one
+configuration and fraction to every layer (for ``layer``: the fraction of
+layers least sensitive to the configuration). NSGA-II (Optuna) searches
+per-layer genomes maximising validation accuracy and energy gain; its first
+generation is seeded with the sweep's validation-Pareto genomes.
+
+Every point is an Optuna trial, told as it is evaluated; every sweep point and
+NSGA-II trial slot is a unit of work (``maxdnn.work_units``), so that several
+workers share the search and a rerun resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .front import pareto_front
+
+FRACTION_STEP = 0.125  # the fractions NSGA-II chooses from: multiples of this
+
+
+def point_attrs(trial) -> dict:
+    """A told trial's attributes: one ``point`` attribute, or (runs made before it) one attribute each."""
+    u = trial.user_attrs
+    return {**u, **u["point"]} if "point" in u else u
+
+
+def _record_many(explorer, study, asked: list, approach: str, source: str, res: dict) -> None:
+    """Evaluate the asked trials (``asked``: (trial, genome, extra attributes) triples) in one pass and
+    tell them."""
+    built = [explorer.build(approach, genome, res) for _, genome, _ in asked]
+    for (trial, genome, extra), a, r in zip(asked, built, explorer.evaluate_many(built)):
+        # one attribute, one write to the storage (each write is a transaction)
+        trial.set_user_attr("point", {**r, **extra, "approach": approach, "source": source,
+                                      "summary": explorer.summary(genome), "genome": json.dumps(genome),
+                                      "granularity": a.granularity()})
+        study.tell(trial, [r["val_accuracy"], r["energy_gain"]])
+
+def sweep(explorer, approach: str, res: dict) -> None:
+    """Every (configuration, fraction) of the grid once: each point is a unit (shared by workers)."""
+    import optuna
+
+    study = explorer.study(f"{approach}-sweep", optuna.samplers.RandomSampler(seed=explorer.seed))
+    fractions = explorer.budget.sweep_fractions
+    grid = {f"sweep|{approach}|{s}|{float(f):g}": (s, float(f)) for s in explorer.library for f in fractions}
+    layers = list(explorer.q.layers)
+
+    def points(keys):
+        numbers, asked = [], []
+        finished = {}  # (config, fraction) -> the first trial that evaluated it
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            u = point_attrs(t)
+            finished.setdefault((u["config"], round(u["fraction"], 6)), t.number)
+        for key in keys:
+            spec, frac = grid[key]
+            if (spec, round(frac, 6)) in finished:  # evaluated before units were kept (an older run): not again
+                numbers.append(finished[(spec, round(frac, 6))])
+                continue
+            trial = study.ask()
+            asked.append((trial, _sweep_genome(explorer, approach, spec, frac, res, layers), {"config": spec, "fraction": frac}))
+            numbers.append(trial.number)
+        _record_many(explorer, study, asked, approach, "sweep", res)
+        return numbers
+
+    with explorer.progress_bar(f"{approach}: sweep", total=len(grid)) as bar:
+        explorer.units.map(list(grid), points, bar, batch=explorer.eval_batch)
+
+def _sweep_genome(explorer, approach, spec, frac, res, layers):
+    if approach in ("layer", "alwann"):
+        si = explorer.library.index(spec)
+        order = np.argsort(res["direct_loss"][:, si], kind="stable")
+        chosen = {layers[i] for i in order[: int(round(frac * len(layers)))]}
+        return {n: (spec, 1.0) for n in layers if n in chosen}
+    return {n: (spec, frac) for n in layers}
+
+def nsga(explorer, approach: str, res: dict) -> None:
+    """The budget's NSGA-II trials: each trial slot is a unit, so that several workers run exactly the
+    budget's number of trials between them (the sampler reads every finished trial from the storage)."""
+    import optuna
+
+    sampler = optuna.samplers.NSGAIISampler(population_size=explorer.budget.population, seed=explorer.seed)
+    study = explorer.study(f"{approach}-nsga2", sampler)
+    if approach == "alwann":
+        choices = explorer.alwann_choices()
+    else:
+        choices = ["exact"] + explorer.library
+    layers = list(explorer.q.layers)
+
+    def seed_generation(_):
+        # first generation: seeded with the sweep's validation-Pareto genomes (random genomes alone
+        # start far from the useful, mildly approximated region)
+        if study.get_trials(deepcopy=False):
+            return 0
+        seeds = _seed_genomes(explorer, approach)[: explorer.budget.population // 2]
+        for genome in seeds:
+            params = {}
+            for n in layers:
+                spec, frac = genome.get(n, ("exact", 0.0))
+                params[f"cfg:{n}"] = spec if spec in choices else "exact"
+                if approach not in ("layer", "alwann"):
+                    params[f"frac:{n}"] = frac
+            study.enqueue_trial(params)
+        return len(seeds)
+
+    # a run made before trial slots were units: its finished trials fill the first slots
+    legacy = 0 if explorer.units.results(prefix=f"nsga|{approach}|") else \
+        len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    explorer.units.map([f"nsga-seed|{approach}"], seed_generation)
+
+    def trial_slots(keys):  # up to a generation's slots: asked together, evaluated in one pass, told
+        numbers, asked = [], []
+        told = {point_attrs(t).get("unit"): t.number
+                for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+        for key in keys:
+            if int(key.rsplit("|", 1)[1]) < legacy:
+                numbers.append(None)  # finished before units were kept: not again
+                continue
+            if key in told:
+                numbers.append(told[key])  # told by a worker that died before it stored the unit: not again
+                continue
+            trial = study.ask()
+            genome = {}
+            for n in layers:
+                spec = trial.suggest_categorical(f"cfg:{n}", choices)
+                frac = 1.0 if approach in ("layer", "alwann") else trial.suggest_float(f"frac:{n}", 0.0, 1.0, step=FRACTION_STEP)
+                genome[n] = (spec, frac)
+            asked.append((trial, genome, {"unit": key}))
+            numbers.append(trial.number)
+        _record_many(explorer, study, asked, approach, "nsga2", res)
+        return numbers
+
+    slots = [f"nsga|{approach}|{i}" for i in range(explorer.budget.nsga_trials)]
+    with explorer.progress_bar(f"{approach}: NSGA-II", total=len(slots)) as bar:
+        explorer.units.map(slots, trial_slots, bar, batch=explorer.budget.population)
+
+def _seed_genomes(explorer, approach: str) -> list[dict]:
+    source = "layer" if approach == "alwann" else approach
+    front = pareto_front([p for p in explorer.points([source]) if p["source"] == "sweep"])
+    # most accurate first
+    return [{k: tuple(v) for k, v in json.loads(p["genome"]).items()} for p in sorted(front, key=lambda p: -p["val_accuracy"])]

@@ -1,0 +1,70 @@
+"""Validation-Pareto fronts of explored points, and the points read from them.
+
+A point is a dict with at least ``approach``, ``genome``, ``val_accuracy`` and
+``energy_gain`` (``Explorer.points``). The report's table reads each front at
+``THRESHOLDS``; the test-set stage measures the table's points first, then
+points spread evenly in gain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+THRESHOLDS = (0.5, 1.0, 2.0, 4.0)  # validation accuracy losses (points) the report's table is read at
+
+
+def point_key(p: dict) -> str:
+    return hashlib.sha256(f"{p['approach']}|{p['genome']}".encode()).hexdigest()[:16]
+
+
+def pareto_front(points: list[dict], acc="val_accuracy", gain="energy_gain") -> list[dict]:
+    """Points not dominated in (accuracy, energy gain), both maximised; sorted by gain."""
+    front = []
+    for p in points:
+        if not any(q[acc] >= p[acc] and q[gain] >= p[gain] and (q[acc] > p[acc] or q[gain] > p[gain]) for q in points):
+            front.append(p)
+    uniq = {}
+    for p in front:
+        uniq.setdefault((p[acc], p[gain]), p)
+    return sorted(uniq.values(), key=lambda p: p[gain])
+
+
+def largest_gain_within(front: list[dict], loss_pts, threshold: float) -> dict | None:
+    """The point of ``front`` with the largest energy gain among those whose accuracy loss ``loss_pts(p)``
+    (points) is at most ``threshold``; None when there is none."""
+    ok = [p for p in front if loss_pts(p) <= threshold + 1e-9]
+    return max(ok, key=lambda p: p["energy_gain"]) if ok else None
+
+
+def test_selection(front: list[dict], base_val_accuracy: float, cap: int) -> list[dict]:
+    """The front points measured on the test set: all when ``cap`` is 0 or the front is no larger; else the
+    points the report's table cites (largest gain within each of ``THRESHOLDS`` validation points), then
+    points evenly spread in gain, up to ``cap``."""
+    if cap <= 0 or len(front) <= cap:
+        return list(front)
+    picked: dict[int, dict] = {}  # by id: the same point may be cited at several thresholds
+    for t in THRESHOLDS:
+        best = largest_gain_within(front, lambda p: 100 * (base_val_accuracy - p["val_accuracy"]), t)
+        if best is not None:
+            picked.setdefault(id(best), best)
+    by_gain = sorted(front, key=lambda p: p["energy_gain"])
+    for i in _spread_order(len(by_gain)):
+        if len(picked) >= cap:
+            break
+        picked.setdefault(id(by_gain[i]), by_gain[i])
+    return list(picked.values())
+
+
+def _spread_order(n: int) -> list[int]:
+    """The indices 0..n-1 in an order that spreads picks evenly: the ends first, then halving the gaps."""
+    order, seen = [], set()
+    k = 1
+    while len(order) < n:
+        for i in np.round(np.linspace(0, n - 1, k + 1)).astype(int):
+            if int(i) not in seen:
+                seen.add(int(i))
+                order.append(int(i))
+        k *= 2
+    return order
