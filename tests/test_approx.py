@@ -177,3 +177,23 @@ def test_cuda_paths_bit_exact(qnet, rng):
         ref = reference_forward(qnet, imgs, lambda name: (lambda f, c: mults[a.maps[name][f, c]]))
         got = ApproxNetwork(qnet, a, device="cuda").logits(torch.as_tensor(imgs, device="cuda")).cpu().numpy()
         assert np.array_equal(got, ref), a.granularity()
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_compiled_rounding_equals_round_at(rng, stacked):
+    """Every rounding transform R_t (t = 0..7) of unsigned and signed operands, written by the compiled pass
+    into separate or interleaved (stacked channel) outputs, equals ``multipliers.round_at``."""
+    from maxdnn._round_kernel import round_stack
+    from maxdnn.multipliers import round_at
+
+    x = rng.integers(-256, 512, size=(300, 5))
+    x[:8, 0] = [-256, -129, -128, -1, 0, 1, 255, 511]
+    bits = np.arange(8, dtype=np.int64)
+    if stacked:
+        buf = np.full((300, 8, 5), np.nan, dtype=np.float32)
+        out = buf.transpose(1, 0, 2)
+    else:
+        out = np.full((8, 300, 5), np.nan, dtype=np.float32)
+    round_stack(x.astype(np.float32), bits, out)
+    for t in bits:
+        assert np.array_equal(out[t], round_at(x, int(t)).astype(np.float32)), t

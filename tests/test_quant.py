@@ -266,3 +266,6 @@ def test_compiled_add_equals_the_torch_form(rng, which):
     want = (parts[0] + parts[1]).add_(out.zero_point)
     want = want if which == "wide" else want.clamp_(-128, 127).to(torch.float32)
     assert got.dtype == want.dtype and torch.equal(got, want)
+    assert got.is_contiguous(memory_format=torch.channels_last)  # the layout of the first input
+    got_b = _add_cpu([b, a], Add("add", ["b", "a"], out, in_zps=[7, -5], requants=[None, None]), rqs[::-1])
+    assert got_b.is_contiguous() and torch.equal(got_b, want)

@@ -75,26 +75,17 @@ def requant_half_up(acc, bias, m0, half, inv, zp, lo, hi, wide, out):  # pragma:
 
 
 @njit(parallel=True, cache=True)
-def add_half_up(a, b, ra, rb, use_a, use_b, zpa, zpb, zp, lo, hi, wide, out):  # pragma: no cover - compiled
+def add_half_up(a, b, pa, pb, zp, lo, hi, wide, out):  # pragma: no cover - compiled
     """A two-input Add in one pass, with the torch form's float64 operations in its order: each input minus its
-    zero point, requantized (floor((v * m0 + half) * inv), when ``use_*``) to the output scale, summed, plus the
-    output zero point, clamped unless ``wide``.
+    zero point, requantized to the output scale (floor((v * m0 + half) * inv)), summed, plus the output zero
+    point, clamped unless ``wide``. An input the torch form does not requantize has m0 = inv = 1, half = 0:
+    v is an integer, so floor((v * 1 + 0) * 1) is v exactly.
 
-    a, b: [N, H, W, C] (any strides); ra, rb: float64 [3, C] or [3, 1] rows m0, half, inv; out: [N, H, W, C]."""
-    n, h, w, c_n = a.shape
-    pa = ra.shape[1] > 1
-    pb = rb.shape[1] > 1
-    for ny in prange(n * h):
-        bb = ny // h
-        y = ny % h
-        for x in range(w):
-            for c in range(c_n):
-                va = np.float64(a[bb, y, x, c]) - zpa
-                if use_a:
-                    k = c if pa else 0
-                    va = _half_up(va, ra[0, k], ra[1, k], ra[2, k])
-                vb = np.float64(b[bb, y, x, c]) - zpb
-                if use_b:
-                    k = c if pb else 0
-                    vb = _half_up(vb, rb[0, k], rb[1, k], rb[2, k])
-                out[bb, y, x, c] = _to_code(va + vb, zp, lo, hi, wide)
+    a, b: [M, C] (pixels x channels, any strides); pa, pb: float64 [4, C], rows zero point, m0, half, inv per
+    channel; out: [M, C]. Branch-free rows of per-channel tables: the inner loop vectorizes."""
+    m_n, c_n = a.shape
+    for r in prange(m_n):
+        for c in range(c_n):
+            va = np.floor(((np.float64(a[r, c]) - pa[0, c]) * pa[1, c] + pa[2, c]) * pa[3, c])
+            vb = np.floor(((np.float64(b[r, c]) - pb[0, c]) * pb[1, c] + pb[2, c]) * pb[3, c])
+            out[r, c] = _to_code(va + vb, zp, lo, hi, wide)

@@ -599,14 +599,20 @@ def _add_cpu(ins: list[torch.Tensor], n: "Add", rqs) -> torch.Tensor:
     """A two-input Add's output codes in one compiled pass (``add_half_up``), in the layout of its first input."""
     a, b = ins
     q = n.out
-    fmt = torch.channels_last if a.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    out = torch.empty(a.shape, dtype=torch.float64 if q.wide else torch.float32, memory_format=fmt)
-    none = np.zeros((3, 1))
-    ra, rb = (none if r is None else torch.stack([t.reshape(-1).to(torch.float64) for t in r]).numpy() for r in rqs)
-    add_half_up(a.permute(0, 2, 3, 1).numpy(), b.permute(0, 2, 3, 1).numpy(), ra, rb, rqs[0] is not None,
-                rqs[1] is not None, float(n.in_zps[0]), float(n.in_zps[1]), float(q.zero_point), float(q.lo or 0),
-                float(q.hi or 0), q.wide, out.permute(0, 2, 3, 1).numpy())
-    return out
+    c = a.shape[1]
+    out = torch.empty(a.shape, dtype=torch.float64 if q.wide else torch.float32, memory_format=torch.channels_last)
+
+    def table(zp, r):  # [4, C]: zero point, m0, half, inv per channel (no requantization: 1, 0, 1)
+        rows = [torch.ones(1), torch.zeros(1), torch.ones(1)] if r is None else list(r)
+        rows = [torch.full((1,), float(zp))] + rows
+        return np.ascontiguousarray(torch.stack([t.reshape(-1).to(torch.float64).expand(c) for t in rows]).numpy())
+
+    def rows(t):  # [pixels, C] (a view in channels_last)
+        return t.permute(0, 2, 3, 1).reshape(-1, c).numpy()
+
+    add_half_up(rows(a), rows(b), table(n.in_zps[0], rqs[0]), table(n.in_zps[1], rqs[1]), float(q.zero_point),
+                float(q.lo or 0), float(q.hi or 0), q.wide, rows(out))
+    return out if a.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
 
 # ---------------------------------------------------------------- pooling
