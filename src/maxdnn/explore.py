@@ -304,16 +304,19 @@ class Explorer:
 
     # ------------------------------------------------------------------ searches
     def _engine_kwargs(self) -> dict:
-        if self.storage_url.startswith("sqlite"):
-            return {"connect_args": {"timeout": 60}}
+        if self.storage_url.startswith("sqlite:///"):
+            return {"creator": _sqlite_connector(self.storage_url[len("sqlite:///"):])}
         return {"connect_args": {"connect_timeout": 5}} if self.storage_url.startswith("postgres") else {}
 
     def _storage(self):
+        """The Optuna storage (one per explorer: each opening is a connection and a schema check)."""
         import optuna
 
-        # no Optuna heartbeats: a dead worker's unit is retried through maxdnn.work_units, and the trial it
-        # left RUNNING is never counted (only COMPLETE trials are points)
-        return optuna.storages.RDBStorage(self.storage_url, engine_kwargs=self._engine_kwargs())
+        if getattr(self, "_rdb", None) is None:
+            # no Optuna heartbeats: a dead worker's unit is retried through maxdnn.work_units, and the trial it
+            # left RUNNING is never counted (only COMPLETE trials are points)
+            self._rdb = optuna.storages.RDBStorage(self.storage_url, engine_kwargs=self._engine_kwargs())
+        return self._rdb
 
     def study_name(self, name: str) -> str:
         """``name`` within this exploration's scope (a shared server may hold several explorations)."""
@@ -357,6 +360,21 @@ class Explorer:
                                 "val_accuracy": u["val_accuracy"], "val_loss": u["val_loss"],
                                 "energy": u["energy"], "energy_gain": u["energy_gain"]})
         return out
+
+
+def _sqlite_connector(path: str):
+    """Connections to a run's SQLite database in write-ahead-log mode with normal synchronisation: a commit
+    is a write, not a disk flush (about 20x faster; an exploration commits thousands of times). Committed
+    work survives a killed process; a power loss may lose the last commits, never the database."""
+    import sqlite3
+
+    def connect():
+        c = sqlite3.connect(path, timeout=60, check_same_thread=False)
+        c.execute("PRAGMA journal_mode=WAL")
+        c.execute("PRAGMA synchronous=NORMAL")
+        return c
+
+    return connect
 
 
 def run_exploration(explorer: Explorer, approaches=APPROACHES, finetune=None) -> dict:

@@ -121,6 +121,14 @@ class WorkUnits:
         with self._lock:
             self._held.discard(key)
 
+    def release_mine(self) -> None:
+        """Give up every unit this worker holds (it is stopping: claimed units waiting for their batch too)."""
+        with self.engine.begin() as c:
+            c.execute(UNITS.delete().where(UNITS.c.scope == self.scope, UNITS.c.state == "claimed",
+                                           UNITS.c.worker == self.worker))
+        with self._lock:
+            self._held.clear()
+
     def release_all_claims(self) -> int:
         """Free every unfinished unit of the scope: for a database only one worker uses (RUN_DIR's own), where
         a claim left behind belongs to an interrupted earlier process."""
@@ -178,23 +186,30 @@ class WorkUnits:
                 bar.update(len(done) - seen)
                 seen = len(done)
 
-        advance(False)
-        for key in keys:
-            if key in done:
-                continue
-            if self.claim(key):
-                pending.append(key)
-            else:
-                done.update(self.results([key]))
+        try:
             advance(False)
-        advance(True)
-        while missing := [k for k in keys if k not in done]:
-            done.update(self.results(missing))
-            for key in [k for k in missing if k not in done]:
-                if self.claim(key):  # its worker stopped: take it over
+            for key in keys:
+                if key in done:
+                    continue
+                if self.claim(key):
                     pending.append(key)
-                    advance(False)
+                else:
+                    done.update(self.results([key]))
+                advance(False)
             advance(True)
-            if any(k not in done for k in keys):
-                time.sleep(POLL_SECONDS)
+            while missing := [k for k in keys if k not in done]:
+                done.update(self.results(missing))
+                for key in [k for k in missing if k not in done]:
+                    if self.claim(key):  # its worker stopped: take it over
+                        pending.append(key)
+                        advance(False)
+                advance(True)
+                if any(k not in done for k in keys):
+                    time.sleep(POLL_SECONDS)
+        except BaseException:  # interrupted or failed: what this worker holds is free for others at once
+            try:
+                self.release_mine()
+            except sa.exc.SQLAlchemyError:  # the database is gone too: the grace period frees them
+                pass
+            raise
         return {k: done[k] for k in keys}
