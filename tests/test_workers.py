@@ -151,3 +151,20 @@ def test_unreachable_server_is_one_line_within_seconds(tmp_path):
     assert r.exit_code == 2 and "cannot open the study storage" in r.output
     assert len(r.output.strip().splitlines()) == 1 and time.time() - t0 < 20
     assert not (tmp_path / "x").exists()
+
+
+def test_progress_counts_units_finished_before(tmp_path):
+    """A resumed stage's bar starts at the units finished before, and ends at the total."""
+    import maxdnn.work_units as wu
+
+    units = wu.WorkUnits(f"sqlite:///{tmp_path / 'units.db'}")
+    units.map(["a", "b"], lambda k: 1)
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    bar = Bar()
+    assert units.map(["a", "b", "c"], lambda k: 2, bar) == {"a": 1, "b": 1, "c": 2} and bar.n == 3

@@ -174,7 +174,7 @@ class WorkUnits:
         in order. ``bar``: a tqdm bar over ``keys`` (advanced as results arrive)."""
         many = compute if batch > 1 else (lambda ks: [compute(ks[0])])
         done = self.results(keys)
-        seen = len(done)
+        seen = 0  # units finished before (a resumed run) advance the bar at once
         pending: list[str] = []
 
         def advance(flush: bool) -> None:
