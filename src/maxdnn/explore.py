@@ -268,7 +268,6 @@ class Explorer:
         return out
 
     # ------------------------------------------------------------------ resilience
-
     def resilience(self) -> dict:
         """The resilience arrays (``maxdnn.explore_resilience``), measured once and cached."""
         return resilience(self)
