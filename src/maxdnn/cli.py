@@ -506,9 +506,8 @@ def explore(
     finally:
         signal.signal(signal.SIGTERM, before)
     res = ex.resilience()
-    info = _add_wall_seconds(out, time.time() - t0)
-    info["resilience"] = ", ".join(f"{k} {v:.2f}" for k, v in zip(["layers", "filter bins", "kernel bins"], res["validation"]))
-    write_json(out / "run.json", info)
+    _add_wall_seconds(out, time.time() - t0, resilience=", ".join(
+        f"{k} {v:.2f}" for k, v in zip(["layers", "filter bins", "kernel bins"], res["validation"])))
     path = write_report(out, ex)
     typer.echo(path.read_text())
 
@@ -517,13 +516,12 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _add_wall_seconds(out: Path, seconds: float) -> dict:
+def _add_wall_seconds(out: Path, seconds: float, **fields) -> None:
     """Add ``seconds`` to RUN_DIR/run.json's wall time (summed over every run of the exploration, interrupted
-    ones included); returns run.json's content."""
+    ones included), and set ``fields``, in one write."""
     info = json.loads((out / "run.json").read_text())
     info["wall_seconds"] = info.get("wall_seconds", 0) + seconds
-    write_json(out / "run.json", info)
-    return info
+    write_json(out / "run.json", {**info, **fields})
 
 
 def _threads_per_worker(workers: int) -> int:
