@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_path, write_json
 from .multipliers import Multiplier, SpecError, get_multiplier, round_at
-from .graph import QuantizedGraph
+from .graph import QuantizedGraph, pixel_rows
 from ._round_kernel import round_stack, scatter_channels
 from .quant import ACT_MAX, conv_out_hw, float_conv_exact, layer_bound
 
@@ -378,7 +378,7 @@ class LayerPlan:
         rest = tuple(xf.shape[2:])
         k = len(self.groups)
         if xf.device.type == "cpu" and xf.dim() == 4 and self.round_bits is not None:
-            src = xf.permute(0, 2, 3, 1).reshape(-1, c).numpy()  # [pixels, C]: a view when channels_last
+            src = pixel_rows(xf).numpy()
             if stacked:  # [N, H, W, G, C]: channels_last [N, G*C, H, W]
                 buf = torch.empty((n,) + rest + (k, c), dtype=torch.float32)
                 round_stack(src, self.round_bits, buf.view(-1, k, c).permute(1, 0, 2).numpy())
@@ -423,25 +423,16 @@ class LayerPlan:
                 else torch.contiguous_format
             acc = torch.empty((outs[0].shape[0], sum(len(idx) for idx, _, _ in self.sub)) + tuple(outs[0].shape[2:]),
                               dtype=dtype, device=outs[0].device, memory_format=fmt)
-            rows = _pixel_rows(acc) if acc.device.type == "cpu" else None
+            rows = pixel_rows(acc, writable=True) if acc.device.type == "cpu" else None
             for (idx, _, _), o in zip(self.sub, outs):  # each group's filters into their places
                 o = o.to(dtype)
-                src = _pixel_rows(o) if rows is not None else None
-                if src is not None:
-                    scatter_channels(src.numpy(), idx.numpy(), rows.numpy())
+                if rows is not None:
+                    scatter_channels(pixel_rows(o).numpy(), idx.numpy(), rows.numpy())
                 else:
                     acc.index_copy_(1, idx, o)
             return acc
         weight, bound = self.conv_args
         return float_conv_exact(self._transformed(x, xf, stacked=True), weight, self.stride, pads, bound)
-
-
-def _pixel_rows(t: torch.Tensor) -> torch.Tensor | None:
-    """A [N, C, H, W] tensor as a [N*H*W, C] view (channels_last memory), or None when no view exists."""
-    try:
-        return t.permute(0, 2, 3, 1).view(-1, t.shape[1])
-    except RuntimeError:
-        return None
 
 
 def _dense(w: np.ndarray, amap: np.ndarray, groups: int):

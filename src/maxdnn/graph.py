@@ -584,6 +584,16 @@ def _eval_node(n: Node, vals: dict, conv, p: dict, taps: dict | None) -> None:
         raise GraphError(f"node {n.name}: unknown kind {n.kind}")
 
 
+def pixel_rows(t: torch.Tensor, writable: bool = False) -> torch.Tensor | None:
+    """A [N, C, H, W] tensor as [N*H*W, C]: a view when its memory is channels_last. Otherwise a copy, which
+    serves reading only; with ``writable`` the answer is then None, since writes into a copy would be lost."""
+    rows = t.permute(0, 2, 3, 1)
+    try:
+        return rows.view(-1, t.shape[1])
+    except RuntimeError:
+        return None if writable else rows.reshape(-1, t.shape[1])
+
+
 def _requant_cpu(acc: torch.Tensor, bias: torch.Tensor, rq, q: QParams) -> torch.Tensor:
     """A layer's accumulators [N, F, H, W] (float, integer values) to its output codes, in the layout of ``acc``:
     bias, half-up requantization, zero point and clamp in one compiled pass (``requant_half_up``)."""
@@ -607,11 +617,8 @@ def _add_cpu(ins: list[torch.Tensor], n: "Add", rqs) -> torch.Tensor:
         rows = [torch.full((1,), float(zp))] + rows
         return np.ascontiguousarray(torch.stack([t.reshape(-1).to(torch.float64).expand(c) for t in rows]).numpy())
 
-    def rows(t):  # [pixels, C] (a view in channels_last)
-        return t.permute(0, 2, 3, 1).reshape(-1, c).numpy()
-
-    add_half_up(rows(a), rows(b), table(n.in_zps[0], rqs[0]), table(n.in_zps[1], rqs[1]), float(q.zero_point),
-                float(q.lo or 0), float(q.hi or 0), q.wide, rows(out))
+    add_half_up(pixel_rows(a).numpy(), pixel_rows(b).numpy(), table(n.in_zps[0], rqs[0]), table(n.in_zps[1], rqs[1]),
+                float(q.zero_point), float(q.lo or 0), float(q.hi or 0), q.wide, pixel_rows(out, writable=True).numpy())
     return out if a.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
 
