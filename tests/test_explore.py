@@ -39,7 +39,7 @@ def finished_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     ex = Explorer(run, Workload.open(None, need(LOSSLESS_ZIP)), TINY, progress=False, log=lambda m: None)
     run_exploration(ex)
-    write_report(run, ex)
+    write_report(run, ex.store)
     return run, ex
 
 
@@ -47,11 +47,11 @@ def test_tiny_exploration_end_to_end(finished_run):
     run, ex = finished_run
     for f in ["points.csv", "pareto.png", "pareto.svg", "report.md", "run.json", "resilience.npz", "study.db"]:
         assert (run / f).exists(), f
-    assert counts(ex.points()) == expected_points(ex)
+    assert counts(ex.store.points()) == expected_points(ex)
     info = json.loads((run / "run.json").read_text())
     assert info["baseline"]["val_images"] == TINY.val_images and info["baseline"]["test_images"] == 1000
     # no point is evaluated twice within a sweep
-    pts = ex.points()
+    pts = ex.store.points()
     for ap in ("layer", "filter", "kernel"):
         sums = [p["genome"] for p in pts if p["approach"] == ap and p["source"] == "sweep"]
         assert len(sums) == len(set(sums))
@@ -74,7 +74,7 @@ def test_tiny_exploration_end_to_end(finished_run):
 
 def _point(ex, stem):
     ap, source, trial = stem.rsplit("-", 2)
-    return next(p for p in ex.points([ap]) if p["source"] == source and p["trial"] == int(trial))
+    return next(p for p in ex.store.points([ap]) if p["source"] == source and p["trial"] == int(trial))
 
 
 def test_an_assignment_is_measured_once_per_exploration(finished_run, monkeypatch):
@@ -87,7 +87,7 @@ def test_an_assignment_is_measured_once_per_exploration(finished_run, monkeypatc
         return real(self, assignments, graphs)
 
     monkeypatch.setattr(Explorer, "val_metrics_many", counting)
-    pts = ex.points()
+    pts = ex.store.points()
     again = ex.evaluate_many([ex.build(p["approach"], {k: tuple(v) for k, v in json.loads(p["genome"]).items()},
                                        ex.resilience()) for p in pts])
     assert not measured  # every point's assignment was kept when first measured
@@ -143,7 +143,7 @@ def test_resume_after_interruption_loses_and_repeats_nothing(tmp_path, monkeypat
     monkeypatch.setattr(Explorer, "evaluate_many", interrupting)
     with pytest.raises(KeyboardInterrupt):
         run_exploration(ex)
-    done_first = len(ex.points())
+    done_first = len(ex.store.points())
     assert 0 < done_first < 9
     calls2 = {"n": 0}
 
@@ -155,7 +155,7 @@ def test_resume_after_interruption_loses_and_repeats_nothing(tmp_path, monkeypat
     ex2 = Explorer(tmp_path, wl, TINY, progress=False, log=lambda m: None)
     run_exploration(ex2)
     total = sum(expected_points(ex2).values())
-    assert counts(ex2.points()) == expected_points(ex2)
+    assert counts(ex2.store.points()) == expected_points(ex2)
     assert calls2["n"] == total - done_first  # nothing finished was redone
 
 
@@ -225,7 +225,7 @@ def test_resume_after_kill_9(tmp_path):
     r = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     ex = Explorer(run, Workload.open(None, LOSSLESS_ZIP), TINY, progress=False, log=lambda m: None)
-    pts = ex.points(["filter"])
+    pts = ex.store.points(["filter"])
     assert counts(pts) == {("filter", "sweep"): len(ex.library) * len(TINY.sweep_fractions), ("filter", "nsga2"): TINY.nsga_trials}
     sweep = [p["genome"] for p in pts if p["source"] == "sweep"]
     assert len(sweep) == len(set(sweep))
@@ -336,7 +336,7 @@ def test_explore_finetune_stage(finished_run, tmp_path, monkeypatch):
     assert 1 <= len(done["assignments"]) <= len(done["points"]) <= 3
     # one fine-tuned point, measured again through the integer engine on test
     pk, key = next((pk, k) for pk, k in done["points"].items() if k != "exact")
-    p = next(p for p in ex.points() if point_key(p) == pk)
+    p = next(p for p in ex.store.points() if point_key(p) == pk)
     a = ex.build(p["approach"], {k: tuple(v) for k, v in json.loads(p["genome"]).items()}, res)
     g = QuantizedGraph.load(run / done["assignments"][key]["graph"])
     acc = float((ApproxNetwork(g, a).predict(ex.test.images) == ex.test.labels).mean())
@@ -344,7 +344,7 @@ def test_explore_finetune_stage(finished_run, tmp_path, monkeypatch):
     assert any(not np.array_equal(l.weight, ex.q.layers[n].weight) or not np.array_equal(l.bias, ex.q.layers[n].bias)
                for n, l in g.layers.items())  # it was trained
     # report: a fine-tuned row per fine-tuned point, with its own front, and a table after fine-tuning
-    write_report(run, ex)
+    write_report(run, ex.store)
     rows = read_points(run / "points.csv")
     ft_rows = [r for r in rows if r["finetuned"]]
     assert len(ft_rows) == sum(1 for k in done["points"].values() if k != "exact")

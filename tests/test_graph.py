@@ -356,7 +356,7 @@ def test_exploration_and_model_stream_on_a_pt2_network(tmp_path):
     wl = Workload.open(str(pt2), need(LOSSLESS_ZIP))
     ex = Explorer(tmp_path / "run", wl, BUDGETS["tiny"], progress=False, log=lambda m: None)
     run_exploration(ex)
-    write_report(tmp_path / "run", ex)
+    write_report(tmp_path / "run", ex.store)
     rows = read_points(tmp_path / "run" / "points.csv")
     assert rows and any(r["on_front"] for r in rows)
     assert {r["approach"] for r in rows} == {"layer", "filter", "kernel", "alwann"}

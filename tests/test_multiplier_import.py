@@ -211,7 +211,7 @@ def test_exploration_with_an_imported_library(tmp_path, library):
     ex = Explorer(tmp_path / "run", wl, BUDGETS["tiny"], progress=False, log=lambda m: None, library=lib)
     assert ex.library == lib and "tab-p2r3" in ex.alwann_choices()
     run_exploration(ex, ["kernel", "alwann"])
-    pts = ex.points()
+    pts = ex.store.points()
     used = {s for p in pts for s, _ in json.loads(p["genome"]).values()}
     assert "tab-p2r3" in used
     assert {p["approach"] for p in pts} == {"kernel", "alwann"}

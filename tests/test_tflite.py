@@ -150,7 +150,7 @@ def test_tiny_exploration_on_the_tflite_model(tmp_path):
                   progress=False, log=lambda m: None)
     assert ex.info["baseline"]["test_accuracy"] == 0.88  # the model's own quantization, LiteRT's accuracy
     run_exploration(ex)
-    write_report(tmp_path / "run", ex)
+    write_report(tmp_path / "run", ex.store)
     rows = read_points(tmp_path / "run" / "points.csv")
     assert {r["approach"] for r in rows} == {"layer", "filter", "kernel", "alwann"}
     assert max(r["energy_gain"] for r in rows if r["on_front"]) > 0

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from conftest import LOSSLESS_ZIP, need
 from maxdnn.cli import app
-from maxdnn.explore import BUDGETS, Explorer
+from maxdnn.explore import BUDGETS
+from maxdnn.run_storage import RunStorage
 
 TINY = BUDGETS["tiny"]
 ARGS = ["--budget", "tiny", "--approach", "filter"]
@@ -48,10 +49,10 @@ def one_worker(tmp_path_factory):
 
 
 def trials(run, storage=None):
-    ex = Explorer.reader(run)
+    store = RunStorage.of_run(run)
     if storage:
-        ex.storage_url = storage
-    return ex.points(["filter"])
+        store = RunStorage(storage, store.scope)
+    return store.points(["filter"])
 
 
 def test_three_workers_on_postgres_equal_one_worker(one_worker, pg_url, tmp_path):
@@ -134,14 +135,14 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(pg_url, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     pts = trials(tmp_path / "b")
     sweep = [p["genome"] for p in pts if p["source"] == "sweep"]
-    ex = Explorer.reader(tmp_path / "b")
+    store = RunStorage.of_run(tmp_path / "b")
     lib = json.loads((tmp_path / "b" / "run.json").read_text())["library"]
     assert len(sweep) == len(set(sweep)) == len(lib) * len(TINY.sweep_fractions)  # nothing lost or repeated
     assert sum(p["source"] == "nsga2" for p in pts) == TINY.nsga_trials
     with engine.connect() as c:
         assert c.execute(sa.text("select count(*) from maxdnn_units where state <> 'done'")).scalar() == 0
     engine.dispose()
-    assert ex.scope  # a shared server: the exploration's studies carry its scope
+    assert store.scope  # a shared server: the exploration's studies carry its scope
 
 
 def test_unreachable_server_is_one_line_within_seconds(tmp_path):

@@ -508,7 +508,7 @@ def explore(
     res = ex.resilience()
     _add_wall_seconds(out, time.time() - t0, resilience=", ".join(
         f"{k} {v:.2f}" for k, v in zip(["layers", "filter bins", "kernel bins"], res["validation"])))
-    path = write_report(out, ex)
+    path = write_report(out, ex.store)
     typer.echo(path.read_text())
 
 
@@ -612,9 +612,9 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory of maxdnn exp
     if not (run_dir / "run.json").exists():
         fail(f"{run_dir}: not an exploration run (no run.json)")
     try:
-        from .explore import Explorer
+        from .run_storage import RunStorage
 
-        path = write_report(run_dir, Explorer.reader(run_dir))
+        path = write_report(run_dir, RunStorage.of_run(run_dir))
     except (ReportError, ValueError) as e:
         fail(str(e))
     from .report import read_points

@@ -48,15 +48,13 @@ from .data import validation_split
 from .energy import energy_table, hardware_table, network_energy, with_per_layer
 from .error_metrics import error_metrics
 from .explore_resilience import resilience
-from .explore_search import nsga, point_attrs, sweep
+from .explore_search import nsga, sweep
 from .explore_testset import evaluate_front
+from .front import APPROACHES
 from .multipliers import get_multiplier, roup_specs
 from .graph import QuantizedGraph
-from .work_units import WorkUnits
+from .run_storage import RunStorage
 from .workload import Workload, describe_data
-
-APPROACHES = ("layer", "filter", "kernel", "alwann")
-
 
 @dataclass
 class Budget:
@@ -115,36 +113,8 @@ class Explorer:
         self.log = log
         self.progress = progress
         self.storage_arg = storage  # None: SQLite in RUN_DIR, recorded relative so that the folder can move
-        self.storage_url = storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
-        self._check_storage()
+        self.store = RunStorage.for_run(self.run_dir, storage)  # its scope is set once the run is known
         self._setup()
-
-    def _check_storage(self) -> None:
-        """Open the storage before any work: a bad URL, a missing driver or an unreachable server is one line."""
-        try:
-            self._storage()
-        except ModuleNotFoundError as e:
-            hint = " (install maxdnn[postgres] for PostgreSQL)" if "postgres" in self.storage_url else ""
-            raise ValueError(f"--storage {self.storage_url}: no database driver '{e.name}'{hint}") from None
-        except Exception as e:  # noqa: BLE001 - SQLAlchemy's many connection errors, in one line
-            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise ValueError(f"--storage {self.storage_url}: cannot open the study storage ({msg})") from None
-
-    @classmethod
-    def reader(cls, run_dir: str | os.PathLike) -> "Explorer":
-        """An explorer that only reads a finished or running run's points (no data, no model)."""
-        run_dir = Path(run_dir)
-        ex = cls.__new__(cls)
-        ex.run_dir = run_dir
-        stored = json.loads((run_dir / "run.json").read_text()).get("storage")
-        if stored in (None, "study.db"):
-            db = run_dir / "study.db"
-            if not db.exists():
-                raise ValueError(f"{db}: the run's study database is missing")
-            stored = f"sqlite:///{db.resolve()}"
-        ex.storage_url = stored
-        ex.scope = json.loads((run_dir / "run.json").read_text()).get("scope", "")
-        return ex
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -197,10 +167,8 @@ class Explorer:
         ident.update(model=Path(str(info["model"])).name, data=Path(str(info["data"])).name)
         info["scope"] = "" if self.storage_arg is None else hashlib.sha256(
             json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
-        self.scope = info["scope"]
-        self.units = WorkUnits(self.storage_url, self.scope, self._engine_kwargs())
-        if self.storage_arg is None:  # RUN_DIR's own database has one worker: claims left are an interrupted run's
-            self.units.release_all_claims()
+        self.store.scope = info["scope"]
+        self.units = self.store.work_units()
         self.info = info
         write_json(run_json, info)
 
@@ -301,38 +269,7 @@ class Explorer:
         parts = [f"{n}={s}" + (f"@{f:g}" if f < 1 else "") for n, (s, f) in genome.items() if s != "exact" and f > 0]
         return "; ".join(parts) if parts else "all exact"
 
-    # ------------------------------------------------------------------ searches
-    def _engine_kwargs(self) -> dict:
-        if self.storage_url.startswith("sqlite:///"):
-            return {"creator": _sqlite_connector(self.storage_url[len("sqlite:///"):])}
-        return {"connect_args": {"connect_timeout": 5}} if self.storage_url.startswith("postgres") else {}
-
-    def _storage(self):
-        """The Optuna storage (one per explorer: each opening is a connection and a schema check)."""
-        import optuna
-
-        if getattr(self, "_rdb", None) is None:
-            # no Optuna heartbeats: a dead worker's unit is retried through maxdnn.work_units, and the trial it
-            # left RUNNING is never counted (only COMPLETE trials are points)
-            self._rdb = optuna.storages.RDBStorage(self.storage_url, engine_kwargs=self._engine_kwargs())
-        return self._rdb
-
-    def study_name(self, name: str) -> str:
-        """``name`` within this exploration's scope (a shared server may hold several explorations)."""
-        return f"{self.scope}/{name}" if getattr(self, "scope", "") else name
-
-    def study(self, name: str, sampler=None):
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(study_name=self.study_name(name), storage=self._storage(), directions=["maximize", "maximize"],
-                                    sampler=sampler, load_if_exists=True)
-        if self.storage_arg is None:
-            # RUN_DIR's own database, one worker: trials left RUNNING belong to an interrupted process
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-                study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        return study
-
+    # ------------------------------------------------------------------ progress
     phase = ""  # "[k/n] " while run_exploration runs
 
     def progress_bar(self, desc: str, total: int):
@@ -340,40 +277,6 @@ class Explorer:
         from tqdm import tqdm
 
         return tqdm(desc=self.phase + desc, total=total, disable=not self.progress, leave=True, mininterval=1)
-
-    # ------------------------------------------------------------------ points and test evaluation
-    def points(self, approaches=APPROACHES) -> list[dict]:
-        import optuna
-
-        out = []
-        for ap in approaches:
-            for kind in ("sweep", "nsga2"):
-                try:
-                    study = optuna.load_study(study_name=self.study_name(f"{ap}-{kind}"), storage=self._storage())
-                except KeyError:
-                    continue
-                for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-                    u = point_attrs(t)
-                    out.append({"approach": ap, "source": kind, "trial": t.number, "summary": u["summary"],
-                                "genome": u["genome"], "granularity": u.get("granularity", ""),
-                                "val_accuracy": u["val_accuracy"], "val_loss": u["val_loss"],
-                                "energy": u["energy"], "energy_gain": u["energy_gain"]})
-        return out
-
-
-def _sqlite_connector(path: str):
-    """Connections to a run's SQLite database in write-ahead-log mode with normal synchronisation: a commit
-    is a write, not a disk flush (about 20x faster; an exploration commits thousands of times). Committed
-    work survives a killed process; a power loss may lose the last commits, never the database."""
-    import sqlite3
-
-    def connect():
-        c = sqlite3.connect(path, timeout=60, check_same_thread=False)
-        c.execute("PRAGMA journal_mode=WAL")
-        c.execute("PRAGMA synchronous=NORMAL")
-        return c
-
-    return connect
 
 
 def run_exploration(explorer: Explorer, approaches=APPROACHES, finetune=None) -> dict:

@@ -92,7 +92,7 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
     exact = Assignment.uniform(explorer.q, "exact")
     by_key = {"exact": (exact, [])}
     for ap in approaches:
-        for p in finetune_candidates(explorer.points([ap]), base_val, fb):
+        for p in finetune_candidates(explorer.store.points([ap]), base_val, fb):
             a = explorer.build(ap, {k: tuple(v) for k, v in json.loads(p["genome"]).items()}, res)
             key = assignment_key(a)
             by_key.setdefault(key, (a, []))[1].append(point_key(p))

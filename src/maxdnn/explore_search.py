@@ -20,14 +20,9 @@ import json
 import numpy as np
 
 from .front import pareto_front
+from .run_storage import point_attrs
 
 FRACTION_STEP = 0.125  # the fractions NSGA-II chooses from: multiples of this
-
-
-def point_attrs(trial) -> dict:
-    """A told trial's attributes: one ``point`` attribute, or (runs made before it) one attribute each."""
-    u = trial.user_attrs
-    return {**u, **u["point"]} if "point" in u else u
 
 
 def _record_many(explorer, study, asked: list, approach: str, source: str, res: dict) -> None:
@@ -45,7 +40,7 @@ def sweep(explorer, approach: str, res: dict) -> None:
     """Every (configuration, fraction) of the grid once: each point is a unit (shared by workers)."""
     import optuna
 
-    study = explorer.study(f"{approach}-sweep", optuna.samplers.RandomSampler(seed=explorer.seed))
+    study = explorer.store.study(f"{approach}-sweep", optuna.samplers.RandomSampler(seed=explorer.seed))
     fractions = explorer.budget.sweep_fractions
     grid = {f"sweep|{approach}|{s}|{float(f):g}": (s, float(f)) for s in explorer.library for f in fractions}
     layers = list(explorer.q.layers)
@@ -84,7 +79,7 @@ def nsga(explorer, approach: str, res: dict) -> None:
     import optuna
 
     sampler = optuna.samplers.NSGAIISampler(population_size=explorer.budget.population, seed=explorer.seed)
-    study = explorer.study(f"{approach}-nsga2", sampler)
+    study = explorer.store.study(f"{approach}-nsga2", sampler)
     if approach == "alwann":
         choices = explorer.alwann_choices()
     else:
@@ -140,6 +135,6 @@ def nsga(explorer, approach: str, res: dict) -> None:
 
 def _seed_genomes(explorer, approach: str) -> list[dict]:
     source = "layer" if approach == "alwann" else approach
-    front = pareto_front([p for p in explorer.points([source]) if p["source"] == "sweep"])
+    front = pareto_front([p for p in explorer.store.points([source]) if p["source"] == "sweep"])
     # most accurate first
     return [{k: tuple(v) for k, v in json.loads(p["genome"]).items()} for p in sorted(front, key=lambda p: -p["val_accuracy"])]

@@ -29,7 +29,7 @@ def evaluate_front(explorer, approaches, res: dict) -> None:
     chosen: dict[str, tuple[Assignment, list[str]]] = {}  # unit -> (assignment, its points' keys)
     base_val = explorer.info["baseline"]["val_accuracy"]
     for ap in approaches:
-        front = pareto_front(explorer.points([ap]))
+        front = pareto_front(explorer.store.points([ap]))
         picked = {id(p) for p in test_selection(front, base_val, explorer.budget.test_points)}
         for p in front:
             genome = {k: tuple(v) for k, v in json.loads(p["genome"]).items()}

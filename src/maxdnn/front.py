@@ -1,7 +1,7 @@
 """Validation-Pareto fronts of explored points, and the points read from them.
 
 A point is a dict with at least ``approach``, ``genome``, ``val_accuracy`` and
-``energy_gain`` (``Explorer.points``). The report's table reads each front at
+``energy_gain`` (``RunStorage.points``). The report's table reads each front at
 ``THRESHOLDS``; the test-set stage measures the table's points first, then
 points spread evenly in gain.
 """
@@ -12,6 +12,7 @@ import hashlib
 
 import numpy as np
 
+APPROACHES = ("layer", "filter", "kernel", "alwann")  # the exploration's approaches, in report order
 THRESHOLDS = (0.5, 1.0, 2.0, 4.0)  # validation accuracy losses (points) the report's table is read at
 
 

@@ -62,7 +62,7 @@ def _row(ap: str, p: dict, measured: dict, base: dict, finetuned: bool) -> dict:
     }
 
 
-def write_points(run_dir: Path, explorer) -> Path:
+def write_points(run_dir: Path, store) -> Path:
     """Every evaluated point (``finetuned`` = 0), and every fine-tuned one again with its numbers after
     fine-tuning (``finetuned`` = 1); ``on_front``: on its approach's validation front, fine-tuned points
     among fine-tuned ones. Losses are against the exact int8 model as quantized (not fine-tuned)."""
@@ -72,7 +72,7 @@ def write_points(run_dir: Path, explorer) -> Path:
     tests = json.loads((run_dir / "test_eval.json").read_text()) if (run_dir / "test_eval.json").exists() else {}
     ft = read_finetune(run_dir)
     rows = []
-    pts = explorer.points()
+    pts = store.points()
     for ap in sorted({p["approach"] for p in pts}):
         mine = [p for p in pts if p["approach"] == ap]
         before = [_row(ap, p, tests.get(point_key(p), {}), base, False) for p in mine]
@@ -256,13 +256,15 @@ def _finetune_section(rows: list[dict], run_dir: Path, base: dict, noise: float)
     return lines + _threshold_table(best_at_thresholds(rows, finetuned=True), noise)
 
 
-def write_report(run_dir: str | os.PathLike, explorer=None) -> Path:
+def write_report(run_dir: str | os.PathLike, store=None) -> Path:
+    """points.csv from ``store`` (the run's ``RunStorage``; None: the points.csv there), then the plot and
+    report.md."""
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").exists():
         raise ReportError(f"{run_dir}: not an exploration run (no run.json)")
     info = json.loads((run_dir / "run.json").read_text())
-    if explorer is not None:
-        write_points(run_dir, explorer)
+    if store is not None:
+        write_points(run_dir, store)
     if not (run_dir / "points.csv").exists():
         raise ReportError(f"{run_dir}: no points.csv and no study to read")
     rows = read_points(run_dir / "points.csv")
