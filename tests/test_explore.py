@@ -414,6 +414,19 @@ def test_rerun_of_a_finished_run_adds_to_its_wall_time(finished_run, tmp_path):
     assert 1000 < wall < 1300 and f"exploration wall time: {wall:.0f} s" in (run / "report.md").read_text()
 
 
+def test_spread_in_gain_takes_the_ends_then_halves_the_largest_gaps():
+    from maxdnn.front import spread_in_gain
+
+    front = [{"energy_gain": g} for g in (0.0, 0.1, 0.15, 0.2, 0.3, 0.5, 0.9)]
+    gains = lambda pts: [p["energy_gain"] for p in pts]  # noqa: E731
+    assert gains(spread_in_gain(front, 1)) == [0.9]
+    assert gains(spread_in_gain(front, 2)) == [0.0, 0.9]
+    assert gains(spread_in_gain(front, 3)) == [0.0, 0.5, 0.9]  # nearest 0.45, the middle of the gap
+    assert gains(spread_in_gain(front, 4)) == [0.0, 0.3, 0.5, 0.9]  # 0.2 and 0.3 both 0.2 away: the larger gain
+    assert gains(spread_in_gain(front, 3, [front[2]])) == [0.0, 0.15, 0.9]  # chosen first, then the ends
+    assert spread_in_gain(front, 7) == front and spread_in_gain(front, 9) == front
+
+
 def test_test_selection_keeps_the_cited_points_and_spreads_the_rest():
     from maxdnn.front import THRESHOLDS, test_selection
 

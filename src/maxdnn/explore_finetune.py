@@ -5,8 +5,8 @@ fine-tuned with their assignment fixed (``maxdnn.finetune``) and measured
 again, on validation and on test, through the integer engine. Which points:
 per approach, up to ``points`` of the validation front within
 ``max_val_loss_pts`` of the exact baseline (fine-tuning recovers several
-points, not tens): the largest gain, and those nearest to evenly spaced gains
-below it. Everything is chosen on validation, as in the search. Identical
+points, not tens), spread in gain as the test-set stage spreads its picks
+(``maxdnn.front.spread_in_gain``): both ends, then halving the largest gaps. Everything is chosen on validation, as in the search. Identical
 assignments (layer-level and ALWANN-style often share points) are fine-tuned
 once. The exact model is fine-tuned the same way: it is the fair baseline
 (a gain bought by extra training of the exact model is not a gain from
@@ -29,13 +29,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .approx import ApproxNetwork, Assignment, assignment_key
 from .atomic import write_json
 from .data import training_sample
 from .finetune import check_finetunable, finetune
-from .front import pareto_front, point_key
+from .front import pareto_front, point_key, spread_in_gain
 from .graph import QuantizedGraph
 
 
@@ -60,14 +58,7 @@ def finetune_candidates(points: list[dict], base_val_accuracy: float, fb: Finetu
     """The validation-Pareto points of one approach to fine-tune (module docstring), by increasing gain."""
     front = [p for p in pareto_front(points) if p["energy_gain"] > 0
              and 100 * (base_val_accuracy - p["val_accuracy"]) <= fb.max_val_loss_pts + 1e-9]
-    if len(front) <= fb.points:
-        return front
-    gains = np.array([p["energy_gain"] for p in front])
-    picks = {len(front) - 1}  # the largest gain, then the points nearest to evenly spaced gains below it
-    for target in np.linspace(gains[-1], gains[0], fb.points)[1:]:
-        free = [i for i in range(len(front)) if i not in picks]
-        picks.add(min(free, key=lambda i: (abs(gains[i] - target), -i)))
-    return [front[i] for i in sorted(picks)]
+    return spread_in_gain(front, fb.points)
 
 
 def _accuracy(g: QuantizedGraph, a: Assignment, split) -> float:

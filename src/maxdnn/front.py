@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 
 APPROACHES = ("layer", "filter", "kernel", "alwann")  # the exploration's approaches, in report order
 THRESHOLDS = (0.5, 1.0, 2.0, 4.0)  # validation accuracy losses (points) the report's table is read at
@@ -42,30 +41,29 @@ def largest_gain_within(front: list[dict], loss_pts, threshold: float) -> dict |
 def test_selection(front: list[dict], base_val_accuracy: float, cap: int) -> list[dict]:
     """The front points measured on the test set: all when ``cap`` is 0 or the front is no larger; else the
     points the report's table cites (largest gain within each of ``THRESHOLDS`` validation points), then
-    points evenly spread in gain, up to ``cap``."""
+    points spread in gain (``spread_in_gain``), up to ``cap``."""
     if cap <= 0 or len(front) <= cap:
         return list(front)
-    picked: dict[int, dict] = {}  # by id: the same point may be cited at several thresholds
+    cited = []
     for t in THRESHOLDS:
         best = largest_gain_within(front, lambda p: 100 * (base_val_accuracy - p["val_accuracy"]), t)
         if best is not None:
-            picked.setdefault(id(best), best)
-    by_gain = sorted(front, key=lambda p: p["energy_gain"])
-    for i in _spread_order(len(by_gain)):
-        if len(picked) >= cap:
-            break
-        picked.setdefault(id(by_gain[i]), by_gain[i])
-    return list(picked.values())
+            cited.append(best)
+    return spread_in_gain(front, cap, cited)
 
 
-def _spread_order(n: int) -> list[int]:
-    """The indices 0..n-1 in an order that spreads picks evenly: the ends first, then halving the gaps."""
-    order, seen = [], set()
-    k = 1
-    while len(order) < n:
-        for i in np.round(np.linspace(0, n - 1, k + 1)).astype(int):
-            if int(i) not in seen:
-                seen.add(int(i))
-                order.append(int(i))
-        k *= 2
-    return order
+def spread_in_gain(front: list[dict], k: int, chosen: list[dict] = ()) -> list[dict]:
+    """``k`` points of ``front`` (sorted by gain), in its order: every ``chosen`` point, then its two ends
+    (largest gain first), then again and again the point farthest in gain from all picked ones (ties: the
+    larger gain), which halves the largest gap each time. All of ``front`` when ``k`` reaches its size."""
+    if k >= len(front):
+        return list(front)
+    gains = [p["energy_gain"] for p in front]
+    picks = list(dict.fromkeys(i for i, p in enumerate(front) if any(p is c for c in chosen)))
+    for i in (len(front) - 1, 0):
+        if len(picks) < k and i not in picks:
+            picks.append(i)
+    while len(picks) < k:
+        free = [i for i in range(len(front)) if i not in picks]
+        picks.append(max(free, key=lambda i: (min(abs(gains[i] - gains[j]) for j in picks), i)))
+    return [front[i] for i in sorted(picks)]
