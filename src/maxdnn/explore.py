@@ -24,8 +24,9 @@ own units, run in order by ``run_exploration``:
 - test-set numbers of the validation-Pareto points (``maxdnn.explore_testset``);
 - optionally, fine-tuning of front points (``maxdnn.explore_finetune``).
 
-Every evaluated point is stored as it completes (Optuna storage, SQLite in
-RUN_DIR by default); rerunning resumes without redoing finished points.
+Every evaluated point is stored as it completes (``maxdnn.run_storage``:
+Optuna studies and work units, SQLite in RUN_DIR by default); rerunning
+resumes without redoing finished points.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from .multipliers import get_multiplier, roup_specs
 from .graph import QuantizedGraph
 from .run_storage import RunStorage
 from .workload import Workload, describe_data
+
 
 @dataclass
 class Budget:
