@@ -321,8 +321,9 @@ class LayerPlan:
             if mask is not None:
                 raise AssertionError("dense expansion is only used with several transforms")
         elif self.disjoint:
-            # one convolution per group over its own filters (together one exact convolution's arithmetic;
-            # on the CPU oneDNN pads each to 16 output channels), the outputs written to their filters' places
+            # one convolution per group over its own filters (together one exact convolution's arithmetic, but
+            # each one reads its own rounded copy of the input: a convolution over 1-8 filters costs nearly as
+            # much as over 16), the outputs written to their filters' places
             self.sub = []  # (filter indices, weights, accumulator bound) per group
             for g in groups:
                 wg = g.weight[g.filters]
