@@ -14,6 +14,8 @@ are per assignment, scaled to the full image count. Every approximate run is che
 bit-exact against the integer reference engine on a few images first.
 Prints each time and its ratio to exact float inference (PyTorch defaults);
 on the CPU the float model on channels_last tensors is timed too, for reference.
+Freed buffers are kept for reuse (``maxdnn.allocator``, as the command line
+does), for every case alike; ``--fresh-mappings`` leaves the allocator as it is.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from maxdnn.allocator import keep_freed_memory
 from maxdnn.approx import ApproxNetwork, Assignment, filter_assignment, kernel_assignment, layer_assignment, logits_shared
 from maxdnn.data import load_cifar10
 from maxdnn.graph import QuantizedGraph
@@ -59,7 +62,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default=None, help="zoo name, .pt, .h5 or .pt2 (default resnet8)")
     ap.add_argument("--quantized", help="A saved quantized graph (.npz) instead of calibrating on the train split.")
+    ap.add_argument("--fresh-mappings", action="store_true",
+                    help="leave the C allocator as it is (default: keep freed buffers, as the command line does)")
     args = ap.parse_args()
+    kept = not args.fresh_mappings and keep_freed_memory()
     dev = args.device
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -157,7 +163,8 @@ def main():
                  float(np.mean([(p == sub.labels).mean() for p in p2])), len(sub)))
 
     dev_name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{len(imgs)} test images of {args.data}, batch {args.batch_size}, {dev_name}, torch {torch.__version__}")
+    print(f"\n{len(imgs)} test images of {args.data}, batch {args.batch_size}, {dev_name}, torch {torch.__version__}, "
+          f"freed buffers {'kept' if kept else 'unmapped'}")
     print(f"{'case':70s} {'seconds':>9s} {'x float':>8s} {'accuracy':>9s} {'images':>7s}")
     for name, t, acc, n in rows:
         print(f"{name:70s} {t:9.3f} {t / t_float:8.2f} {acc:9.4f} {n:7d}")

@@ -29,6 +29,9 @@ def _root(_: bool = typer.Option(False, "--version", callback=_version, is_eager
               None, "--multiplier-dir", envvar="MAXDNN_MULTIPLIERS",
               help="User library of imported multipliers (default ~/.local/share/maxdnn/multipliers).")) -> None:
     """Approximate multipliers in quantized DNNs (MAx-DNN)."""
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()  # batches reuse freed buffers instead of faulting fresh mappings in (maxdnn.allocator)
     if multiplier_dir is not None:
         import os
 
