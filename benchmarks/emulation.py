@@ -164,7 +164,7 @@ def main():
 
     dev_name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{len(imgs)} test images of {args.data}, batch {args.batch_size}, {dev_name}, torch {torch.__version__}, "
-          f"freed buffers {'kept' if kept else 'unmapped'}")
+          f"freed buffers {'kept for reuse' if kept else 'left to the allocator'}")
     print(f"{'case':70s} {'seconds':>9s} {'x float':>8s} {'accuracy':>9s} {'images':>7s}")
     for name, t, acc, n in rows:
         print(f"{name:70s} {t:9.3f} {t / t_float:8.2f} {acc:9.4f} {n:7d}")

@@ -6,9 +6,10 @@ again, on validation and on test, through the integer engine. Which points:
 per approach, up to ``points`` of the validation front within
 ``max_val_loss_pts`` of the exact baseline (fine-tuning recovers several
 points, not tens), spread in gain as the test-set stage spreads its picks
-(``maxdnn.front.spread_in_gain``): both ends, then halving the largest gaps. Everything is chosen on validation, as in the search. Identical
-assignments (layer-level and ALWANN-style often share points) are fine-tuned
-once. The exact model is fine-tuned the same way: it is the fair baseline
+(``maxdnn.front.spread_in_gain``): both ends, then halving the largest gaps.
+Everything is chosen on validation, as in the search. Identical assignments
+(layer-level and ALWANN-style often share points) are fine-tuned once. The
+exact model is fine-tuned the same way: it is the fair baseline
 (a gain bought by extra training of the exact model is not a gain from
 approximation).
 
