@@ -197,3 +197,74 @@ def test_compiled_rounding_equals_round_at(rng, stacked):
     round_stack(x.astype(np.float32), bits, out)
     for t in bits:
         assert np.array_equal(out[t], round_at(x, int(t)).astype(np.float32)), t
+
+
+@pytest.mark.parametrize("geom", GEOMETRY + [(1, 5, 2, (2, 2, 2, 2)), (2, 3, 1, (1, 1, 1, 1))],
+                         ids=lambda g: f"s{g[0]}k{g[1]}p{g[3]}")
+def test_transform_conv_kernel_matches_integer_loops(rng, geom):
+    """The compiled transform convolution, every kernel reading its own transform slot (R_t roundings, the
+    identity and arbitrary tables), signed and unsigned operands, for any number of images laid out together,
+    against explicit per-kernel, per-tap integer sums."""
+    from maxdnn._transform_conv import ROUND_TABLE, chunk_images, transform_conv
+    from maxdnn.multipliers import round_at
+
+    stride, k, _, pads = geom
+    left, right, top, bottom = pads
+    for x_min in (0, -128):
+        x = rng.integers(x_min, 256 + x_min, (5, 6, 9, 8))
+        x[0, :, 0] = 255 + x_min  # extremes on the padding border
+        x[1, :, :, -1] = x_min
+        w = rng.integers(-128, 128, (7, 6, k, k))
+        bits = np.array([0, 3, 7, ROUND_TABLE, 1, ROUND_TABLE], dtype=np.int64)
+        tables = rng.integers(-300, 300, (len(bits), 256)).astype(np.float32)
+        tables[:, -x_min] = 0  # transforms keep padding zero
+        kslot = rng.integers(0, len(bits), (7, 6))
+
+        def transformed(s, v):
+            return round_at(v, int(bits[s])) if bits[s] >= 0 else tables[s][v - x_min].astype(np.int64)
+
+        oh, ow = (9 + top + bottom - k) // stride + 1, (8 + left + right - k) // stride + 1
+        ref = np.zeros((5, 7, oh, ow), dtype=np.int64)
+        for f in range(7):
+            for c in range(6):
+                xp = np.pad(transformed(kslot[f, c], x[:, c]), ((0, 0), (top, bottom), (left, right)))
+                for i in range(oh):
+                    for j in range(ow):
+                        ref[:, f, i, j] += (xp[:, i * stride:i * stride + k, j * stride:j * stride + k]
+                                            * w[f, c]).sum((1, 2))
+        xs = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).astype(np.float32)
+        for chunk in sorted({1, 2, 3, chunk_images(oh, ow)}):
+            out = np.full((5, oh, ow, 7), np.nan, dtype=np.float32)
+            transform_conv(xs, bits, tables, x_min, kslot, w.reshape(7, -1).astype(np.float32), k, k, stride,
+                           np.array(pads, dtype=np.int64), chunk, out)
+            assert np.array_equal(out.transpose(0, 3, 1, 2), ref), (x_min, chunk)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "onednn"])
+@pytest.mark.parametrize("gran", ["layer", "filter", "kernel"])
+@pytest.mark.parametrize("geom", GEOMETRY, ids=lambda g: f"s{g[0]}k{g[1]}p{g[3]}")
+def test_layer_plan_each_path_matches_reference(rng, geom, gran, fused):
+    """Both CPU paths of separable emulation (the transform convolution, and oneDNN convolutions per group or
+    over stacked copies), for unsigned and signed operands, against the integer reference engine."""
+    stride, k, _, pads = geom
+    specs = SEPARABLE
+    for signed in (False, True):
+        mults = [get_multiplier(s, 8, signed) for s in specs]
+        lo = -128 if signed else 0
+        x = rng.integers(lo, lo + 256, (3, 5, 9, 9))
+        x[0, :, 0, :] = lo + 255
+        w = rng.integers(-128, 128, (7, 5, k, k))
+        amap = random_map(rng, gran, 7, 5, len(specs))
+        plan = LayerPlan(w, mults, amap, stride, pads, x_min=lo, x_max=lo + 255, fused=fused)
+        assert (plan.mode == "fused") == fused
+        ref = reference_conv(x, w, stride, pads, lambda f, c: mults[amap[f, c]])
+        assert np.array_equal(plan(torch.as_tensor(x)).to(torch.int64).numpy(), ref), signed
+
+
+def test_transform_conv_refuses_what_it_cannot_do_exactly(rng):
+    w = rng.integers(-32768, 32768, (4, 16, 3, 3))
+    mults = [get_multiplier(s, 16) for s in ("exact", "roup-p2r3")]
+    with pytest.raises(ValueError, match="2\\^24"):
+        LayerPlan(w, mults, rng.integers(0, 2, (4, 16)), 1, (1, 1, 1, 1), x_max=65535, fused=True)
+    plan = LayerPlan(w, mults, rng.integers(0, 2, (4, 16)), 1, (1, 1, 1, 1), x_max=65535)
+    assert plan.mode != "fused"  # chosen by default only where float32 is exact

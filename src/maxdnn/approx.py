@@ -9,11 +9,14 @@ kernel-level ones are arbitrary.
 x * w of kernel (f, c) is the assigned multiplier's product. Two paths:
 
 - operand-separable multipliers (product = f(x) * g(w), e.g. ROUP:
-  R_R(x) * R_2P(w)): kernels are grouped by their activation transform; per
-  group, one float convolution of the transformed activations with the
-  transformed weights of the group's kernels (zero elsewhere), over only the
-  filters the group touches. float32 is used only where the group's worst-case
-  |partial sum| is provably below 2^24, float64 otherwise;
+  R_R(x) * R_2P(w)): kernels are grouped by their activation transform. On the
+  CPU, a layer with several groups runs one compiled convolution that writes
+  each group's transformed copy of a few images at a time and computes every
+  filter from its kernels' copies (``_transform_conv``); otherwise (one group,
+  or on CUDA), per group, one float convolution of the transformed activations
+  with the transformed weights of the group's kernels (zero elsewhere), over
+  only the filters the group touches. float32 is used only where the
+  worst-case |partial sum| is provably below 2^24, float64 otherwise;
 - any lookup-table multiplier: a compiled numba kernel (CPU, parallel) or a
   torch gather (any device).
 
@@ -38,7 +41,8 @@ from .atomic import atomic_path, write_json
 from .multipliers import Multiplier, SpecError, get_multiplier, round_at
 from .graph import QuantizedGraph, pixel_rows
 from ._round_kernel import round_stack, scatter_channels
-from .quant import ACT_MAX, conv_out_hw, float_conv_exact, layer_bound
+from ._transform_conv import ROUND_TABLE, chunk_images, transform_conv
+from .quant import ACT_MAX, FLOAT32_EXACT, conv_out_hw, float_conv_exact, layer_bound
 
 ASSIGNMENT_FORMAT = "maxdnn-assignment-v1"
 
@@ -261,18 +265,26 @@ class _Group:
 class LayerPlan:
     """Precomputed emulation of one layer under one assignment.
 
-    Separable multipliers: kernels are grouped by activation transform. When
-    the groups touch disjoint sets of filters (layer- and filter-level
-    assignments), each group is one convolution over its own filters (total
-    cost: one exact convolution). Otherwise the transformed activations of all
-    groups are stacked along the channel axis and convolved once with the
-    stacked transformed weights (cost: one convolution per distinct
-    activation transform).
+    Separable multipliers: kernels are grouped by activation transform. On
+    the CPU, a layer with at least ``FUSED_MIN_GROUPS`` groups runs the
+    compiled transform convolution (``_transform_conv``): it writes each
+    group's transformed copy of a few images at a time and computes every
+    filter from its kernels' copies, at about twice one exact convolution's
+    time whatever the groups. Otherwise, when the groups touch disjoint sets
+    of filters (layer- and filter-level assignments), each group is one
+    oneDNN convolution over its own filters; when they do not, the
+    transformed activations of all groups are stacked along the channel axis
+    and convolved once with the stacked transformed weights (cost: one
+    convolution per distinct activation transform). ``fused`` forces the
+    choice (True/False); None chooses by the group count.
     """
 
+    FUSED_MIN_GROUPS = 2
+
     def __init__(self, w: np.ndarray, mults: list[Multiplier], amap: np.ndarray, stride: int, pads,
-                 device="cpu", x_min: int = 0, x_max: int = ACT_MAX, groups: int = 1):
+                 device="cpu", x_min: int = 0, x_max: int = ACT_MAX, groups: int = 1, fused: bool | None = None):
         self.stride, self.pads, self.conv_groups = stride, tuple(pads), groups
+        self.fused = fused
         amap = np.broadcast_to(np.asarray(amap, dtype=np.int64), w.shape[:2])
         used = np.unique(amap)
         self.separable = all(mults[i].separable for i in used)
@@ -292,8 +304,9 @@ class LayerPlan:
 
     def _plan_separable(self, w, mults, amap, used, x_min, x_max, mask=None):
         xs = np.arange(x_min, x_max + 1, dtype=np.int64)
-        groups = []
+        groups, group_of = [], {}
         for t, members in transform_groups(mults, used, xs):
+            group_of.update((i, len(groups)) for i in members)
             wt = np.zeros(w.shape, dtype=np.int64)
             for i in members:
                 sel = amap == i
@@ -315,6 +328,18 @@ class LayerPlan:
         zero_safe = all(g.round_bit is not None or int(g.x_table[-x_min]) == 0 for g in groups)
         left, r, t, b = self.pads
         self.prepad = zero_safe and not (left == r == t == b) and len(groups) > 1
+        per_f = sum(np.abs(g.weight).reshape(f_out, -1).sum(1) * g.x_max for g in groups)  # |partial sum| bound
+        if self._use_fused(zero_safe, int(per_f.max())):
+            self.fused_args = (
+                np.array([ROUND_TABLE if g.round_bit is None else g.round_bit for g in groups], dtype=np.int64),
+                np.stack([np.zeros(len(xs)) if g.x_table is None else g.x_table.cpu().numpy() for g in groups]
+                         ).astype(np.float32),
+                np.vectorize(group_of.__getitem__, otypes=[np.int64])(amap),
+                sum(g.weight for g in groups).reshape(f_out, -1).astype(np.float32),  # one group per kernel
+            )
+            self.kernel_hw = w.shape[2:]
+            self.mode = "fused"
+            return
         if len(groups) == 1:
             g = groups[0]
             self.mode, self.conv_args = "single", (torch.as_tensor(g.weight, device=dev), layer_bound(g.weight, g.x_max))
@@ -333,8 +358,28 @@ class LayerPlan:
         else:
             # stacked: [F, G*C, kh, kw] over the stacked transformed activations
             wcat = np.concatenate([g.weight for g in groups], axis=1)
-            per_f = sum(np.abs(g.weight).reshape(f_out, -1).sum(1) * g.x_max for g in groups)
             self.mode, self.conv_args = "stacked", (torch.as_tensor(wcat, device=dev), int(per_f.max()))
+
+    def _use_fused(self, zero_safe: bool, bound: int) -> bool:
+        """The compiled transform convolution: on the CPU, for transforms that keep padding zero and
+        partial sums exact in float32; by default from FUSED_MIN_GROUPS groups on."""
+        possible = self.device.type == "cpu" and zero_safe and bound < FLOAT32_EXACT and self.conv_groups == 1
+        if self.fused is None:
+            return possible and len(self.groups) >= self.FUSED_MIN_GROUPS
+        if self.fused and not possible:
+            raise ValueError("the transform convolution needs the CPU, transforms that map 0 to 0, "
+                             "partial sums below 2^24 and no grouped convolution")
+        return self.fused
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        bits, tables, kslot, w = self.fused_args
+        n, _, h, wd = x.shape
+        oh, ow = conv_out_hw((h, wd), self.kernel_hw, self.stride, self.pads)
+        xf = x if x.dtype == torch.float32 else x.to(torch.float32)
+        out = torch.empty((n, oh, ow, w.shape[0]), dtype=torch.float32)
+        transform_conv(xf.permute(0, 2, 3, 1).numpy(), bits, tables, self.x_min, kslot, w, *self.kernel_hw,
+                       self.stride, np.asarray(self.pads, dtype=np.int64), chunk_images(oh, ow), out.numpy())
+        return out.permute(0, 3, 1, 2)  # channels_last
 
     def _plan_lut(self, w, mults, amap, used):
         if any(m.bits > 8 for m in mults):
@@ -348,7 +393,7 @@ class LayerPlan:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Exact accumulators for integer-valued x (any dtype); a float or int64 tensor of integers."""
         if self.separable:
-            return self._separable(x)
+            return self._fused(x) if self.mode == "fused" else self._separable(x)
         xi = x.to(torch.int64)
         outs = []
         fg, cg = self.w.shape[0] // self.conv_groups, self.w.shape[1]
