@@ -10,13 +10,14 @@ x * w of kernel (f, c) is the assigned multiplier's product. Two paths:
 
 - operand-separable multipliers (product = f(x) * g(w), e.g. ROUP:
   R_R(x) * R_2P(w)): kernels are grouped by their activation transform. On the
-  CPU, a layer with several groups runs one compiled convolution that writes
-  each group's transformed copy of a few images at a time and computes every
-  filter from its kernels' copies (``_transform_conv``); otherwise (one group,
-  or on CUDA), per group, one float convolution of the transformed activations
-  with the transformed weights of the group's kernels (zero elsewhere), over
-  only the filters the group touches. float32 is used only where the
-  worst-case |partial sum| is provably below 2^24, float64 otherwise;
+  CPU, a layer with three groups or more runs one compiled convolution that
+  writes each group's transformed copy of a few images at a time and computes
+  every filter from its kernels' copies (``_transform_conv``); otherwise (one
+  or two groups, or on CUDA), per group, one float convolution of the
+  transformed activations with the transformed weights of the group's kernels
+  (zero elsewhere), over only the filters the group touches. float32 is used
+  only where the worst-case |partial sum| is provably below 2^24, float64
+  otherwise;
 - any lookup-table multiplier: a compiled numba kernel (CPU, parallel) or a
   torch gather (any device).
 
@@ -270,16 +271,18 @@ class LayerPlan:
     compiled transform convolution (``_transform_conv``): it writes each
     group's transformed copy of a few images at a time and computes every
     filter from its kernels' copies, at about twice one exact convolution's
-    time whatever the groups. Otherwise, when the groups touch disjoint sets
-    of filters (layer- and filter-level assignments), each group is one
-    oneDNN convolution over its own filters; when they do not, the
-    transformed activations of all groups are stacked along the channel axis
-    and convolved once with the stacked transformed weights (cost: one
-    convolution per distinct activation transform). ``fused`` forces the
+    time whatever the groups. (With two groups oneDNN's convolutions cost
+    about the same in total: faster on layers of many channels and few
+    pixels, slower on strided ones, so they stay.) Otherwise, when the
+    groups touch disjoint sets of filters (layer- and filter-level
+    assignments), each group is one oneDNN convolution over its own filters;
+    when they do not, the transformed activations of all groups are stacked
+    along the channel axis and convolved once with the stacked transformed
+    weights (cost: one convolution per distinct activation transform). ``fused`` forces the
     choice (True/False); None chooses by the group count.
     """
 
-    FUSED_MIN_GROUPS = 2
+    FUSED_MIN_GROUPS = 3
 
     def __init__(self, w: np.ndarray, mults: list[Multiplier], amap: np.ndarray, stride: int, pads,
                  device="cpu", x_min: int = 0, x_max: int = ACT_MAX, groups: int = 1, fused: bool | None = None):
