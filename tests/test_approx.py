@@ -199,7 +199,8 @@ def test_compiled_rounding_equals_round_at(rng, stacked):
         assert np.array_equal(out[t], round_at(x, int(t)).astype(np.float32)), t
 
 
-@pytest.mark.parametrize("geom", GEOMETRY + [(1, 5, 2, (2, 2, 2, 2)), (2, 3, 1, (1, 1, 1, 1))],
+@pytest.mark.parametrize("geom", GEOMETRY + [(1, 5, 2, (2, 2, 2, 2)), (2, 3, 1, (1, 1, 1, 1)), (1, 3, None, (2, 0, 0, 2)),
+                                  (1, 3, None, (3, 3, 0, 1))],
                          ids=lambda g: f"s{g[0]}k{g[1]}p{g[3]}")
 def test_transform_conv_kernel_matches_integer_loops(rng, geom):
     """The compiled transform convolution, every kernel reading its own transform slot (R_t roundings, the

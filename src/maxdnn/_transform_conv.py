@@ -8,7 +8,8 @@ transform's copy of them once (small enough to stay in the cache) and computes e
 copies, so a layer costs about the same whatever the number of groups or who uses which.
 
 Layout, per chunk of images and per input channel: the zero-padded images stacked into one tall plane
-(``stride`` x ``stride`` phase planes for strided convolutions), flattened row by row. Each filter's output
+(``stride`` x ``stride`` phase planes for strided convolutions), flattened row by row; at stride 1 the
+padding after a row or an image doubles as the padding before the next. Each filter's output
 is then, for every (channel, tap) term, one long vector loop ``acc[p] += plane[p + offset] * weight``; nine
 terms are summed per pass to keep the accumulator's loads and stores few. Outputs that fall on padding
 columns or between images are computed and dropped.
@@ -43,14 +44,20 @@ def transform_conv(x, slot_bits, slot_tables, x_min, kslot, w, kh, kw, stride, p
     oh_n, ow_n = out.shape[1], out.shape[2]
     st = stride
     pl, pr, pt, pb = pads[0], pads[1], pads[2], pads[3]
-    ro = (pt + h_n + pb + st - 1) // st  # plane rows per image
-    wq = (pl + w_n + pr + st - 1) // st  # plane row length
+    if st == 1:
+        # padding shared between neighbours: the zeros after a row (an image) are the left (top) padding of
+        # the next, wherever the outputs of a row (an image) still fit in it
+        ro = h_n + (max(pt, pb) if min(pt, pb) <= kh - 1 else pt + pb)  # plane rows per image
+        wq = w_n + (max(pl, pr) if min(pl, pr) <= kw - 1 else pl + pr)  # plane row length
+    else:
+        ro = (pt + h_n + pb + st - 1) // st
+        wq = (pl + w_n + pr + st - 1) // st
     t_n = c_n * kh * kw
     n_chunks = (n_n + chunk - 1) // chunk
     for ch in prange(n_chunks):
         n0 = ch * chunk
         b_n = min(chunk, n_n - n0)
-        plane = (b_n * ro + (kh - 1) // st + 2) * wq  # rows the taps reach, and a row of slack
+        plane = (b_n * ro + (pt + pb + kh) // st + 2) * wq  # rows the taps reach, and a row of slack
         cs = st * st * plane  # one channel's phase planes
         ss = c_n * cs  # one slot
         raw = np.zeros(ss, dtype=np.float32)
