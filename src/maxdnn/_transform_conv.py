@@ -30,7 +30,8 @@ def chunk_images(out_h: int, out_w: int, pixels: int = 512) -> int:
 
 
 @njit(parallel=True, fastmath={"contract"}, cache=True)
-def transform_conv(x, slot_bits, slot_tables, x_min, kslot, w, kh, kw, stride, pads, chunk, out):  # pragma: no cover - compiled
+def transform_conv(x, slot_bits, slot_tables, x_min, kslot, w,  # pragma: no cover - compiled
+                   kh, kw, stride, pads, chunk, out):
     """out[n, i, j, f] = sum over c, di, dj of T_kslot[f,c](xpad[n, c, i*stride + di, j*stride + dj]) * w[f, k].
 
     x: [N, H, W, C] float32 of integers (any strides); slot_bits: int64 [S], per transform slot t >= 0 for

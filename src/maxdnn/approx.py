@@ -278,8 +278,9 @@ class LayerPlan:
     assignments), each group is one oneDNN convolution over its own filters;
     when they do not, the transformed activations of all groups are stacked
     along the channel axis and convolved once with the stacked transformed
-    weights (cost: one convolution per distinct activation transform). ``fused`` forces the
-    choice (True/False); None chooses by the group count.
+    weights (cost: one convolution per distinct activation transform).
+    ``fused`` forces the choice (True/False); None chooses by the group
+    count.
     """
 
     FUSED_MIN_GROUPS = 3
