@@ -12,6 +12,14 @@ import numpy as np
 from numba import njit, prange
 
 
+@njit(inline="always", cache=True)
+def round_half_up(v, t):  # pragma: no cover - compiled
+    """R_t(v) = 2^t floor(v / 2^t + 1/2) of a float32 integer v, exactly (inlined: in a loop over v the
+    constants of t are computed once)."""
+    step = np.float32(1 << t)
+    return np.floor((v + np.float32(0.5) * step) * (np.float32(1.0) / step)) * step
+
+
 @njit(parallel=True, cache=True)
 def round_stack(x, bits, out):  # pragma: no cover - compiled
     """x: [M, C] float32 of integers (pixels x channels, any strides); bits: int64 [G]; out: [G, M, C]
@@ -25,11 +33,8 @@ def round_stack(x, bits, out):  # pragma: no cover - compiled
                 for c in range(c_n):
                     out[g, r, c] = x[r, c]
                 continue
-            step = np.float32(1 << t)
-            inv = np.float32(1.0) / step
-            half = np.float32(0.5) * step
             for c in range(c_n):
-                out[g, r, c] = np.floor((x[r, c] + half) * inv) * step
+                out[g, r, c] = round_half_up(x[r, c], t)
 
 
 @njit(parallel=True, cache=True)

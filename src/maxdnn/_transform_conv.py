@@ -21,6 +21,8 @@ summation order (the caller checks the bound); the transforms map 0 to 0, so pad
 import numpy as np
 from numba import njit, prange
 
+from ._round_kernel import round_half_up
+
 ROUND_TABLE = -1  # slot_bits entry of a slot whose transform is its row of ``slot_tables``
 
 
@@ -78,11 +80,8 @@ def transform_conv(x, slot_bits, slot_tables, x_min, kslot, w,  # pragma: no cov
             if t == 0:
                 dst[:] = raw
             elif t > 0:
-                step = np.float32(1 << t)
-                inv = np.float32(1.0) / step
-                half = np.float32(0.5) * step
                 for q in range(ss):
-                    dst[q] = np.floor((raw[q] + half) * inv) * step
+                    dst[q] = round_half_up(raw[q], t)
             else:
                 tab = slot_tables[s]
                 for q in range(ss):
