@@ -19,11 +19,40 @@ summation order (the caller checks the bound); the transforms map 0 to 0, so pad
 """
 
 import numpy as np
+import torch
 from numba import njit, prange
 
 from ._round_kernel import round_half_up
+from .quant import conv_out_hw
 
 ROUND_TABLE = -1  # slot_bits entry of a slot whose transform is its row of ``slot_tables``
+
+
+class TransformConv:
+    """One layer's transform convolution, planned: exact accumulators [N, F, OH, OW] (float32, channels_last)
+    of integer activations [N, C, H, W] on the CPU.
+
+    slot_bits, slot_tables: the transform slots as ``transform_conv`` takes them; kslot: [F, C] slot of each
+    kernel; weight: [F, C, kh, kw] transformed weights (each kernel's by its own slot's multiplier).
+    """
+
+    def __init__(self, slot_bits, slot_tables, kslot, weight: np.ndarray, x_min: int, stride: int, pads):
+        self.slot_bits = np.asarray(slot_bits, dtype=np.int64)
+        self.slot_tables = np.asarray(slot_tables, dtype=np.float32)
+        self.kslot = np.asarray(kslot, dtype=np.int64)
+        self.kernel_hw = weight.shape[2:]
+        self.w = weight.reshape(len(weight), -1).astype(np.float32)
+        self.x_min, self.stride = x_min, stride
+        self.pads = np.asarray(pads, dtype=np.int64)  # (left, right, top, bottom)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, wd = x.shape
+        oh, ow = conv_out_hw((h, wd), self.kernel_hw, self.stride, self.pads)
+        xf = x if x.dtype == torch.float32 else x.to(torch.float32)
+        out = torch.empty((n, oh, ow, len(self.w)), dtype=torch.float32)
+        transform_conv(xf.permute(0, 2, 3, 1).numpy(), self.slot_bits, self.slot_tables, self.x_min, self.kslot,
+                       self.w, *self.kernel_hw, self.stride, self.pads, chunk_images(oh, ow), out.numpy())
+        return out.permute(0, 3, 1, 2)
 
 
 def chunk_images(out_h: int, out_w: int, pixels: int = 512) -> int:

@@ -42,7 +42,7 @@ from .atomic import atomic_path, write_json
 from .multipliers import Multiplier, SpecError, get_multiplier, round_at
 from .graph import QuantizedGraph, pixel_rows
 from ._round_kernel import round_stack, scatter_channels
-from ._transform_conv import ROUND_TABLE, chunk_images, transform_conv
+from ._transform_conv import ROUND_TABLE, TransformConv
 from .quant import ACT_MAX, FLOAT32_EXACT, conv_out_hw, float_conv_exact, layer_bound
 
 ASSIGNMENT_FORMAT = "maxdnn-assignment-v1"
@@ -334,14 +334,12 @@ class LayerPlan:
         self.prepad = zero_safe and not (left == r == t == b) and len(groups) > 1
         per_f = sum(np.abs(g.weight).reshape(f_out, -1).sum(1) * g.x_max for g in groups)  # |partial sum| bound
         if self._use_fused(zero_safe, int(per_f.max())):
-            self.fused_args = (
-                np.array([ROUND_TABLE if g.round_bit is None else g.round_bit for g in groups], dtype=np.int64),
-                np.stack([np.zeros(len(xs)) if g.x_table is None else g.x_table.cpu().numpy() for g in groups]
-                         ).astype(np.float32),
+            self.fused_conv = TransformConv(
+                [ROUND_TABLE if g.round_bit is None else g.round_bit for g in groups],
+                np.stack([np.zeros(len(xs)) if g.x_table is None else g.x_table.cpu().numpy() for g in groups]),
                 np.vectorize(group_of.__getitem__, otypes=[np.int64])(amap),
-                sum(g.weight for g in groups).reshape(f_out, -1).astype(np.float32),  # one group per kernel
-            )
-            self.kernel_hw = w.shape[2:]
+                sum(g.weight for g in groups),  # one group per kernel
+                x_min, self.stride, self.pads)
             self.mode = "fused"
             return
         if len(groups) == 1:
@@ -375,16 +373,6 @@ class LayerPlan:
                              "partial sums below 2^24 and no grouped convolution")
         return self.fused
 
-    def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        bits, tables, kslot, w = self.fused_args
-        n, _, h, wd = x.shape
-        oh, ow = conv_out_hw((h, wd), self.kernel_hw, self.stride, self.pads)
-        xf = x if x.dtype == torch.float32 else x.to(torch.float32)
-        out = torch.empty((n, oh, ow, w.shape[0]), dtype=torch.float32)
-        transform_conv(xf.permute(0, 2, 3, 1).numpy(), bits, tables, self.x_min, kslot, w, *self.kernel_hw,
-                       self.stride, np.asarray(self.pads, dtype=np.int64), chunk_images(oh, ow), out.numpy())
-        return out.permute(0, 3, 1, 2)  # channels_last
-
     def _plan_lut(self, w, mults, amap, used):
         if any(m.bits > 8 for m in mults):
             raise ValueError("lookup-table emulation supports widths up to 8 bits")
@@ -397,7 +385,7 @@ class LayerPlan:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Exact accumulators for integer-valued x (any dtype); a float or int64 tensor of integers."""
         if self.separable:
-            return self._fused(x) if self.mode == "fused" else self._separable(x)
+            return self.fused_conv(x) if self.mode == "fused" else self._separable(x)
         xi = x.to(torch.int64)
         outs = []
         fg, cg = self.w.shape[0] // self.conv_groups, self.w.shape[1]
