@@ -256,9 +256,9 @@ def test_bad_models_one_line(tmp_path):
         load_model("resnet99")
 
 
-def test_resnet8_reproduces_the_previous_quantizer_exactly():
-    """Int8 logits of the committed ResNet-8 as the ResNet-8-specific quantizer produced them
-    (fixture written by it before the integer graph replaced it)."""
+def test_resnet8_reproduces_the_integer_calibrated_quantizer_exactly():
+    """Int8 logits of the committed ResNet-8 as the integer-graph calibration produced them when it replaced
+    the float calibration (the fixture: any change to the graph it builds fails here)."""
     fx = np.load(FIXTURES / "resnet8-int8-logits.npz")
     rng = np.random.default_rng(2026)
     calib = rng.integers(0, 256, (200, 3, 32, 32), dtype=np.uint8)
@@ -267,7 +267,7 @@ def test_resnet8_reproduces_the_previous_quantizer_exactly():
     assert np.array_equal(g.forward_int(torch.as_tensor(imgs)).numpy(), fx["synthetic"])
 
 
-def test_resnet8_reproduces_the_previous_quantizer_on_real_images(qnet, lossless_test):
+def test_resnet8_reproduces_the_integer_calibrated_quantizer_on_real_images(qnet, lossless_test):
     fx = np.load(FIXTURES / "resnet8-int8-logits.npz")
     assert np.array_equal(qnet.forward_int(torch.as_tensor(lossless_test.images[:200])).numpy(), fx["lossless_test_0_199"])
 

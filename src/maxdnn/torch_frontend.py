@@ -8,9 +8,11 @@ else becomes an integer ``Affine`` node producing a signed 8-bit tensor.
 The module is traced with ``torch.export`` (ATen operators), lowered to float
 nodes with fusions (conv/linear + batch norm + ReLU/ReLU6/hardtanh/clamp,
 zero padding into the convolution, add + ReLU, a conv whose only consumer is
-an add requantized straight into the add's scale), calibrated on images (a
-high percentile of each 8-bit tensor: of the values when they cannot be
-negative, of |values| otherwise), then quantized (``maxdnn.quant``'s rules) into
+an add requantized straight into the add's scale), then quantized and calibrated
+node by node on the integer graph itself (``maxdnn.quantizer``: a high
+percentile of each 8-bit tensor's real values, computed from the integer codes
+of the nodes before it, of the values when they cannot be negative, of |values|
+otherwise; the same graph on any CPU) into
 a ``maxdnn.graph.QuantizedGraph``. A trailing softmax / log-softmax is dropped
 (argmax and accuracy do not change). Anything else stops with one line naming
 the node and the operation.
@@ -20,16 +22,16 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .graph import S8, U8, Add, Affine, Clamp, Concat, Flatten, MulLayer, Pool, QParams, QuantizedGraph, unique_name
+from .graph import U8, QParams, QuantizedGraph, unique_name
 from .models import ModelError
-from .quant import Requant, conv_out_hw
+from .quant import conv_out_hw
+from .quantizer import FNode, IntegerCalibration
 
 aten = torch.ops.aten
 ACTIVATIONS = {aten.relu.default, aten.relu_.default, aten.relu6.default, aten.hardtanh.default, aten.hardtanh_.default,
@@ -43,18 +45,6 @@ RESHAPES = {aten.flatten.using_ints, aten.view.default, aten.reshape.default, at
 
 class UnsupportedModel(ModelError):
     pass
-
-
-@dataclass
-class FNode:
-    """A float node of the lowered network."""
-
-    kind: str  # mul, add, concat, affine, clamp, pool, flatten
-    name: str
-    inputs: list[int]
-    act: tuple[float, float] | None = None  # fused output clamp (real units)
-    p: dict = field(default_factory=dict)
-    users: int = 0
 
 
 # ---------------------------------------------------------------- tracing
@@ -91,11 +81,16 @@ class ExportedModule(nn.Module):
 
 
 def load_exported(path: str | Path) -> ExportedModule:
+    """A .pt2 file as a float network; nothing in the file runs (``maxdnn.pt2_safe``)."""
+    from .pt2_safe import UnsafeProgram, load_program
+
     path = Path(path)
     try:
-        ep = torch.export.load(str(path))
-    except Exception as e:  # noqa: BLE001
-        raise ModelError(f"{path}: not a readable torch.export program ({type(e).__name__})") from None
+        ep = load_program(path)
+    except UnsafeProgram as e:
+        raise ModelError(f"{path}: refused: loading it could run code ({e})") from None
+    except ValueError as e:
+        raise ModelError(f"{path}: {e}") from None
     return ExportedModule(ep, str(path))
 
 
@@ -294,13 +289,14 @@ def lower(ep, where: str) -> list[FNode]:
                 training, eps = False, args[6]
             if training:
                 raise err(node, "batch norm in training mode (call model.eval() before export)")
-            mean, var = mean[1].double(), var[1].double()
-            gamma = gamma[1].double() if gamma is not None else torch.ones_like(mean)
-            beta = beta[1].double() if beta is not None else torch.zeros_like(mean)
+            # folded in float64 by numpy element-wise operations (each correctly rounded, never fused)
+            mean, var = mean[1].double().numpy(), var[1].double().numpy()
+            gamma = gamma[1].double().numpy() if gamma is not None else np.ones_like(mean)
+            beta = beta[1].double().numpy() if beta is not None else np.zeros_like(mean)
             fn = nodes[x[1]]
-            g = gamma / torch.sqrt(var + eps)
-            fn.p["w"] = fn.p["w"] * g[:, None, None, None]
-            fn.p["b"] = (fn.p["b"] - mean) * g + beta
+            g = np.divide(gamma, np.sqrt(np.add(var, float(eps))))
+            fn.p["w"] = torch.from_numpy(np.multiply(fn.p["w"].numpy(), g[:, None, None, None]))
+            fn.p["b"] = torch.from_numpy(np.add(np.multiply(np.subtract(fn.p["b"].numpy(), mean), g), beta))
             fn.p["bn"] = True
             owner_fx[x[1]] = node.name
             val[node.name] = ("bn-tuple", x) if t != aten.batch_norm.default else x
@@ -473,165 +469,48 @@ def run_exported(gm, x: torch.Tensor, keep=()) -> tuple[torch.Tensor, dict]:
 # ---------------------------------------------------------------- calibration and quantization
 
 
-def _wide_into(nodes: list[FNode]) -> dict[int, int]:
-    """mul nodes requantized straight into the scale of the add that is their only consumer."""
-    out = {}
-    for i, n in enumerate(nodes):
-        if n.kind == "add":
-            for j in n.inputs:
-                src = nodes[j]
-                if src.kind == "mul" and src.act is None and src.users == 1:
-                    out[j] = i
-    return out
-
-
-def _signed(nodes, i) -> bool:
-    n = nodes[i]
-    if n.act is not None:
-        return n.act[0] < 0
-    if n.kind in ("pool", "flatten", "clamp"):
-        return _signed(nodes, n.inputs[0]) if n.kind != "clamp" else n.p["lo"] < 0
-    if n.kind == "concat":
-        return any(_signed(nodes, j) for j in n.inputs)
-    if n.kind == "input":
-        return False
-    return True
-
-
 def quantize_module(module: nn.Module, calibration_images: np.ndarray, percentile: float = 99.99,
                     batch_size: int = 500) -> QuantizedGraph:
-    """Post-training 8-bit quantization of a float CNN into the integer graph.
+    """Post-training 8-bit quantization of a float CNN into the integer graph, calibrated on the integer
+    graph itself (``maxdnn.quantizer``): the result does not depend on the CPU or the thread count.
 
     ``calibration_images``: uint8 [N, C, H, W] pixels (the network's input convention).
     """
     images = np.asarray(calibration_images)
     if images.ndim != 4:
         raise ModelError(f"calibration images must be [N, C, H, W], got shape {list(images.shape)}")
+    if len(images) == 0:
+        raise ModelError("no calibration images")
     where = getattr(module, "source", type(module).__name__)
     if isinstance(module, ExportedModule):
         nodes, gm = module.lowered, module.gm
     else:
         ep = export(module, images.shape[1:])
         nodes, gm = lower(ep, where), ep.module()
-    wide = _wide_into(nodes)
-    last = len(nodes) - 1
-    calibrated = [i for i, n in enumerate(nodes) if n.kind in ("mul", "add", "concat", "affine")
-                  and i not in wide and not (i == last and n.kind == "mul")]
-    store: dict[int, list[np.ndarray]] = {i: [] for i in calibrated}
-    shapes: dict[int, tuple] = {}
-    keep = {n.p["fx"] for n in nodes if n.p.get("fx")}
-    with torch.no_grad():
-        for s in range(0, len(images), batch_size):
-            try:
-                _, got = run_exported(gm, torch.as_tensor(images[s:s + batch_size]).float(), keep)
-            except Exception as e:  # noqa: BLE001 - the user's network failing on this input, in one line
-                raise ModelError(f"{where}: the network does not run on input of shape {list(images.shape[1:])} "
-                                 f"({str(e).splitlines()[0][:160]})") from None
-            for i in calibrated:
-                if nodes[i].kind == "affine":  # the normalized input: no single fx value holds it
-                    xb = torch.as_tensor(images[s:s + batch_size]).double()
-                    v = (xb * nodes[i].p["a"].view(1, -1, 1, 1) + nodes[i].p["b"].view(1, -1, 1, 1)).float()
-                else:
-                    v = got[nodes[i].p["fx"]].float()
-                store[i].append((v.abs() if _signed(nodes, i) else v).flatten().numpy())
-            if not shapes:
-                shapes = {i: tuple(got[n.p["fx"]].shape[1:]) if n.p.get("fx") in got else tuple(images.shape[1:])
-                          for i, n in enumerate(nodes)}
-    ranges = {}
-    for i, parts in store.items():
-        v = np.concatenate(parts)
-        r = float(np.percentile(v, percentile)) if percentile < 100 else float(v.max())
-        ranges[i] = max(r, 1e-8)
-
-    def act_q(i, signed) -> QParams:
-        n = nodes[i]
-        full = S8 if signed else U8
-        scale = ranges[i] / (127.0 if signed else 255.0)
-        lo, hi = full
-        if n.act is not None:
-            if n.act[0] > -math.inf:
-                lo = max(lo, int(math.floor(n.act[0] / scale + 0.5)))
-            if n.act[1] < math.inf:
-                hi = min(hi, int(math.floor(n.act[1] / scale + 0.5)))
-        return QParams(scale, 0, lo, hi)
-
-    qp: dict[int, QParams] = {0: QParams(nodes[0].p["scale"], 0, *U8)}
-    out_q: dict[int, QParams] = {}
-    for i in calibrated:
-        out_q[i] = act_q(i, _signed(nodes, i))
-    graph_nodes = []
-    name_of = {0: "input"}
-    for i, n in enumerate(nodes[1:], start=1):
-        name_of[i] = n.name
-        ins = [name_of[j] for j in n.inputs]
-        if n.kind == "mul":
-            in_q = qp[n.inputs[0]]
-            if in_q.wide:
-                raise ModelError(f"{where}: layer {n.name}: its input is not an 8-bit tensor")
-            w = n.p["w"].numpy()
-            absmax = np.abs(w).reshape(len(w), -1).max(1)
-            w_scale = np.where(absmax > 0, absmax / 127.0, 1.0)
-            wq = np.clip(np.round(w / w_scale[:, None, None, None]), -127, 127).astype(np.int64)
-            bq = np.round(n.p["b"].numpy() / (in_q.scale * w_scale)).astype(np.int64)
-            acc_scale = in_q.scale * w_scale
-            if i in wide:
-                q = QParams(out_q[wide[i]].scale, 0, None, None)
-            elif i == last:
-                q = QParams(float(acc_scale.min()), 0, None, None)
-            else:
-                q = out_q[i]
-            in_hw = (1, 1) if n.p["op"] == "linear" else tuple(shapes[n.inputs[0]][1:3])
-            if n.p["op"] == "linear" and n.p["w"].shape[1] != int(np.prod(shapes[n.inputs[0]])):
-                raise ModelError(f"{where}: layer {n.name}: expects {n.p['w'].shape[1]} inputs, gets {list(shapes[n.inputs[0]])}")
-            layer = MulLayer(n.name, ins, q, op=n.p["op"], weight=wq, bias=bq, w_scale=w_scale, requant=None,
-                             in_q=in_q, stride=n.p["stride"], pads=tuple(int(v) for v in n.p["pads"]),
-                             groups=n.p["groups"], in_hw=in_hw)
-            layer.requant = Requant.from_scales(acc_scale, q.scale, layer.requant_bound())
-            graph_nodes.append(layer)
-        elif n.kind in ("add", "concat"):
-            q = out_q[i]
-            rqs, zps = [], []
-            for j in n.inputs:
-                src = qp[j]
-                zps.append(src.zero_point)
-                if src.wide or (src.scale == q.scale):
-                    rqs.append(None)
-                else:
-                    bound = max(abs(src.lo - src.zero_point), abs(src.hi - src.zero_point))
-                    rqs.append(Requant.from_scales([src.scale], q.scale, bound))
-            graph_nodes.append((Add if n.kind == "add" else Concat)(n.name, ins, q, in_zps=zps, requants=rqs))
-        elif n.kind == "affine":
-            q = out_q[i]
-            a = n.p["a"].numpy() * np.ones(shapes[0][0])
-            b = n.p["b"].numpy() * np.ones(shapes[0][0])
-            if (a <= 0).any():
-                raise ModelError(f"{where}: input normalization with a non-positive scale")
-            offset = np.round(b / a).astype(np.int64)
-            rq = Requant.from_scales(a, q.scale, 255 + int(np.abs(offset).max()))
-            graph_nodes.append(Affine(n.name, ins, q, in_zp=0, in_scale=1.0, offset=offset, acc_scale=a, requant=rq))
-        elif n.kind == "clamp":
-            src = qp[n.inputs[0]]
-            if src.wide:
-                raise ModelError(f"{where}: node {n.name}: clamp of a wide tensor")
-            lo = max(src.lo, int(math.floor(n.p["lo"] / src.scale + 0.5)) + src.zero_point) if n.p["lo"] > -math.inf else src.lo
-            hi = min(src.hi, int(math.floor(n.p["hi"] / src.scale + 0.5)) + src.zero_point) if n.p["hi"] < math.inf else src.hi
-            q = QParams(src.scale, src.zero_point, lo, hi)
-            graph_nodes.append(Clamp(n.name, ins, q))
-        elif n.kind == "pool":
-            q = qp[n.inputs[0]]
-            graph_nodes.append(Pool(n.name, ins, q, op=n.p["op"], kernel=n.p["kernel"], stride=n.p["stride"],
-                                    pads=tuple(int(v) for v in n.p["pads"]), count_include_pad=n.p["count_include_pad"]))
-        else:
-            q = qp[n.inputs[0]]
-            graph_nodes.append(Flatten(n.name, ins, q))
-        qp[i] = q
-    g = QuantizedGraph(qp[0], tuple(images.shape[1:]), graph_nodes,
-                       {"percentile": percentile, "calib_images": len(images), "source": where})
+    shapes = _float_shapes(gm, nodes, images, where)
+    graph_nodes = IntegerCalibration(nodes, images, shapes, percentile, batch_size, where).run()
+    g = QuantizedGraph(QParams(nodes[0].p["scale"], 0, *U8), tuple(images.shape[1:]), graph_nodes,
+                       {"percentile": percentile, "calib_images": len(images), "source": where,
+                        "calibration_method": "integer graph"})
     for layer in g.layers.values():
         if layer.in_q.wide:
             raise ModelError(f"{where}: layer {layer.name}: input is not an 8-bit tensor")
     _check_shapes(g, shapes, nodes)
     return g
+
+
+def _float_shapes(gm, nodes: list[FNode], images: np.ndarray, where: str) -> dict[int, tuple]:
+    """Each lowered node's output shape [C, H, W] (or [features]), from one float run on two images
+    (shapes only: no float value reaches the integer graph)."""
+    keep = {n.p["fx"] for n in nodes if n.p.get("fx")}
+    with torch.no_grad():
+        try:
+            _, got = run_exported(gm, torch.as_tensor(images[:2]).float(), keep)
+        except Exception as e:  # noqa: BLE001 - the user's network failing on this input, in one line
+            raise ModelError(f"{where}: the network does not run on input of shape {list(images.shape[1:])} "
+                             f"({str(e).splitlines()[0][:160]})") from None
+    return {i: tuple(got[n.p["fx"]].shape[1:]) if n.p.get("fx") in got else tuple(images.shape[1:])
+            for i, n in enumerate(nodes)}
 
 
 def _check_shapes(g: QuantizedGraph, shapes, nodes) -> None:

@@ -1,0 +1,64 @@
+"""The float-to-integer path gives byte-identical graphs, and an exploration identical points, whatever
+instruction set the CPU kernels may use and however many threads they run on."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import LOSSLESS_ZIP, need
+
+NARROWED = {
+    "default ISA": {},
+    "AVX2 forced": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "SSE4.1 forced": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+}
+
+QUANTIZE = """
+import sys, torch
+from maxdnn.data import load_cifar10
+from maxdnn.models import load_model
+from maxdnn.quant import calibration_images
+from maxdnn.torch_frontend import quantize_module
+torch.set_num_threads(int(sys.argv[3]))
+train = load_cifar10(sys.argv[1], "train")
+quantize_module(load_model(sys.argv[4]), calibration_images(train.images, 300)).save(sys.argv[2])
+"""
+
+
+def _env(extra: dict, threads: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+    return {**env, **extra, "OMP_NUM_THREADS": str(threads), "NUMBA_NUM_THREADS": str(threads)}
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["resnet8", "resnet20"])
+def test_quantized_graph_is_byte_identical_on_every_isa_and_thread_count(tmp_path, model):
+    runs = [(name, env, 2) for name, env in NARROWED.items()] + [("default ISA", {}, 1)]
+    digests = {}
+    for name, extra, threads in runs:
+        out = tmp_path / f"{name.replace(' ', '_')}-{threads}.npz"
+        r = subprocess.run([sys.executable, "-c", QUANTIZE, str(need(LOSSLESS_ZIP)), str(out), str(threads), model],
+                           env=_env(extra, threads), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        digests[f"{name}, {threads} thread(s)"] = _digest(out)
+    assert len(set(digests.values())) == 1, digests
+
+
+@pytest.mark.slow
+def test_exploration_points_are_identical_on_every_isa(tmp_path):
+    digests = {}
+    for name, extra in NARROWED.items():
+        out = tmp_path / name.replace(" ", "_")
+        r = subprocess.run([sys.executable, "-m", "maxdnn", "explore", "--data", str(need(LOSSLESS_ZIP)), "--budget",
+                            "tiny", "--approach", "layer", "--out", str(out)], env=_env(extra, 2),
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        digests[name] = _digest(out / "points.csv")
+    assert len(set(digests.values())) == 1, digests
