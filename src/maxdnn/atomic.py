@@ -32,3 +32,18 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> None:
     write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def load_state(path: Path, error: type[Exception], map_location=None) -> dict:
+    """A training state written by ``torch.save`` (resume files), loaded with ``weights_only=True``: tensors,
+    numbers, strings and containers only, so a planted file cannot run code. Anything else, or a damaged
+    file, raises ``error`` with one line naming the file."""
+    import torch
+
+    try:
+        st = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read it is the file's problem
+        raise error(f"{path}: not a resumable state file ({type(e).__name__}); delete it to start afresh") from None
+    if not isinstance(st, dict):
+        raise error(f"{path}: not a resumable state file (a {type(st).__name__}); delete it to start afresh")
+    return st

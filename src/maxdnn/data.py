@@ -110,9 +110,39 @@ def _batch_names(split: str) -> list[str]:
     return [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
 
 
+# sizes past which a member is refused before it is read or decoded (the official batches are 30.7 MB,
+# batches.meta 158 bytes, a CIFAR-10 PNG or JPEG a few kB)
+MAX_BATCH_BYTES = 64 << 20
+MAX_META_BYTES = 1 << 20
+MAX_IMAGE_BYTES = 1 << 20
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles what the official batches hold and nothing else: dicts, lists, bytes, str, int and plain
+    numpy arrays and scalars (no other callable can be named, so a crafted file cannot run code)."""
+
+    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+
+
+def safe_unpickle(raw: bytes):
+    """``pickle.loads(raw, encoding="bytes")`` restricted to the types of the official CIFAR-10 batches."""
+    return _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+
+
+def _check_size(size: int, limit: int, what: str, where: str) -> None:
+    if size > limit:
+        raise DataError(f"{where}: {what} is {size:,} bytes, more than the {limit:,} a CIFAR-10 file can hold")
+
+
 def _unpickle_batch(raw: bytes, name: str, where: str) -> tuple[np.ndarray, np.ndarray]:
     try:
-        d = pickle.loads(raw, encoding="bytes")
+        d = safe_unpickle(raw)
         data = np.asarray(d[b"data"], dtype=np.uint8)
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except Exception as e:  # noqa: BLE001 - any decode failure is a bad file
@@ -126,7 +156,7 @@ def _unpickle_batch(raw: bytes, name: str, where: str) -> tuple[np.ndarray, np.n
 
 def _check_meta(raw: bytes, where: str) -> None:
     try:
-        names = [n.decode() for n in pickle.loads(raw, encoding="bytes")[b"label_names"]]
+        names = [n.decode() for n in safe_unpickle(raw)[b"label_names"]]
     except Exception:  # noqa: BLE001
         raise DataError(f"{where}: batches.meta is unreadable") from None
     if names != CLASSES:
@@ -139,11 +169,13 @@ def _load_official_tar(path: Path, split: str):
             members = {Path(m.name).name: m for m in tf.getmembers() if m.isfile()}
             if "batches.meta" not in members:
                 raise DataError(f"{path}: not a CIFAR-10 python archive (no batches.meta)")
+            _check_size(members["batches.meta"].size, MAX_META_BYTES, "batches.meta", str(path))
             _check_meta(tf.extractfile(members["batches.meta"]).read(), str(path))
             parts = []
             for name in _batch_names(split):
                 if name not in members:
                     raise DataError(f"{path}: missing {name}")
+                _check_size(members[name].size, MAX_BATCH_BYTES, name, str(path))
                 parts.append(_unpickle_batch(tf.extractfile(members[name]).read(), name, str(path)))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise DataError(f"{path}: truncated or corrupt archive ({e})") from None
@@ -153,12 +185,14 @@ def _load_official_tar(path: Path, split: str):
 def _load_official_folder(path: Path, split: str):
     if not (path / "batches.meta").exists():
         raise DataError(f"{path}: no batches.meta in the CIFAR-10 batches folder")
+    _check_size((path / "batches.meta").stat().st_size, MAX_META_BYTES, "batches.meta", str(path))
     _check_meta((path / "batches.meta").read_bytes(), str(path))
     parts = []
     for name in _batch_names(split):
         f = path / name
-        if not f.exists():
+        if not f.is_file():
             raise DataError(f"{f}: missing CIFAR-10 batch")
+        _check_size(f.stat().st_size, MAX_BATCH_BYTES, name, str(path))
         parts.append(_unpickle_batch(f.read_bytes(), name, str(f)))
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
@@ -201,12 +235,14 @@ def _decode(raw: bytes, name: str, where: str) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(raw)) as im:
+        with Image.open(io.BytesIO(raw)) as im:  # reads the header only: the size is checked before decoding
+            if im.size != (32, 32):
+                raise DataError(f"{where}: image {name} is {im.size[0]}x{im.size[1]}, expected 32x32")
             a = np.asarray(im.convert("RGB"))
+    except DataError:
+        raise
     except Exception:  # noqa: BLE001
         raise DataError(f"{where}: unreadable image {name}") from None
-    if a.shape != (32, 32, 3):
-        raise DataError(f"{where}: image {name} is {a.shape[1]}x{a.shape[0]}, expected 32x32")
     return a
 
 
@@ -228,6 +264,7 @@ def _load_image_zip(path: Path, split: str):
             plan = _plan_image_folder(zf.namelist(), split, str(path))
 
             def read(name):
+                _check_size(zf.getinfo(name).file_size, MAX_IMAGE_BYTES, f"image {name}", str(path))
                 try:
                     return zf.read(name)
                 except (zipfile.BadZipFile, OSError, zlib.error) as e:
@@ -243,7 +280,12 @@ def _load_image_zip(path: Path, split: str):
 def _load_image_tree(path: Path, split: str):
     names = [str(p.relative_to(path)).replace(os.sep, "/") for p in (path / split).rglob("*") if p.is_file()]
     plan = _plan_image_folder(names, split, str(path))
-    return _decode_all(lambda n: (path / n).read_bytes(), plan, str(path))
+    def read(name):
+        f = path / name
+        _check_size(f.stat().st_size, MAX_IMAGE_BYTES, f"image {name}", str(path))
+        return f.read_bytes()
+
+    return _decode_all(read, plan, str(path))
 
 
 # ---------------------------------------------------------------- public API

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .approx import Assignment, LayerPlan, transform_groups
-from .atomic import atomic_path
+from .atomic import atomic_path, load_state
 from .graph import Affine, Clamp, Concat, Flatten, Merge, MulLayer, Pool, QuantizedGraph, TfliteAdd, _pool_real
 from .quant import Requant
 
@@ -225,7 +225,7 @@ def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labe
     gen = torch.Generator().manual_seed(seed)
     start = 0
     if state_path.exists():
-        st = torch.load(state_path, weights_only=False)
+        st = load_state(state_path, FinetuneError)
         if (st["epochs"], st["seed"], st["images"]) != (epochs, seed, len(labels)):
             raise FinetuneError(f"{state_path}: saved run has epochs={st['epochs']} seed={st['seed']} "
                                 f"images={st['images']}; delete it or rerun with the same settings")

