@@ -18,6 +18,7 @@ def test_evaluate_float_and_int8_json():
         assert out["precision"] == precision and out["images"] == 200
         assert {"accuracy", "correct", "model", "data"} <= set(out)
         assert "lossless" in out["data"]
+        assert ("float_note" in out) == (precision == "float")  # float numbers are labelled as such
 
 
 @pytest.mark.parametrize("gran", ["layer", "filter", "kernel"])

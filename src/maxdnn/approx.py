@@ -38,9 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_path, write_json
+from .atomic import atomic_path, load_npz, write_json
 from .multipliers import Multiplier, SpecError, get_multiplier, round_at
-from .graph import QuantizedGraph, pixel_rows
+from .graph import GRAPH_BITS, QuantizedGraph, pixel_rows
 from ._round_kernel import round_stack, scatter_channels
 from ._transform_conv import ROUND_TABLE, TransformConv
 from .quant import ACT_MAX, FLOAT32_EXACT, conv_out_hw, float_conv_exact, layer_bound
@@ -118,11 +118,17 @@ class Assignment:
             doc = json.loads(path.read_text())
         except FileNotFoundError:
             raise AssignmentError(f"{path}: no such assignment file") from None
+        except IsADirectoryError:
+            raise AssignmentError(f"{path}: a folder, not an assignment file (JSON)") from None
+        except OSError as e:
+            raise AssignmentError(f"{path}: cannot read ({e.strerror})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise AssignmentError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(doc, dict) or doc.get("format") != ASSIGNMENT_FORMAT:
             raise AssignmentError(f"{path}: not a maxdnn assignment (format must be '{ASSIGNMENT_FORMAT}')")
         bits = doc.get("bits", 8)
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+            raise AssignmentError(f"{path}: 'bits' must be an operand width from 2 to 16, got {bits!r}")
         specs = doc.get("specs")
         if not isinstance(specs, list) or not specs:
             raise AssignmentError(f"{path}: 'specs' must be a non-empty list of multiplier specs")
@@ -133,12 +139,10 @@ class Assignment:
                 raise AssignmentError(f"{path}: {e}") from None
         arrays = {}
         if "arrays" in doc:
-            npz = path.parent / doc["arrays"]
-            try:
-                with np.load(npz) as z:
-                    arrays = {k: z[k] for k in z.files}
-            except (OSError, ValueError) as e:
-                raise AssignmentError(f"{npz}: cannot read kernel-level arrays ({e})") from None
+            name = doc["arrays"]
+            if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+                raise AssignmentError(f"{path}: 'arrays' must name an .npz file beside it, got {name!r}")
+            arrays = load_npz(path.parent / name, AssignmentError, "the assignment's kernel-level arrays")
         layers = doc.get("layers")
         if not isinstance(layers, dict):
             raise AssignmentError(f"{path}: 'layers' must be an object mapping layer names to assignments")
@@ -147,13 +151,19 @@ class Assignment:
             if v == "npz":
                 if name not in arrays:
                     raise AssignmentError(f"{path}: layer {name}: no array '{name}' in {doc.get('arrays')}")
-                maps[name] = np.asarray(arrays[name], dtype=np.int64)
+                raw = arrays[name]
+                if raw.dtype.kind not in "iu":
+                    raise AssignmentError(f"{path}: layer {name}: the array in {doc.get('arrays')} holds {raw.dtype}, "
+                                          "not integer indices")
+                maps[name] = np.asarray(raw, dtype=np.int64)
             else:
                 try:
                     raw = np.asarray(v)
                     bad = raw[raw != np.floor(raw.astype(float))] if raw.dtype.kind == "f" else None
                 except (ValueError, TypeError):
                     raise AssignmentError(f"{path}: layer {name}: expected an index, a list per filter, or a [filters][channels] list") from None
+                if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+                    raise AssignmentError(f"{path}: layer {name}: {raw[~np.isfinite(raw)].flat[0]} is not an index")
                 if raw.dtype.kind not in "iuf" or raw.size == 0:
                     raise AssignmentError(f"{path}: layer {name}: expected an index, a list per filter, or a [filters][channels] list")
                 if bad is not None and bad.size:
@@ -167,6 +177,9 @@ class Assignment:
     def bind(self, qnet: QuantizedGraph, where: str = "assignment") -> "Assignment":
         """Validate against a network and expand to full [F, C] arrays (missing layers: exact)."""
         full = {}
+        if self.bits != GRAPH_BITS:
+            raise AssignmentError(f"{where}: {self.bits}-bit multipliers, but the network's multiplying layers take "
+                                  f"{GRAPH_BITS}-bit operands (\"bits\" must be {GRAPH_BITS})")
         for name in self.maps:
             if name not in qnet.layers:
                 raise AssignmentError(f"{where}: unknown layer '{name}' (layers: {', '.join(qnet.layers)})")

@@ -47,3 +47,28 @@ def load_state(path: Path, error: type[Exception], map_location=None) -> dict:
     if not isinstance(st, dict):
         raise error(f"{path}: not a resumable state file (a {type(st).__name__}); delete it to start afresh")
     return st
+
+
+def load_npz(path: Path, error: type[Exception], what: str) -> dict:
+    """Every array of an .npz file (no pickles), read whole; ``error`` with one line naming the file for a
+    missing, empty, truncated or corrupt one, or a folder."""
+    import zipfile
+    import zlib
+
+    import numpy as np
+
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{path}: no such file")
+    if not path.is_file():
+        raise error(f"{path}: not a file ({what} is an .npz file)")
+    if path.stat().st_size == 0:
+        raise error(f"{path}: empty file, not {what}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueError("a single array, not an .npz archive")
+            return {k: z[k] for k in z.files}
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        reason = "truncated or corrupt" if isinstance(e, (EOFError, zipfile.BadZipFile, zlib.error)) else "unreadable"
+        raise error(f"{path}: {reason}, not {what} ({type(e).__name__})") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -71,14 +72,14 @@ def multipliers(
     import numpy as np
 
     from .error_metrics import error_metrics
-    from .multiplier_library import LibraryError, read_meta, user_names
+    from .multiplier_library import readable_entries
     from .multipliers import SpecError, default_family, get_multiplier
 
-    try:
-        imported = [n for n in user_names() if (m := read_meta(n)) and m["bits"] == bits and m["x_signed"] == x_signed]
-    except LibraryError as e:
-        fail(str(e))
-    specs = list(spec) if spec else default_family(bits) + imported
+    if spec:
+        specs = list(spec)
+    else:  # the default family and every readable imported entry of these formats
+        specs = default_family(bits) + [n for n, m in readable_entries().items()
+                                         if m["bits"] == bits and m["x_signed"] == x_signed]
     try:
         mults = [get_multiplier(s, bits, x_signed) for s in specs]
     except SpecError as e:
@@ -349,7 +350,7 @@ def evaluate(
     import numpy as np
 
     from .models import ModelError, float_outputs
-    from .workload import Workload, accuracy, describe_data
+    from .workload import Workload, accuracy, check_outputs, describe_data
 
     if precision not in ("float", "int8"):
         fail(f"--precision {precision}: expected float or int8")
@@ -373,7 +374,8 @@ def evaluate(
             if wl.model is None:
                 fail(f"{wl.model_path}: an int8 model has no float version; use --precision int8")
             outs = float_outputs(wl.model, ds.images, batch_size, device)
-            result.update(precision="float")
+            result.update(precision="float", float_note="float inference: may differ in the last digit between "
+                          "machines (CPU kernels sum in different orders); int8 numbers do not")
         else:
             q = wl.quantized()
             result.update(precision="int8", calibration=q.meta["calibration"])
@@ -406,6 +408,7 @@ def evaluate(
                 net = ApproxNetwork(q, a, device=device)
                 outs = net.outputs(ds.images, batch_size)
                 result.update(assignment=str(assign), granularity=a.granularity(), **en_out)
+        check_outputs(outs, wl.model_path)
     except (DataError, ModelError, AssignmentError, SpecError) as e:
         fail(str(e))
     pred = outs.argmax(1) if len(outs) else np.zeros(0, dtype=np.int64)
@@ -592,6 +595,16 @@ def _library_specs(library: str | None, library_file: Path | None) -> list[str] 
     return specs
 
 
+def _check_writable(path: Path) -> None:
+    """One line now, not after the work, when ``path``'s folder cannot take a file."""
+    import tempfile
+
+    try:
+        tempfile.TemporaryFile(dir=path.parent if str(path.parent) else ".").close()
+    except OSError as e:
+        fail(f"{path}: cannot write there ({e.strerror})")
+
+
 def _prepare_run_dir(out: Path) -> bool:
     """Create (or check) a writable run directory before any work; True if it was created."""
     import tempfile
@@ -614,12 +627,17 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory of maxdnn exp
 
     if not (run_dir / "run.json").exists():
         fail(f"{run_dir}: not an exploration run (no run.json)")
+    import sqlalchemy.exc
+
     try:
         from .run_storage import RunStorage
 
         path = write_report(run_dir, RunStorage.of_run(run_dir))
     except (ReportError, ValueError) as e:
         fail(str(e))
+    except sqlalchemy.exc.SQLAlchemyError as e:  # a damaged study database
+        msg = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:160]
+        fail(f"{run_dir / 'study.db'}: not a readable study database ({msg})")
     from .report import read_points
 
     if not read_points(run_dir / "points.csv"):
@@ -740,6 +758,8 @@ def hardware_report_cmd(
             lib = read_liberty(liberty)
         except LibertyError as e:
             fail(str(e))
+    if save_table is not None:  # the table's folder must take files before minutes of synthesis
+        _check_writable(save_table)
     model_streams = [s for s in streams if s != "uniform"]
     if per_layer and len(model_streams) != 1:
         fail("--per-layer measures a model's layers: give one --stream model (or resnet8)")
@@ -754,8 +774,12 @@ def hardware_report_cmd(
             built += list(by_layer.values())
         else:
             built.append(_model_stream_or_fail(model, data, s))
-    bar = tqdm(total=len(specs), desc="designs", disable=as_json, leave=False)
+    from .hardware.synth import first_use_note
     from .hardware.netlist import NetlistError
+
+    if note := first_use_note():
+        typer.echo(note, err=True)
+    bar = tqdm(total=len(specs), desc="designs", disable=as_json, leave=False)
 
     try:
         rows = hardware_report(specs, built, progress=lambda _: bar.update(), rounding=rounding, liberty=lib, pe=pe)
@@ -785,7 +809,10 @@ def hardware_report_cmd(
             doc["per_layer_unit"] = ("energy on the layer's own stream / the exact design's energy averaged over "
                                      "the layers (weighted by multiplications)")
             doc["model"] = model or "resnet8"
-        write_json(save_table, doc)
+        try:
+            write_json(save_table, doc)
+        except OSError as e:
+            fail(f"{save_table}: cannot write ({e.strerror})")
     keys = ("spec", "area_nand2", "depth", "energy", "energy_rel", "gates") + (("area_lib", "leakage_nw") if lib else ()) \
         + (("pe_energy", "pe_energy_rel") if pe else ())
     if as_json:
@@ -824,8 +851,42 @@ def hardware_report_cmd(
         typer.echo(f"{liberty}: its cells have no area; the area column is the NAND2-equivalent model", err=True)
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def _out_of_space(e: BaseException) -> str | None:
+    """Why a write failed for lack of room (a full disk or quota, SQLite's 'disk is full'), or None."""
+    import errno
+
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return os.strerror(e.errno)
+        if "database or disk is full" in str(e):
+            return "database or disk is full"
+        e = e.__cause__ or e.__context__ or getattr(e, "orig", None)
+    return None
+
+
+def main() -> None:
+    """The ``maxdnn`` command: the app, with a full disk (of any write, standard output included) said in one line,
+    exit code 2. What was being written is left as before (every result file is written atomically)."""
+    code = 0
+    try:
+        app()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception as e:  # noqa: BLE001 - only a full disk is turned into a line here; the rest propagates
+        if (why := _out_of_space(e)) is None:
+            raise
+        typer.echo(f"maxdnn: error: no room to write ({why}); free some space and rerun the same command", err=True)
+        code = 2
+    try:
+        sys.stdout.flush()
+    except OSError as e:
+        why = _out_of_space(e) or e.strerror
+        try:
+            sys.stdout = open(os.devnull, "w")  # the interpreter's own flush at exit would fail again
+        finally:
+            typer.echo(f"maxdnn: error: cannot write the output ({why})", err=True)
+        code = 2
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -54,8 +54,8 @@ from .explore_testset import evaluate_front
 from .front import APPROACHES
 from .multipliers import get_multiplier, roup_specs
 from .graph import QuantizedGraph
-from .run_storage import RunStorage
-from .workload import Workload, describe_data
+from .run_storage import RunStorage, read_run_info
+from .workload import Workload, check_outputs, describe_data
 
 
 @dataclass
@@ -136,6 +136,7 @@ class Explorer:
             self.log(f"quantizing the model ({self.wl.model_path})")
             self.q = self.wl.quantized()
             self.q.save(qpath)
+        check_outputs(self.q.outputs(self.test.images[:2]), self.wl.model_path)
         self.library = self.user_library or roup_library(b.library_size)
         self._check_library()
         self.table = with_per_layer(energy_table(list(dict.fromkeys(["exact"] + roup_specs(8) + self.library))),
@@ -147,7 +148,7 @@ class Explorer:
                 "validation": f"{len(self.val)} held-out training images of {describe_data(train)}",
                 "test": describe_data(self.test), "energy_source": self.table.source}
         if run_json.exists():
-            old = json.loads(run_json.read_text())
+            old = read_run_info(self.run_dir)
             old.setdefault("bias_correction", False)
             old.setdefault("energy", "average")
             if isinstance(old.get("budget"), dict):

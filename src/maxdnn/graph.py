@@ -47,11 +47,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_path
+from .atomic import atomic_path, load_npz
 from ._requant_kernel import add_half_up, requant_half_up, tflite_requant
 from .quant import Requant, conv_out_hw, float_conv_exact, layer_bound, tflite_multiply_torch, tflite_single_multiply
 
 GRAPH_FORMAT = "maxdnn-qgraph-v1"
+GRAPH_BITS = 8  # operand width of every multiplying layer (x and w)
 U8 = (0, 255)
 S8 = (-128, 127)
 
@@ -456,15 +457,16 @@ class QuantizedGraph:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "QuantizedGraph":
         path = Path(path)
+        arrays = load_npz(path, GraphError, "a maxdnn quantized graph")
         try:
-            with np.load(path) as z:
-                doc = json.loads(str(z["graph"]))
-                if doc.get("format") != GRAPH_FORMAT:
-                    raise GraphError(f"{path}: not a maxdnn quantized graph (format {doc.get('format')!r})")
-                return _graph_from_doc(doc, {k: z[k] for k in z.files if k != "graph"})
-        except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
-            if isinstance(e, GraphError):
-                raise
+            doc = json.loads(str(arrays.pop("graph")))
+            if not isinstance(doc, dict) or doc.get("format") != GRAPH_FORMAT:
+                raise GraphError(f"{path}: not a maxdnn quantized graph "
+                                 f"(format {doc.get('format') if isinstance(doc, dict) else None!r})")
+            return _graph_from_doc(doc, arrays)
+        except GraphError:
+            raise
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError, json.JSONDecodeError) as e:
             raise GraphError(f"{path}: not a readable maxdnn quantized graph ({type(e).__name__})") from None
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import re
 import shutil
 from pathlib import Path
@@ -70,9 +71,25 @@ def read_meta(name: str) -> dict | None:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise LibraryError(f"{path}: unreadable library entry ({e})") from None
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise LibraryError(f"{path}: not a maxdnn multiplier entry (format must be '{FORMAT}')")
+    bits = meta.get("bits")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= MAX_BITS \
+            or not isinstance(meta.get("x_signed"), bool):
+        raise LibraryError(f"{path}: a library entry needs 'bits' (2..{MAX_BITS}) and 'x_signed' (true or false)")
     return meta
+
+
+def readable_entries() -> dict[str, dict]:
+    """The entries whose meta.json reads, by name; a damaged entry is left out here (with a warning on
+    standard error), so that it blocks only the commands that name it."""
+    out = {}
+    for name in user_names():
+        try:
+            out[name] = read_meta(name)
+        except LibraryError as e:
+            print(f"maxdnn: warning: {e}; skipped", file=sys.stderr)
+    return out
 
 
 def find_user_multiplier(name: str, bits: int, x_signed: bool) -> TableMultiplier | None:
@@ -84,15 +101,14 @@ def find_user_multiplier(name: str, bits: int, x_signed: bool) -> TableMultiplie
     if meta["bits"] != bits or meta["x_signed"] != x_signed:
         raise SpecError(f"multiplier '{name}' was imported for x {fmt}, w s{meta['bits']}; "
                         f"needed here: x {'s' if x_signed else 'u'}{bits}, w s{bits}")
-    table = np.load(_entry(name) / "table.npy", allow_pickle=False)
+    table = load_table_file(_entry(name) / "table.npy", bits)
     return TableMultiplier(name, bits, x_signed, table)
 
 
 def user_energy(stream: str, bits: int) -> dict[str, float]:
     """Relative energy of every imported ``bits``-bit multiplier that has one for ``stream`` (or a stated one)."""
     out = {}
-    for name in user_names():
-        meta = read_meta(name) or {}
+    for name, meta in readable_entries().items():
         if meta.get("bits") != bits:
             continue
         if meta.get("energy_given") is not None:
@@ -136,7 +152,12 @@ def load_table_file(path: Path, bits: int) -> np.ndarray:
                            f"at {bits} bits)")
     if not np.issubdtype(table.dtype, np.integer):
         raise LibraryError(f"{path}: table dtype {table.dtype}, expected an integer dtype (exact products)")
-    return table.astype(np.int64)
+    table = table.astype(np.int64)
+    limit = 1 << (2 * bits)  # a product of two bits-wide operands, exact or approximate, fits 2 bits + 1 signed
+    if table.size and (table.max() >= limit or table.min() < -limit):
+        bad = int(table.max()) if table.max() >= limit else int(table.min())
+        raise LibraryError(f"{path}: product {bad} cannot come from {bits}-bit operands (|product| < 2^{2 * bits})")
+    return table
 
 
 def ensure_writable() -> Path:

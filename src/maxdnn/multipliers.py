@@ -393,9 +393,12 @@ def get_multiplier(spec: str, bits: int = 8, x_signed: bool = False) -> Multipli
             raise bad(f"K must be 3..{bits}")
         return DRUM(f"drum-k{k}", bits, x_signed, k)
     if not is_builtin_name(s):
-        from .multiplier_library import find_user_multiplier  # the user library of imported designs
+        from .multiplier_library import LibraryError, find_user_multiplier  # the user library of imported designs
 
-        found = find_user_multiplier(spec.strip(), bits, x_signed)
+        try:
+            found = find_user_multiplier(spec.strip(), bits, x_signed)
+        except LibraryError as e:  # a damaged entry of that name
+            raise SpecError(f"multiplier '{spec.strip()}': {e}") from None
         if found is not None:
             return found
     raise bad("unknown name; nor an imported multiplier of the user library")

