@@ -111,7 +111,7 @@ def test_pt2_files_are_loaded_without_unpickling_objects(tmp_path, marker):
     one_line_error(r, "inputs.pt2", "could run code")
 
 
-@pytest.mark.parametrize("content, problem", [(b"", "empty file"), (b"PK\x03\x04 truncated", "not a torch.export archive"),
+@pytest.mark.parametrize("content, problem", [(b"", "empty file"), (b"PK\x03\x04 truncated", "not a readable torch.export program"),
                                               (None, "not a file")])
 def test_bad_pt2_is_one_line(tmp_path, content, problem):
     path = tmp_path / "m.pt2"

@@ -169,3 +169,43 @@ def test_progress_counts_units_finished_before(tmp_path):
 
     bar = Bar()
     assert units.map(["a", "b", "c"], lambda k: 2, bar) == {"a": 1, "b": 1, "c": 2} and bar.n == 3
+
+
+OPEN_TOGETHER = """
+import sys, time
+from maxdnn.run_storage import RunStorage
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))  # every process opens the empty database at the same moment
+store = RunStorage(sys.argv[1], "race")
+store.check()
+store.work_units()
+store.study("layer-sweep")
+print("opened")
+"""
+
+
+def test_workers_started_together_on_an_empty_database_all_open_it(pg_url):
+    """Workers launched at one moment (as a cluster scheduler starts them) race to create the schema of a fresh
+    PostgreSQL database; every one of them must open it."""
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(os.environ["MAXDNN_TEST_POSTGRES"], isolation_level="AUTOCOMMIT")
+    base, name = pg_url.rsplit("/", 1)
+    for attempt in range(3):  # three rounds, each on a database nobody has opened yet
+        url = pg_url
+        if attempt:
+            url = f"{base}/{name}_r{attempt}"
+            with admin.connect() as c:
+                c.execute(sa.text(f"CREATE DATABASE {name}_r{attempt}"))
+        try:
+            start = time.time() + 3.0
+            procs = [subprocess.Popen([sys.executable, "-c", OPEN_TOGETHER, url, str(start)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for _ in range(4)]
+            for p in procs:
+                out, err = p.communicate(timeout=120)
+                assert p.returncode == 0 and out.strip() == "opened", err[-1500:]
+        finally:
+            if attempt:
+                with admin.connect() as c:
+                    c.execute(sa.text(f"DROP DATABASE {name}_r{attempt} WITH (FORCE)"))
+    admin.dispose()

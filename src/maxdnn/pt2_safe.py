@@ -77,7 +77,7 @@ def _check_archive(path: Path) -> None:
             infos = zf.infolist()
             bad = zf.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise ValueError(f"not a torch.export archive ({e})") from None
+        raise ValueError(f"not a readable torch.export program (not a zip archive: {e})") from None
     if bad is not None:
         raise ValueError(f"corrupt archive member {bad}")
     if sum(i.file_size for i in infos) > MAX_PT2_BYTES:
