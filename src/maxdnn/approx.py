@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import MaxdnnError
 from .atomic import atomic_path, load_npz, write_json
 from .multipliers import Multiplier, SpecError, get_multiplier, round_at
 from .graph import GRAPH_BITS, QuantizedGraph, pixel_rows
@@ -48,7 +49,7 @@ from .quant import ACT_MAX, FLOAT32_EXACT, conv_out_hw, float_conv_exact, layer_
 ASSIGNMENT_FORMAT = "maxdnn-assignment-v1"
 
 
-class AssignmentError(ValueError):
+class AssignmentError(MaxdnnError, ValueError):
     """A problem with an assignment, as one line naming the file and layer."""
 
 
@@ -57,7 +58,16 @@ class AssignmentError(ValueError):
 
 @dataclass
 class Assignment:
-    """Multiplier specs and, per layer, an index array [filters, input channels]."""
+    """Multiplier specs and, per layer, an index array [filters, input channels] into them (saved as JSON,
+    with an .npz beside it for kernel-level layers).
+
+    Example::
+
+        a = maxdnn.layer_assignment(graph, {"s1.conv1": "roup-p1r2"})
+        a.save("a.json")
+        b = maxdnn.Assignment.load("a.json", graph)   # checked against the graph's layers
+        b.granularity()                               # 'layer'
+    """
 
     specs: list[str]
     maps: dict[str, np.ndarray]
@@ -218,6 +228,7 @@ def assignment_key(a: Assignment) -> str:
 
 def layer_assignment(qnet, per_layer: dict[str, str], bits: int = 8) -> Assignment:
     """One multiplier per layer (layers not named are exact)."""
+    _check_layer_names(qnet, per_layer)
     specs = sorted(set(per_layer.values()) | {"exact"})
     maps = {n: np.full(l.weight.shape[:2], specs.index(per_layer.get(n, "exact")), dtype=np.int64)
             for n, l in qnet.layers.items()}
@@ -226,13 +237,22 @@ def layer_assignment(qnet, per_layer: dict[str, str], bits: int = 8) -> Assignme
 
 def filter_assignment(qnet, per_filter: dict[str, Sequence[str]], bits: int = 8) -> Assignment:
     """A multiplier per output channel (constant rows)."""
+    _check_layer_names(qnet, per_filter)
     specs = sorted({s for v in per_filter.values() for s in v} | {"exact"})
     maps = {}
     for n, l in qnet.layers.items():
         f, c = l.weight.shape[:2]
         row = [specs.index(s) for s in per_filter.get(n, ["exact"] * f)]
+        if len(row) != f:
+            raise AssignmentError(f"layer {n}: {len(row)} filter entries, the layer has {f} filters")
         maps[n] = np.repeat(np.asarray(row, dtype=np.int64)[:, None], c, axis=1)
     return Assignment(specs, maps, bits)
+
+
+def _check_layer_names(qnet, names) -> None:
+    unknown = [n for n in names if n not in qnet.layers]
+    if unknown:
+        raise AssignmentError(f"unknown layer '{unknown[0]}' (layers: {', '.join(qnet.layers)})")
 
 
 def kernel_assignment(specs: list[str], maps: dict[str, np.ndarray], bits: int = 8) -> Assignment:

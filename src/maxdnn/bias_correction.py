@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from .errors import MaxdnnError
 from .approx import ApproxNetwork, Assignment
 from .data import training_sample
 from .graph import QuantizedGraph
@@ -29,7 +30,7 @@ def correction_images(train_images: np.ndarray, n: int = CORRECTION_IMAGES, seed
     return train_images[training_sample(len(train_images), n, seed)]
 
 
-class BiasCorrectionError(ValueError):
+class BiasCorrectionError(MaxdnnError, ValueError):
     pass
 
 

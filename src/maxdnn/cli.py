@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from .errors import MaxdnnError
 from .atomic import atomic_path, write_json, write_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="Approximate multipliers in quantized DNNs (MAx-DNN).")
@@ -44,7 +45,7 @@ MODEL_HELP = ("Model: a zoo name (resnet8, resnet20), a maxdnn checkpoint (.pt),
               "(.tflite, run as deployed) or a saved integer graph (.npz, from maxdnn finetune). Default: resnet8.")
 
 
-class UserError(Exception):
+class UserError(MaxdnnError):
     """A problem with the user's input: reported as one line, exit code 2."""
 
 

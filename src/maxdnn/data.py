@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import MaxdnnError
 from .atomic import atomic_path
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SPLITS = ("train", "test")
@@ -41,12 +42,20 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 CACHE_VERSION = "1"
 
 
-class DataError(Exception):
+class DataError(MaxdnnError):
     """A problem with a data source, as one line naming the file."""
 
 
 @dataclass
 class Dataset:
+    """One split of CIFAR-10: ``images`` uint8 [N, 3, 32, 32], ``labels`` int64 [N], where they came from.
+
+    Example::
+
+        test = maxdnn.load_cifar10("cifar10-jpeg.zip", "test")
+        sample = test.sample(1000)       # a fixed seeded random sample
+    """
+
     images: np.ndarray  # uint8 [N, 3, 32, 32]
     labels: np.ndarray  # int64 [N]
     source: str

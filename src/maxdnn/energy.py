@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import MaxdnnError
 from .approx import Assignment
 from .multipliers import ROUP, Exact, get_multiplier
 
@@ -91,7 +92,7 @@ class EnergyTable:
         return 1.0 if spec == "exact" else self.rel[spec]
 
 
-class EnergyModelError(ValueError):
+class EnergyModelError(MaxdnnError, ValueError):
     """A multiplier without an energy model, as one line."""
 
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import MaxdnnError
 from .approx import Assignment, LayerPlan, transform_groups
 from .atomic import atomic_path, load_state
 from .graph import Affine, Clamp, Concat, Flatten, Merge, MulLayer, Pool, QuantizedGraph, TfliteAdd, _pool_real
@@ -45,7 +46,7 @@ from .quant import Requant
 W_MAX = 127
 
 
-class FinetuneError(ValueError):
+class FinetuneError(MaxdnnError, ValueError):
     pass
 
 

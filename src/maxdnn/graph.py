@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import MaxdnnError
 from .atomic import atomic_path, load_npz
 from ._requant_kernel import add_half_up, requant_half_up, tflite_requant
 from .quant import Requant, conv_out_hw, float_conv_exact, layer_bound, tflite_multiply_torch, tflite_single_multiply
@@ -57,7 +58,7 @@ U8 = (0, 255)
 S8 = (-128, 127)
 
 
-class GraphError(ValueError):
+class GraphError(MaxdnnError, ValueError):
     """A malformed or unreadable quantized graph, as one line."""
 
 
@@ -267,6 +268,15 @@ def _chan(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 @dataclass
 class QuantizedGraph:
+    """The 8-bit integer graph (module docstring): nodes in execution order, the fast exact engine, saving.
+
+    Example::
+
+        graph = maxdnn.quantize(maxdnn.load_model("resnet8"), train.images[:1000])
+        logits = graph.outputs(test.images)         # int64 [N, 10], the integer engine's
+        graph.save("g.npz"); again = maxdnn.QuantizedGraph.load("g.npz")
+    """
+
     input_q: QParams
     input_shape: tuple[int, int, int]  # C, H, W
     nodes: list[Node]

@@ -19,13 +19,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import MaxdnnError
 from .atomic import atomic_path
 CHECKPOINT_FORMAT = "maxdnn-model-v1"
 LEGACY_FORMATS = {"maxdnn-resnet8-v1": "resnet8"}
 DEFAULT_CHECKPOINT = "resnet8-cifar10-jpeg.pt"
 
 
-class ModelError(Exception):
+class ModelError(MaxdnnError):
     """A problem with a model file, as one line naming the file."""
 
 

@@ -27,13 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import MaxdnnError
 from .multipliers import MAX_BITS, SpecError, TableMultiplier, is_builtin_name
 
 FORMAT = "maxdnn-multiplier-v1"
 NAME_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 
 
-class LibraryError(ValueError):
+class LibraryError(MaxdnnError, ValueError):
     """A problem with an import or a library entry, as one line."""
 
 

@@ -32,11 +32,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
+from .errors import MaxdnnError
 
 MAX_BITS = 16
 
 
-class SpecError(ValueError):
+class SpecError(MaxdnnError, ValueError):
     """An unknown or out-of-range multiplier spec."""
 
 
@@ -75,7 +76,14 @@ def round_at(v, t: int):
 
 
 class Multiplier(ABC):
-    """A multiplier model: exact int64 products for integer operand arrays."""
+    """A multiplier model: exact int64 products for integer operand arrays.
+
+    Example::
+
+        m = maxdnn.get_multiplier("roup-p2r2")
+        m(np.array([100, 255]), np.array([-3, 127]))   # elementwise products
+        m.lut().shape                                  # (256, 256): every product
+    """
 
     spec: str
     x_format: OperandFormat

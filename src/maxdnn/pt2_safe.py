@@ -21,12 +21,13 @@ import threading
 import warnings
 import zipfile
 from pathlib import Path
+from .errors import MaxdnnError
 
 MAX_PT2_BYTES = 2 << 30  # 2 GiB: far above any CNN this tool emulates
 _LOCK = threading.Lock()
 
 
-class UnsafeProgram(Exception):
+class UnsafeProgram(MaxdnnError):
     """A .pt2 archive holding something that could run code."""
 
 

@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from .errors import MaxdnnError
 from .atomic import atomic_path, write_text
 from .run_storage import read_run_info
 from .front import THRESHOLDS, largest_gain_within, pareto_front, point_key
@@ -40,7 +41,7 @@ COLUMNS = ["approach", "source", "trial", "finetuned", "on_front", "granularity"
            "val_loss_pts", "test_loss_pts", "val_loss_below_noise", "pe_energy_gain"]
 
 
-class ReportError(ValueError):
+class ReportError(MaxdnnError, ValueError):
     pass
 
 

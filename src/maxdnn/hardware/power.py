@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import MaxdnnError
 from ..atomic import write_json
 from ..data import cache_dir
 from ..multipliers import ROUP, Exact, SpecError, get_multiplier
@@ -41,7 +42,7 @@ from .synth import synthesize
 UNIFORM_PAIRS = 20_000
 
 
-class NoHardwareError(ValueError):
+class NoHardwareError(MaxdnnError, ValueError):
     pass
 
 

@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..errors import MaxdnnError
 from .netlist import Netlist
 
 GATES = "AND,NAND,OR,NOR,XOR,XNOR"
@@ -31,7 +32,7 @@ READS_FILES = re.compile(r"`\s*include\b|\$readmem[bh]\b|\$fopen\b|\$fread\b|\$f
 MOUNT = "/design"  # where YoWASP's Yosys sees the synthesis folder, and nothing else
 
 
-class SynthesisError(RuntimeError):
+class SynthesisError(MaxdnnError, RuntimeError):
     pass
 
 
