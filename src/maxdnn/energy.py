@@ -31,23 +31,10 @@ import numpy as np
 
 from .errors import MaxdnnError
 from .approx import Assignment
+from .graph import multiplication_counts
 from .multipliers import ROUP, Exact, get_multiplier
 
 HARDWARE_TABLE = "energy-8bit.json"
-
-
-def multiplication_counts(qnet) -> dict[str, int]:
-    """Multiplications per kernel (f, c) per image, per layer (padding excluded)."""
-    counts = {}
-    for name, layer in qnet.layers.items():
-        kh, kw = layer.weight.shape[2:]
-        h, w = layer.in_hw
-        left, r, t, b = layer.pads
-        ho, wo = layer.out_hw
-        rows = sum(1 for oh in range(ho) for i in range(kh) if 0 <= oh * layer.stride + i - t < h)
-        cols = sum(1 for ow in range(wo) for j in range(kw) if 0 <= ow * layer.stride + j - left < w)
-        counts[name] = rows * cols
-    return counts
 
 
 def provisional_energy(spec: str, bits: int = 8) -> float:

@@ -26,3 +26,14 @@ class MaxdnnError(Exception):
     >>> issubclass(DataError, MaxdnnError)
     True
     """
+
+
+class ModelError(MaxdnnError):
+    """A problem with a model file, as one line naming the file (front ends and the zoo raise it).
+
+    Example:
+
+    >>> from maxdnn.errors import ModelError
+    >>> str(ModelError("net.pt2: empty file"))
+    'net.pt2: empty file'
+    """

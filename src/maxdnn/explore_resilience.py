@@ -148,7 +148,7 @@ def _spearman(a, b) -> float:
 def proxy_validation_layers(q: QuantizedGraph) -> tuple[str, str]:
     """(filter layer, kernel layer) whose bins validate the proxy: the hidden layer with the most
     kernels, and the hidden layer with the most multiplications besides it."""
-    from .energy import multiplication_counts
+    from .graph import multiplication_counts
 
     counts = multiplication_counts(q)
     hidden = [n for n in q.layers if n != q.output.name] or list(q.layers)

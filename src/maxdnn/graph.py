@@ -300,8 +300,6 @@ class QuantizedGraph:
     logit_scale = output_scale
 
     def describe_layers(self) -> list[dict]:
-        from .energy import multiplication_counts
-
         counts = multiplication_counts(self)
         return [{"name": n, "kind": "depthwise conv" if l.groups > 1 and l.groups == l.weight.shape[0] and l.weight.shape[1] == 1
                  else ("grouped conv" if l.groups > 1 else l.op),
@@ -527,6 +525,20 @@ def _graph_from_doc(doc, arrays) -> QuantizedGraph:
             raise GraphError(f"node {name}: unknown kind {kind!r}")
     return QuantizedGraph(QParams.from_json(doc["input_q"]), tuple(doc["input_shape"]), nodes, doc.get("meta", {}),
                           int(doc.get("pixel_offset", 0)))
+
+
+def multiplication_counts(qnet) -> dict[str, int]:
+    """Multiplications per kernel (f, c) per image, per layer (padding excluded)."""
+    counts = {}
+    for name, layer in qnet.layers.items():
+        kh, kw = layer.weight.shape[2:]
+        h, w = layer.in_hw
+        left, r, t, b = layer.pads
+        ho, wo = layer.out_hw
+        rows = sum(1 for oh in range(ho) for i in range(kh) if 0 <= oh * layer.stride + i - t < h)
+        cols = sum(1 for ow in range(wo) for j in range(kw) if 0 <= ow * layer.stride + j - left < w)
+        counts[name] = rows * cols
+    return counts
 
 
 # ---------------------------------------------------------------- the fast engine's nodes

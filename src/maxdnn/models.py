@@ -19,22 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import MaxdnnError
+from .errors import ModelError
+from .quant import same_padding
 from .atomic import atomic_path
 CHECKPOINT_FORMAT = "maxdnn-model-v1"
 LEGACY_FORMATS = {"maxdnn-resnet8-v1": "resnet8"}
 DEFAULT_CHECKPOINT = "resnet8-cifar10-jpeg.pt"
-
-
-class ModelError(MaxdnnError):
-    """A problem with a model file, as one line naming the file."""
-
-
-def same_padding(size: int, k: int, stride: int) -> tuple[int, int]:
-    """TensorFlow 'same' padding (before, after) along one axis."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + k - size, 0)
-    return total // 2, total - total // 2
 
 
 class SameConv2d(nn.Conv2d):

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from .errors import MaxdnnError
+from .multiplier_store import MAX_BITS, LibraryError, entry_dir, load_table_file, read_meta
 
-MAX_BITS = 16
 
 
 class SpecError(MaxdnnError, ValueError):
@@ -401,15 +401,26 @@ def get_multiplier(spec: str, bits: int = 8, x_signed: bool = False) -> Multipli
             raise bad(f"K must be 3..{bits}")
         return DRUM(f"drum-k{k}", bits, x_signed, k)
     if not is_builtin_name(s):
-        from .multiplier_library import LibraryError, find_user_multiplier  # the user library of imported designs
-
         try:
-            found = find_user_multiplier(spec.strip(), bits, x_signed)
+            found = user_multiplier(spec.strip(), bits, x_signed)
         except LibraryError as e:  # a damaged entry of that name
             raise SpecError(f"multiplier '{spec.strip()}': {e}") from None
         if found is not None:
             return found
     raise bad("unknown name; nor an imported multiplier of the user library")
+
+
+def user_multiplier(name: str, bits: int, x_signed: bool) -> "TableMultiplier | None":
+    """The imported multiplier ``name`` of the user library (``maxdnn.multiplier_store``) at these operand
+    formats; None when the library has no such name."""
+    meta = read_meta(name)
+    if meta is None:
+        return None
+    fmt = ("s" if meta["x_signed"] else "u") + str(meta["bits"])
+    if meta["bits"] != bits or meta["x_signed"] != x_signed:
+        raise SpecError(f"multiplier '{name}' was imported for x {fmt}, w s{meta['bits']}; "
+                        f"needed here: x {'s' if x_signed else 'u'}{bits}, w s{bits}")
+    return TableMultiplier(name, bits, x_signed, load_table_file(entry_dir(name) / "table.npy", bits))
 
 
 def roup_specs(bits: int = 8) -> list[str]:

@@ -98,6 +98,13 @@ def _trunc_div(a: np.ndarray, b: int) -> np.ndarray:
     return np.where(a < 0, -q, q)
 
 
+def same_padding(size: int, k: int, stride: int) -> tuple[int, int]:
+    """TensorFlow 'same' padding (before, after) along one axis."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    return total // 2, total - total // 2
+
+
 def conv_out_hw(in_hw, k_hw, stride: int, pads) -> tuple[int, int]:
     """Output height and width of a convolution with (left, right, top, bottom) padding."""
     left, r, t, b = pads

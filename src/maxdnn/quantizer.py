@@ -31,7 +31,7 @@ import torch
 
 from .graph import S8, U8, Add, Affine, Clamp, Concat, Flatten, MulLayer, Node, Pool, QParams, QuantizedGraph, \
     _eval_node
-from .models import ModelError
+from .errors import ModelError
 from .quant import Requant, float_conv_exact
 
 

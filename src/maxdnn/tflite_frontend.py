@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from .graph import Flatten, MulLayer, Pool, QParams, QuantizedGraph, TfliteAdd, unique_name
-from .models import ModelError, same_padding
-from .quant import Requant, conv_out_hw
+from .errors import ModelError
+from .quant import Requant, conv_out_hw, same_padding
 
 INT8, INT32, UINT8, FLOAT32 = 9, 2, 3, 0
 RANGES = {INT8: (-128, 127), UINT8: (0, 255)}

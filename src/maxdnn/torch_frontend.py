@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .graph import U8, QParams, QuantizedGraph, unique_name
-from .models import ModelError
+from .errors import ModelError
 from .quant import conv_out_hw
 from .quantizer import FNode, IntegerCalibration
 
