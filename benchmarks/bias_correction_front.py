@@ -3,14 +3,14 @@
     python benchmarks/bias_correction_front.py RUN_DIR --data cifar10-jpeg.zip
 
 For each approach and loss threshold of the report, the point chosen on validation is measured on the
-whole test split as it is and with its biases corrected (maxdnn.bias_correction, 256 training images
+whole test split as it is and with its biases corrected (maxdnn.compensate.bias_correction, 256 training images
 outside the validation hold-out). The run must have been made on the committed ResNet-8.
 """
 import argparse
 from pathlib import Path
-from maxdnn.approx import ApproxNetwork, Assignment
-from maxdnn.bias_correction import bias_corrected, correction_images
-from maxdnn.report import best_at_thresholds, read_points, THRESHOLDS
+from maxdnn.engine.approx import ApproxNetwork, Assignment
+from maxdnn.compensate.bias_correction import bias_corrected, correction_images
+from maxdnn.exploration.report import best_at_thresholds, read_points, THRESHOLDS
 from maxdnn.workload import Workload
 
 ap_ = argparse.ArgumentParser()

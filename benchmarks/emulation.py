@@ -14,7 +14,7 @@ are per assignment, scaled to the full image count. Every approximate run is che
 bit-exact against the integer reference engine on a few images first.
 Prints each time and its ratio to exact float inference (PyTorch defaults);
 on the CPU the float model on channels_last tensors is timed too, for reference.
-Freed buffers are kept for reuse (``maxdnn.allocator``, as the command line
+Freed buffers are kept for reuse (``maxdnn.engine.allocator``, as the command line
 does), for every case alike; ``--fresh-mappings`` leaves the allocator as it is.
 """
 
@@ -26,15 +26,15 @@ import time
 import numpy as np
 import torch
 
-from maxdnn.allocator import keep_freed_memory
-from maxdnn.approx import ApproxNetwork, Assignment, filter_assignment, kernel_assignment, layer_assignment, logits_shared
+from maxdnn.engine.allocator import keep_freed_memory
+from maxdnn.engine.approx import ApproxNetwork, Assignment, filter_assignment, kernel_assignment, layer_assignment, logits_shared
 from maxdnn.data import load_cifar10
-from maxdnn.graph import QuantizedGraph
-from maxdnn.models import load_model, predict
-from maxdnn.multipliers import roup_specs
-from maxdnn.quant import calibration_images
-from maxdnn.reference import reference_forward
-from maxdnn.torch_frontend import quantize_module
+from maxdnn.ir.graph import QuantizedGraph
+from maxdnn.zoo.models import load_model, predict
+from maxdnn.multipliers.models import roup_specs
+from maxdnn.ir.quant import calibration_images
+from maxdnn.engine.reference import reference_forward
+from maxdnn.frontends.pytorch import quantize_module
 
 
 def timed(fn, repeats=3):

@@ -3,7 +3,7 @@
     python benchmarks/finetune_step.py --data PATH/cifar10-jpeg.zip [--steps 20] [--batch-size 64]
 
 Times, on the same batches: one SGD step of the float ResNet-8 (the baseline, as ``maxdnn train`` trains it)
-and one step of the fine-tuning twin (``maxdnn.finetune``) under an exact, a layer-level and a kernel-level
+and one step of the fine-tuning twin (``maxdnn.compensate.finetune``) under an exact, a layer-level and a kernel-level
 ROUP assignment (kernel level: exact plus one configuration per layer, half of the kernels each, as
 MAx-DNN's kernel approach produces). Prints seconds per step and the ratio to the float step; an epoch
 costs the same ratio.
@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from maxdnn.approx import Assignment
+from maxdnn.engine.approx import Assignment
 from maxdnn.data import load_cifar10
-from maxdnn.finetune import FakeQuantTwin
-from maxdnn.models import load_model
-from maxdnn.quant import calibration_images
-from maxdnn.torch_frontend import quantize_module
+from maxdnn.compensate.finetune import FakeQuantTwin
+from maxdnn.zoo.models import load_model
+from maxdnn.ir.quant import calibration_images
+from maxdnn.frontends.pytorch import quantize_module
 
 
 def per_step(model, batches) -> float:

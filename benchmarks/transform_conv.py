@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from maxdnn.allocator import keep_freed_memory
-from maxdnn.approx import LayerPlan
-from maxdnn.multipliers import get_multiplier
+from maxdnn.engine.allocator import keep_freed_memory
+from maxdnn.engine.approx import LayerPlan
+from maxdnn.multipliers.models import get_multiplier
 
 # (input channels, filters, input height = width, kernel, stride, (left, right, top, bottom) padding)
 RESNET8_SHAPES = [

@@ -54,9 +54,9 @@ def lossless_test():
 def qnet():
     """The committed model quantized with 1000 lossless-subset training images."""
     from maxdnn.data import load_cifar10
-    from maxdnn.models import load_model
-    from maxdnn.quant import calibration_images
-    from maxdnn.torch_frontend import quantize_module
+    from maxdnn.zoo.models import load_model
+    from maxdnn.ir.quant import calibration_images
+    from maxdnn.frontends.pytorch import quantize_module
 
     train = load_cifar10(need(LOSSLESS_ZIP), "train")
     return quantize_module(load_model(), calibration_images(train.images, 1000))

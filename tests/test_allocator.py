@@ -4,7 +4,7 @@ import sys
 PROBE = """
 import resource, sys
 import numpy as np
-from maxdnn.allocator import keep_freed_memory
+from maxdnn.engine.allocator import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def faults():

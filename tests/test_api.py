@@ -9,7 +9,7 @@ import torch
 
 import maxdnn
 from conftest import LOSSLESS_ZIP, REPO, need
-from maxdnn.approx import ApproxNetwork
+from maxdnn.engine.approx import ApproxNetwork
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,18 @@ def test_import_is_lazy_and_every_public_name_is_documented_with_an_example():
         assert "Example" in doc or ">>>" in doc, f"maxdnn.{name} has no example"
     with pytest.raises(AttributeError):
         maxdnn.no_such_name
+
+
+def test_no_subpackage_shadows_an_api_name():
+    """Importing a subpackage sets it as an attribute of maxdnn: none may be named like a public name."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.walk_packages(maxdnn.__path__, "maxdnn."):
+        if info.name.count(".") == 1 and info.name != "maxdnn.__main__":
+            assert info.name.split(".")[1] not in maxdnn.__all__, info.name
+            importlib.import_module(info.name)
+    assert callable(maxdnn.explore) and callable(maxdnn.evaluate) and not isinstance(maxdnn.layers, type(maxdnn))
 
 
 def test_evaluate_and_assignments_give_the_engine_numbers(small):

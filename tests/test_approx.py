@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from maxdnn.approx import (
+from maxdnn.engine.approx import (
     ApproxNetwork,
     Assignment,
     AssignmentError,
@@ -16,8 +16,8 @@ from maxdnn.approx import (
     layer_assignment,
     lut_conv_torch,
 )
-from maxdnn.multipliers import get_multiplier, roup_specs
-from maxdnn.reference import reference_conv, reference_forward
+from maxdnn.multipliers.models import get_multiplier, roup_specs
+from maxdnn.engine.reference import reference_conv, reference_forward
 
 SEPARABLE = ["exact", "roup-p1r2", "roup-p3r7", "roup-p0r3", "roup-p2r0", "drum-k4", "ppp-j0k2"]
 LUT = SEPARABLE + ["mitchell", "trunc-k6"]
@@ -183,8 +183,8 @@ def test_cuda_paths_bit_exact(qnet, rng):
 def test_compiled_rounding_equals_round_at(rng, stacked):
     """Every rounding transform R_t (t = 0..7) of unsigned and signed operands, written by the compiled pass
     into separate or interleaved (stacked channel) outputs, equals ``multipliers.round_at``."""
-    from maxdnn._round_kernel import round_stack
-    from maxdnn.multipliers import round_at
+    from maxdnn.engine._round_kernel import round_stack
+    from maxdnn.multipliers.models import round_at
 
     x = rng.integers(-256, 512, size=(300, 5))
     x[:8, 0] = [-256, -129, -128, -1, 0, 1, 255, 511]
@@ -206,8 +206,8 @@ def test_transform_conv_kernel_matches_integer_loops(rng, geom):
     """The compiled transform convolution, every kernel reading its own transform slot (R_t roundings, the
     identity and arbitrary tables), signed and unsigned operands, for any number of images laid out together,
     against explicit per-kernel, per-tap integer sums."""
-    from maxdnn._transform_conv import ROUND_TABLE, chunk_images, transform_conv
-    from maxdnn.multipliers import round_at
+    from maxdnn.engine._transform_conv import ROUND_TABLE, chunk_images, transform_conv
+    from maxdnn.multipliers.models import round_at
 
     stride, k, _, pads = geom
     left, right, top, bottom = pads

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import LOSSLESS_ZIP, need, one_line_error
 from maxdnn.cli import app
-from maxdnn.multipliers import get_multiplier
+from maxdnn.multipliers.models import get_multiplier
 
 runner = CliRunner()
 FMT = "maxdnn-assignment-v1"
@@ -22,8 +22,8 @@ FMT = "maxdnn-assignment-v1"
 
 @pytest.fixture(scope="module")
 def graph_file(tmp_path_factory):
-    from maxdnn.models import load_model
-    from maxdnn.torch_frontend import quantize_module
+    from maxdnn.zoo.models import load_model
+    from maxdnn.frontends.pytorch import quantize_module
 
     images = np.random.default_rng(0).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)
     path = tmp_path_factory.mktemp("graph") / "g.npz"
@@ -160,11 +160,11 @@ def test_report_on_damaged_run_files(tmp_path):
 
 
 def test_a_second_explore_on_a_live_run_is_refused(tmp_path):
-    from maxdnn.run_storage import lock_run_dir
+    from maxdnn.exploration.storage import lock_run_dir
 
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from maxdnn.run_storage import lock_run_dir; lock_run_dir(Path(sys.argv[1])); "
+                               "from maxdnn.exploration.storage import lock_run_dir; lock_run_dir(Path(sys.argv[1])); "
                                "print('locked', flush=True); time.sleep(60)", str(out)],
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -5,11 +5,11 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import LOSSLESS_ZIP, need
-from maxdnn.approx import ApproxNetwork, Assignment
-from maxdnn.bias_correction import bias_corrected, correction_images, mean_accumulator_error
+from maxdnn.engine.approx import ApproxNetwork, Assignment
+from maxdnn.compensate.bias_correction import bias_corrected, correction_images, mean_accumulator_error
 from maxdnn.cli import app
 from maxdnn.data import load_cifar10, validation_split
-from maxdnn.reference import reference_forward
+from maxdnn.engine.reference import reference_forward
 
 
 def test_all_exact_network_is_never_changed(qnet, lossless_test):

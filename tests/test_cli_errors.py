@@ -74,7 +74,7 @@ def test_train_out_checked_before_any_epoch(tmp_path):
 def test_train_init_starts_from_the_checkpoint_and_checks_its_arch(tmp_path):
     import torch
 
-    from maxdnn.models import load_model
+    from maxdnn.zoo.models import load_model
 
     out = tmp_path / "m.pt"
     r = runner.invoke(app, ["train", "--data", str(need(LOSSLESS_ZIP)), "--out", str(out), "--epochs", "1",

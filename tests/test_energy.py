@@ -1,8 +1,8 @@
 import numpy as np
 
-from maxdnn.approx import Assignment, layer_assignment
+from maxdnn.engine.approx import Assignment, layer_assignment
 from maxdnn.energy import multiplication_counts, network_energy, provisional_energy
-from maxdnn.reference import reference_conv
+from maxdnn.engine.reference import reference_conv
 
 
 def test_counts_match_products_formed(qnet):
@@ -73,7 +73,7 @@ def test_per_layer_energy_by_hand(qnet, tmp_path):
 
 def test_committed_per_layer_table_covers_the_committed_model(qnet):
     from maxdnn.energy import energy_table, with_per_layer
-    from maxdnn.multipliers import roup_specs
+    from maxdnn.multipliers.models import roup_specs
 
     table = with_per_layer(energy_table(["exact"] + roup_specs(8)), "per-layer", qnet)
     assert set(table.per_layer) == set(qnet.layers)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import LOSSLESS_ZIP, need
-from maxdnn.approx import Assignment, assignment_key
-from maxdnn.explore import BUDGETS, Explorer, run_exploration
-from maxdnn.explore_resilience import taylor_proxy
-from maxdnn.front import pareto_front, point_key
-from maxdnn.report import best_at_thresholds, read_points, write_report
+from maxdnn.engine.approx import Assignment, assignment_key
+from maxdnn.exploration.explorer import BUDGETS, Explorer, run_exploration
+from maxdnn.exploration.resilience import taylor_proxy
+from maxdnn.exploration.front import pareto_front, point_key
+from maxdnn.exploration.report import best_at_thresholds, read_points, write_report
 from maxdnn.workload import Workload
 
 TINY = BUDGETS["tiny"]
@@ -278,7 +278,7 @@ def test_cli_report_and_errors(finished_run, tmp_path):
 
 
 def test_wilson_interval_and_noise():
-    from maxdnn.report import noise_pts, wilson
+    from maxdnn.exploration.report import noise_pts, wilson
 
     lo, hi = wilson(0.84, 1000)
     assert 0.815 < lo < 0.84 < hi < 0.865
@@ -306,7 +306,7 @@ def test_explore_says_what_it_does_from_the_start(tmp_path):
 
 
 def test_finetune_candidates_spread_over_the_front():
-    from maxdnn.explore_finetune import FinetuneBudget, finetune_candidates
+    from maxdnn.exploration.finetune_stage import FinetuneBudget, finetune_candidates
 
     pts = [{"approach": "kernel", "source": "sweep", "trial": i, "val_accuracy": 0.84 - 0.01 * i,
             "energy_gain": 0.1 * i} for i in range(10)]
@@ -321,9 +321,9 @@ def test_explore_finetune_stage(finished_run, tmp_path, monkeypatch):
     before and after with the same columns, and resumed without training again."""
     import shutil
 
-    import maxdnn.explore_finetune as ef
-    from maxdnn.approx import ApproxNetwork
-    from maxdnn.graph import QuantizedGraph
+    import maxdnn.exploration.finetune_stage as ef
+    from maxdnn.engine.approx import ApproxNetwork
+    from maxdnn.ir.graph import QuantizedGraph
 
     src, _ = finished_run
     run = tmp_path / "run"
@@ -418,7 +418,7 @@ def test_rerun_of_a_finished_run_adds_to_its_wall_time(finished_run, tmp_path):
 
 
 def test_spread_in_gain_takes_the_ends_then_halves_the_largest_gaps():
-    from maxdnn.front import spread_in_gain
+    from maxdnn.exploration.front import spread_in_gain
 
     front = [{"energy_gain": g} for g in (0.0, 0.1, 0.15, 0.2, 0.3, 0.5, 0.9)]
     gains = lambda pts: [p["energy_gain"] for p in pts]  # noqa: E731
@@ -431,7 +431,7 @@ def test_spread_in_gain_takes_the_ends_then_halves_the_largest_gaps():
 
 
 def test_test_selection_keeps_the_cited_points_and_spreads_the_rest():
-    from maxdnn.front import THRESHOLDS, test_selection
+    from maxdnn.exploration.front import THRESHOLDS, test_selection
 
     front = [{"val_accuracy": 0.84 - 0.0025 * i, "energy_gain": 0.03 * i} for i in range(25)]
     assert test_selection(front, 0.84, 0) == front and test_selection(front, 0.84, 30) == front

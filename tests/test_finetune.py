@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import LOSSLESS_ZIP, need
-from maxdnn.approx import ApproxNetwork, Assignment
+from maxdnn.engine.approx import ApproxNetwork, Assignment
 from maxdnn.data import load_cifar10, validation_split
-from maxdnn.finetune import FakeQuantTwin, FinetuneError, finetune
-from maxdnn.graph import QuantizedGraph
-from maxdnn.reference import reference_forward
+from maxdnn.compensate.finetune import FakeQuantTwin, FinetuneError, finetune
+from maxdnn.ir.graph import QuantizedGraph
+from maxdnn.engine.reference import reference_forward
 
 
 @pytest.mark.parametrize("specs", [["exact", "roup-p1r2", "roup-p2r3", "roup-p0r4"], ["exact", "roup-p1r2", "drum-k4"]])
@@ -72,7 +72,7 @@ def test_short_finetune_beats_ptq_and_runs_bit_exactly(qnet, lossless_test, tmp_
 
 def test_tflite_graphs_are_refused():
     from conftest import SHARED
-    from maxdnn.tflite_frontend import load_tflite
+    from maxdnn.frontends.tflite import load_tflite
 
     g = load_tflite(need(SHARED / "models" / "mlperf-tiny-resnet8" / "pretrainedResnet_quant.tflite"))
     with pytest.raises(FinetuneError, match="TFLite"):

@@ -9,12 +9,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import LOSSLESS_ZIP, need
-from maxdnn.approx import ApproxNetwork, Assignment, filter_assignment, kernel_assignment, layer_assignment, logits_shared
-from maxdnn.graph import Add, Affine, Clamp, Concat, Flatten, GraphError, MulLayer, Pool, QuantizedGraph
-from maxdnn.models import ModelError, load_model
-from maxdnn.multipliers import roup_specs
-from maxdnn.reference import reference_forward
-from maxdnn.torch_frontend import quantize_module
+from maxdnn.engine.approx import ApproxNetwork, Assignment, filter_assignment, kernel_assignment, layer_assignment, logits_shared
+from maxdnn.ir.graph import Add, Affine, Clamp, Concat, Flatten, GraphError, MulLayer, Pool, QuantizedGraph
+from maxdnn.zoo.models import ModelError, load_model
+from maxdnn.multipliers.models import roup_specs
+from maxdnn.engine.reference import reference_forward
+from maxdnn.frontends.pytorch import quantize_module
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -347,9 +347,9 @@ def _export_depthwise_32(path):
 def test_exploration_and_model_stream_on_a_pt2_network(tmp_path):
     """Nothing above the graph knows the network: a tiny exploration and the hardware model stream
     on a non-zoo .pt2 network with depthwise and signed-input layers."""
-    from maxdnn.explore import BUDGETS, Explorer, run_exploration
+    from maxdnn.exploration.explorer import BUDGETS, Explorer, run_exploration
     from maxdnn.hardware.power import model_stream
-    from maxdnn.report import read_points, write_report
+    from maxdnn.exploration.report import read_points, write_report
     from maxdnn.workload import Workload
 
     pt2 = _export_depthwise_32(tmp_path / "dw.pt2")

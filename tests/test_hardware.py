@@ -11,7 +11,7 @@ from maxdnn.hardware.booth_verilog import booth_multiplier_verilog
 from maxdnn.hardware.netlist import Netlist
 from maxdnn.hardware.power import hardware_report, netlist_for, stream_energy, uniform_stream
 from maxdnn.hardware.synth import synthesize
-from maxdnn.multipliers import get_multiplier, roup_specs
+from maxdnn.multipliers.models import get_multiplier, roup_specs
 
 XS = np.repeat(np.arange(256), 256)
 WS = np.tile(np.arange(-128, 128), 256)
@@ -201,7 +201,7 @@ def test_pe_gain_in_network_energy(qnet):
     import json as _json
     from importlib import resources
 
-    from maxdnn.approx import Assignment
+    from maxdnn.engine.approx import Assignment
     from maxdnn.energy import network_energy
 
     doc = _json.loads((resources.files("maxdnn") / "data_files" / "energy-8bit.json").read_text())

@@ -14,7 +14,7 @@ from maxdnn.cli import app
 from maxdnn.hardware.liberty import LibertyError, read_liberty
 from maxdnn.hardware.netlist import Netlist
 from maxdnn.hardware.power import netlist_for, stream_energy, uniform_stream
-from maxdnn.multipliers import get_multiplier
+from maxdnn.multipliers.models import get_multiplier
 
 # capacitance in pF, voltage in mV, leakage in nW: every unit is converted
 HANDMADE = """

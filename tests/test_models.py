@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import MLPERF_H5, need
-from maxdnn.models import ModelError, ResNet8, load_model, predict, same_padding, save_checkpoint
+from maxdnn.zoo.models import ModelError, ResNet8, load_model, predict, same_padding, save_checkpoint
 
 
 def test_resnet8_shape():
@@ -58,7 +58,7 @@ def test_checkpoint_roundtrip(tmp_path):
 
 
 def test_training_resumes_exactly(tmp_path):
-    from maxdnn.train import train
+    from maxdnn.zoo.train import train
 
     r = np.random.default_rng(0)
     imgs = r.integers(0, 256, (64, 3, 32, 32), dtype=np.uint8)
@@ -85,7 +85,7 @@ def test_training_resumes_exactly(tmp_path):
 
 
 def test_augment_is_per_sample_crop_and_flip():
-    from maxdnn.train import augment
+    from maxdnn.zoo.train import augment
 
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4) + 1
     g = torch.Generator().manual_seed(0)

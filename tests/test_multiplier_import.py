@@ -8,13 +8,13 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import LOSSLESS_ZIP, need, one_line_error
-from maxdnn.approx import ApproxNetwork, Assignment
+from maxdnn.engine.approx import ApproxNetwork, Assignment
 from maxdnn.cli import app
 from maxdnn.energy import EnergyModelError, energy_table, network_energy
 from maxdnn.hardware.design_import import import_table, import_verilog
 from maxdnn.hardware.power import uniform_stream, verilog_for
-from maxdnn.multiplier_library import LibraryError
-from maxdnn.multipliers import SpecError, TableMultiplier, get_multiplier
+from maxdnn.multipliers.library import LibraryError
+from maxdnn.multipliers.models import SpecError, TableMultiplier, get_multiplier
 
 runner = CliRunner()
 
@@ -177,7 +177,7 @@ def test_table_energy_rules(tmp_path, library):
 def test_imported_table_runs_bit_exact_like_the_builtin(tmp_path, library, qnet, lossless_test):
     """A table import of roup-p1r2 gives the built-in's outputs (LUT path against the separable path),
     and its proxy (error gather) equals the separable proxy."""
-    from maxdnn.explore_resilience import taylor_proxy
+    from maxdnn.exploration.resilience import taylor_proxy
 
     np.save(tmp_path / "t.npy", get_multiplier("roup-p1r2").lut())
     import_table(tmp_path / "t.npy", "as-table", energy=0.5)
@@ -198,7 +198,7 @@ def test_imported_table_runs_bit_exact_like_the_builtin(tmp_path, library, qnet,
 
 def test_exploration_with_an_imported_library(tmp_path, library):
     """Layer/filter/kernel and ALWANN-style approaches choose imported designs; one without energy is refused."""
-    from maxdnn.explore import BUDGETS, Explorer, run_exploration
+    from maxdnn.exploration.explorer import BUDGETS, Explorer, run_exploration
     from maxdnn.workload import Workload
 
     import_verilog(write(tmp_path, "t.v", TRUNC_V), "drop2", "drop2", streams=[uniform_stream()])

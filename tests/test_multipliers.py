@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from maxdnn.multipliers import (
+from maxdnn.multipliers.models import (
     SpecError,
     booth_digits,
     default_family,
@@ -146,7 +146,7 @@ def test_operand_range_checked():
 
 
 def test_error_metrics_definitions_by_hand():
-    from maxdnn.error_metrics import error_metrics
+    from maxdnn.multipliers.metrics import error_metrics
 
     m = get_multiplier("roup-p0r1", bits=2)  # x in 0..3, w in -2..1
     xs = np.arange(4)[:, None]
@@ -172,7 +172,7 @@ def test_error_metrics_definitions_by_hand():
 
 
 def test_error_metrics_sampled_at_16_bits():
-    from maxdnn.error_metrics import error_metrics
+    from maxdnn.multipliers.metrics import error_metrics
 
     r = error_metrics(get_multiplier("roup-p1r1", 16), samples=10_000)
     assert r.samples == 10_000 and 0 < r.error_rate <= 1

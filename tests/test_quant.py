@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from conftest import JPEG_ZIP, MLPERF_H5, need
-from maxdnn.graph import QuantizedGraph
-from maxdnn.quant import float_conv_exact, quantize_multiplier
-from maxdnn.reference import exact_prod, reference_conv, reference_forward
+from maxdnn.ir.graph import QuantizedGraph
+from maxdnn.ir.quant import float_conv_exact, quantize_multiplier
+from maxdnn.engine.reference import exact_prod, reference_conv, reference_forward
 
 
 def scalar_conv(x, w, stride, pads):
@@ -75,9 +75,9 @@ def test_fast_engine_equals_reference_random_and_real(qnet, lossless_test, rng):
 
 def test_mlperf_model_int8_equals_reference(lossless_test):
     from maxdnn.data import load_cifar10
-    from maxdnn.models import load_model
-    from maxdnn.quant import calibration_images
-    from maxdnn.torch_frontend import quantize_module as quantize
+    from maxdnn.zoo.models import load_model
+    from maxdnn.ir.quant import calibration_images
+    from maxdnn.frontends.pytorch import quantize_module as quantize
 
     from conftest import LOSSLESS_ZIP
 
@@ -93,9 +93,9 @@ def test_quantization_costs_at_most_one_point_on_jpeg_test_set(name, floor):
     """The committed zoo checkpoints on the 10,000 JPEG test images: float at least ``floor`` (ResNet-20:
     the 86% target), int8 within one point of float."""
     from maxdnn.data import load_cifar10
-    from maxdnn.models import load_model, predict
-    from maxdnn.quant import calibration_images
-    from maxdnn.torch_frontend import quantize_module as quantize
+    from maxdnn.zoo.models import load_model, predict
+    from maxdnn.ir.quant import calibration_images
+    from maxdnn.frontends.pytorch import quantize_module as quantize
 
     test = load_cifar10(need(JPEG_ZIP), "test")
     train = load_cifar10(JPEG_ZIP, "train")
@@ -128,7 +128,7 @@ def test_extreme_layers_past_2_24_bit_exact(qnet, rng):
     """Weights at +-127 and saturated inputs push accumulators past 2^24 (float64 paths), exactly."""
     import copy
 
-    from maxdnn.approx import ApproxNetwork, kernel_assignment
+    from maxdnn.engine.approx import ApproxNetwork, kernel_assignment
 
     q = copy.deepcopy(qnet)
     q.__dict__.pop("_tp", None)
@@ -146,7 +146,7 @@ def test_extreme_layers_past_2_24_bit_exact(qnet, rng):
     assert np.array_equal(reference_forward(q, imgs), q.forward_int(torch.as_tensor(imgs)).numpy())
     specs = ["exact", "roup-p1r1", "mitchell"]
     a = kernel_assignment(specs, {n: rng.integers(0, 3, l.weight.shape[:2]) for n, l in q.layers.items()})
-    from maxdnn.multipliers import get_multiplier
+    from maxdnn.multipliers.models import get_multiplier
 
     mults = [get_multiplier(s) for s in specs]
     ref = reference_forward(q, imgs, lambda name: (lambda f, c: mults[a.maps[name][f, c]]))
@@ -177,8 +177,8 @@ def _multiply_by_quantized_multiplier(x: int, m0: int, shift: int) -> int:
 @pytest.mark.parametrize("per_tensor", [False, True])
 def test_tflite_requantization_three_forms_equal_the_definition(rng, per_tensor):
     """numpy, torch and the compiled kernel against a scalar transcription of TFLite's kernel code."""
-    from maxdnn._requant_kernel import tflite_requant
-    from maxdnn.quant import tflite_multiply, tflite_multiply_torch, tflite_single_multiply
+    from maxdnn.ir._requant_kernel import tflite_requant
+    from maxdnn.ir.quant import tflite_multiply, tflite_multiply_torch, tflite_single_multiply
 
     c = 1 if per_tensor else 6
     acc = rng.integers(-(1 << 22), 1 << 22, (3, 6, 4, 5))
@@ -211,8 +211,8 @@ def test_tflite_requantization_three_forms_equal_the_definition(rng, per_tensor)
 def test_compiled_half_up_requant_equals_the_torch_form(rng, per_tensor, layout):
     """The one-pass CPU requantization (bias, half-up multiply-shift, zero point, clamp) gives exactly the
     torch form's float64 results, including accumulators where acc * m0 is rounded (past 2^53)."""
-    from maxdnn.graph import QParams, _requant_cpu
-    from maxdnn.quant import quantize_multiplier
+    from maxdnn.ir.graph import QParams, _requant_cpu
+    from maxdnn.ir.quant import quantize_multiplier
 
     f = 1 if per_tensor else 7
     acc = rng.integers(-(1 << 23), 1 << 23, size=(5, 7, 6, 4)).astype(np.float64)
@@ -242,8 +242,8 @@ def test_compiled_half_up_requant_equals_the_torch_form(rng, per_tensor, layout)
 def test_compiled_add_equals_the_torch_form(rng, which):
     """The one-pass CPU Add (zero points, per-input requantization, output zero point, clamp) gives exactly
     the torch form's float64 results, inputs in mixed layouts."""
-    from maxdnn.graph import Add, QParams, _add_cpu
-    from maxdnn.quant import quantize_multiplier
+    from maxdnn.ir.graph import Add, QParams, _add_cpu
+    from maxdnn.ir.quant import quantize_multiplier
 
     def rq(f):
         m0, shift = zip(*(quantize_multiplier(float(s)) for s in rng.uniform(0.05, 1.9, size=f)))

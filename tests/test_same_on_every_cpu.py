@@ -19,9 +19,9 @@ NARROWED = {
 QUANTIZE = """
 import sys, torch
 from maxdnn.data import load_cifar10
-from maxdnn.models import load_model
-from maxdnn.quant import calibration_images
-from maxdnn.torch_frontend import quantize_module
+from maxdnn.zoo.models import load_model
+from maxdnn.ir.quant import calibration_images
+from maxdnn.frontends.pytorch import quantize_module
 torch.set_num_threads(int(sys.argv[3]))
 train = load_cifar10(sys.argv[1], "train")
 quantize_module(load_model(sys.argv[4]), calibration_images(train.images, 300)).save(sys.argv[2])

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import JPEG_ZIP, LOSSLESS_ZIP, SHARED, need
-from maxdnn.approx import ApproxNetwork, kernel_assignment
-from maxdnn.models import ModelError
-from maxdnn.multipliers import roup_specs
-from maxdnn.reference import reference_forward
-from maxdnn.tflite_frontend import load_tflite
+from maxdnn.engine.approx import ApproxNetwork, kernel_assignment
+from maxdnn.zoo.models import ModelError
+from maxdnn.multipliers.models import roup_specs
+from maxdnn.engine.reference import reference_forward
+from maxdnn.frontends.tflite import load_tflite
 
 TFLITE = SHARED / "models" / "mlperf-tiny-resnet8" / "pretrainedResnet_quant.tflite"
 
@@ -128,7 +128,7 @@ def test_nine_bit_operand_refused_for_approximation(graph):
     in one line."""
     import copy
 
-    from maxdnn.approx import AssignmentError, layer_assignment
+    from maxdnn.engine.approx import AssignmentError, layer_assignment
 
     g = copy.deepcopy(graph)
     g.__dict__.pop("_tp", None)
@@ -142,8 +142,8 @@ def test_nine_bit_operand_refused_for_approximation(graph):
 @pytest.mark.slow
 def test_tiny_exploration_on_the_tflite_model(tmp_path):
     """Assignments, energy accounting and the exploration run on the imported model as on any graph."""
-    from maxdnn.explore import BUDGETS, Explorer, run_exploration
-    from maxdnn.report import read_points, write_report
+    from maxdnn.exploration.explorer import BUDGETS, Explorer, run_exploration
+    from maxdnn.exploration.report import read_points, write_report
     from maxdnn.workload import Workload
 
     ex = Explorer(tmp_path / "run", Workload.open(str(need(TFLITE)), need(LOSSLESS_ZIP)), BUDGETS["tiny"],

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from conftest import LOSSLESS_ZIP, need, one_line_error
 from maxdnn.cli import app
 from maxdnn.data import CLASSES, MAX_IMAGE_BYTES, DataError, load_cifar10
-from maxdnn.models import ModelError, load_model
+from maxdnn.zoo.models import ModelError, load_model
 
 
 class Payload:
@@ -124,10 +124,10 @@ def test_bad_pt2_is_one_line(tmp_path, content, problem):
 
 
 def test_training_state_files_cannot_run_code(tmp_path, marker):
-    from maxdnn.approx import Assignment
-    from maxdnn.finetune import FinetuneError, finetune
-    from maxdnn.train import train
-    from maxdnn.torch_frontend import quantize_module
+    from maxdnn.engine.approx import Assignment
+    from maxdnn.compensate.finetune import FinetuneError, finetune
+    from maxdnn.zoo.train import train
+    from maxdnn.frontends.pytorch import quantize_module
 
     images = np.random.default_rng(0).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)
     labels = np.arange(8) % 10

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from conftest import LOSSLESS_ZIP, need
 from maxdnn.cli import app
-from maxdnn.explore import BUDGETS
-from maxdnn.run_storage import RunStorage
+from maxdnn.exploration.explorer import BUDGETS
+from maxdnn.exploration.storage import RunStorage
 
 TINY = BUDGETS["tiny"]
 ARGS = ["--budget", "tiny", "--approach", "filter"]
@@ -83,7 +83,7 @@ def test_three_workers_on_postgres_equal_one_worker(one_worker, pg_url, tmp_path
 
 
 def test_claims_are_exclusive_and_dead_workers_units_are_taken_over(pg_url, monkeypatch):
-    import maxdnn.work_units as wu
+    import maxdnn.runs.work_units as wu
 
     a, b = wu.WorkUnits(pg_url, "s"), wu.WorkUnits(pg_url, "s")
     assert a.claim("k1") and not b.claim("k1")  # exactly one wins
@@ -156,7 +156,7 @@ def test_unreachable_server_is_one_line_within_seconds(tmp_path):
 
 def test_progress_counts_units_finished_before(tmp_path):
     """A resumed stage's bar starts at the units finished before, and ends at the total."""
-    import maxdnn.work_units as wu
+    import maxdnn.runs.work_units as wu
 
     units = wu.WorkUnits(f"sqlite:///{tmp_path / 'units.db'}")
     units.map(["a", "b"], lambda k: 1)
@@ -173,7 +173,7 @@ def test_progress_counts_units_finished_before(tmp_path):
 
 OPEN_TOGETHER = """
 import sys, time
-from maxdnn.run_storage import RunStorage
+from maxdnn.exploration.storage import RunStorage
 start = float(sys.argv[2])
 time.sleep(max(0.0, start - time.time()))  # every process opens the empty database at the same moment
 store = RunStorage(sys.argv[1], "race")

@@ -19,8 +19,8 @@ _API = {
     "filter_assignment": "maxdnn.api", "kernel_assignment": "maxdnn.api", "evaluate": "maxdnn.api",
     "Evaluation": "maxdnn.api", "approximate": "maxdnn.api", "ApproximateModule": "maxdnn.api",
     "explore": "maxdnn.api", "Run": "maxdnn.api",
-    "Assignment": "maxdnn.approx", "QuantizedGraph": "maxdnn.graph", "Dataset": "maxdnn.data",
-    "Multiplier": "maxdnn.multipliers", "MaxdnnError": "maxdnn.errors",
+    "Assignment": "maxdnn.engine.approx", "QuantizedGraph": "maxdnn.ir.graph", "Dataset": "maxdnn.data",
+    "Multiplier": "maxdnn.multipliers.models", "MaxdnnError": "maxdnn.errors",
 }
 __all__ = sorted(_API) + ["__version__"]
 

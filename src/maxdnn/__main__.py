@@ -1,3 +1,3 @@
-from .cli import main
+from maxdnn.cli import main
 
 main()

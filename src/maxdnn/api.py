@@ -26,13 +26,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .approx import ApproxNetwork, Assignment, _check_layer_names
-from .approx import filter_assignment as _filter_assignment
-from .approx import layer_assignment as _layer_assignment
-from .data import Dataset, load_cifar10 as _load_cifar10
-from .errors import MaxdnnError
-from .graph import QuantizedGraph
-from .multipliers import Multiplier, get_multiplier as _get_multiplier
+from maxdnn.engine.approx import ApproxNetwork, Assignment, _check_layer_names
+from maxdnn.engine.approx import filter_assignment as _filter_assignment
+from maxdnn.engine.approx import layer_assignment as _layer_assignment
+from maxdnn.data import Dataset, load_cifar10 as _load_cifar10
+from maxdnn.errors import MaxdnnError
+from maxdnn.ir.graph import QuantizedGraph
+from maxdnn.multipliers.models import Multiplier, get_multiplier as _get_multiplier
 
 
 def load_model(spec: str | os.PathLike | None = None) -> nn.Module | QuantizedGraph:
@@ -46,14 +46,14 @@ def load_model(spec: str | os.PathLike | None = None) -> nn.Module | QuantizedGr
         model = maxdnn.load_model("resnet8")
         graph = maxdnn.load_model("pretrainedResnet_quant.tflite")   # already integer
     """
-    from .models import ModelError, load_model as _load
+    from maxdnn.zoo.models import ModelError, load_model as _load
 
     if spec is not None and str(spec).lower().endswith(".tflite"):
-        from .tflite_frontend import load_tflite
+        from maxdnn.frontends.tflite import load_tflite
 
         return load_tflite(spec)
     if spec is not None and str(spec).lower().endswith(".npz"):
-        from .graph import GraphError
+        from maxdnn.ir.graph import GraphError
 
         try:
             return QuantizedGraph.load(spec)
@@ -75,7 +75,7 @@ def quantize(model: nn.Module | QuantizedGraph, calibration_images: np.ndarray,
     """
     if isinstance(model, QuantizedGraph):
         return model
-    from .torch_frontend import quantize_module
+    from maxdnn.frontends.pytorch import quantize_module
 
     return quantize_module(model, calibration_images, percentile)
 
@@ -209,7 +209,7 @@ def evaluate(graph: QuantizedGraph, images: np.ndarray, labels: np.ndarray, assi
         print(f"{100 * r.accuracy:.2f}% at {100 * r.energy_gain:.1f}% multiplication energy gain")
     """
     images, labels = np.asarray(images), np.asarray(labels)
-    from .workload import check_outputs
+    from maxdnn.workload import check_outputs
 
     energy: dict = {}
     if assignment is None:
@@ -219,11 +219,11 @@ def evaluate(graph: QuantizedGraph, images: np.ndarray, labels: np.ndarray, assi
         if bias_correction is not False and bias_correction is not None:
             if isinstance(bias_correction, bool):
                 raise MaxdnnError("bias_correction: pass the training images to correct on (uint8 [N, C, H, W])")
-            from .bias_correction import bias_corrected
+            from maxdnn.compensate.bias_correction import bias_corrected
 
             graph = bias_corrected(graph, a, np.asarray(bias_correction))
         outs = ApproxNetwork(graph, a, device=device).outputs(images, batch_size)
-        from .energy import EnergyModelError, network_energy
+        from maxdnn.energy import EnergyModelError, network_energy
 
         try:
             energy = network_energy(graph, a)
@@ -246,7 +246,7 @@ class ApproximateModule(nn.Module):
 
     def __init__(self, graph: QuantizedGraph, assignment: Assignment, exact_forward: bool = True):
         super().__init__()
-        from .finetune import FakeQuantTwin
+        from maxdnn.compensate.finetune import FakeQuantTwin
 
         self.twin = FakeQuantTwin(graph, assignment)
         self.assignment = self.twin.a
@@ -315,8 +315,8 @@ class Run:
             run = maxdnn.Run.open("runs/quick")
             run.best["kernel"][1.0]["energy_gain"]
         """
-        from .report import read_points
-        from .run_storage import read_run_info
+        from maxdnn.exploration.report import read_points
+        from maxdnn.exploration.storage import read_run_info
 
         folder = Path(folder)
         info = read_run_info(folder)
@@ -336,7 +336,7 @@ class Run:
     @property
     def best(self) -> dict:
         """{approach: {threshold in points: best point or None}}, chosen on validation."""
-        from .report import best_at_thresholds
+        from maxdnn.exploration.report import best_at_thresholds
 
         return best_at_thresholds(self.points)
 
@@ -345,7 +345,7 @@ def explore(out: str | os.PathLike, data: str | os.PathLike, model: str | None =
             approaches: Sequence[str] | None = None, progress: bool = True, **options) -> Run:
     """The MAx-DNN exploration (``maxdnn explore``): resilience, layer / filter / kernel sweeps and NSGA-II, the
     ALWANN-style search, test-set numbers and the report, in the run folder ``out`` (rerun to resume).
-    ``options`` go to ``maxdnn.explore.Explorer`` (``library``, ``bias_correction``, ``energy``, ``seed``,
+    ``options`` go to ``maxdnn.exploration.explorer.Explorer`` (``library``, ``bias_correction``, ``energy``, ``seed``,
     ``storage``).
 
     Example::
@@ -354,10 +354,10 @@ def explore(out: str | os.PathLike, data: str | os.PathLike, model: str | None =
         for ap, per in run.best.items():
             print(ap, per[1.0] and per[1.0]["energy_gain"])
     """
-    from .explore import BUDGETS, Explorer, run_exploration
-    from .front import APPROACHES
-    from .report import write_report
-    from .workload import Workload
+    from maxdnn.exploration.explorer import BUDGETS, Explorer, run_exploration
+    from maxdnn.exploration.front import APPROACHES
+    from maxdnn.exploration.report import write_report
+    from maxdnn.workload import Workload
 
     if budget not in BUDGETS:
         raise MaxdnnError(f"budget {budget!r}: expected one of {', '.join(BUDGETS)}")

@@ -10,8 +10,8 @@ from typing import Optional
 
 import typer
 
-from .errors import MaxdnnError
-from .atomic import atomic_path, write_json, write_text
+from maxdnn.errors import MaxdnnError
+from maxdnn.atomic import atomic_path, write_json, write_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="Approximate multipliers in quantized DNNs (MAx-DNN).")
 
@@ -31,9 +31,9 @@ def _root(_: bool = typer.Option(False, "--version", callback=_version, is_eager
               None, "--multiplier-dir", envvar="MAXDNN_MULTIPLIERS",
               help="User library of imported multipliers (default ~/.local/share/maxdnn/multipliers).")) -> None:
     """Approximate multipliers in quantized DNNs (MAx-DNN)."""
-    from .allocator import keep_freed_memory
+    from maxdnn.engine.allocator import keep_freed_memory
 
-    keep_freed_memory()  # batches reuse freed buffers instead of faulting fresh mappings in (maxdnn.allocator)
+    keep_freed_memory()  # batches reuse freed buffers instead of faulting fresh mappings in (maxdnn.engine.allocator)
     if multiplier_dir is not None:
         import os
 
@@ -72,9 +72,9 @@ def multipliers(
         return
     import numpy as np
 
-    from .error_metrics import error_metrics
-    from .multiplier_library import readable_entries
-    from .multipliers import SpecError, default_family, get_multiplier
+    from maxdnn.multipliers.metrics import error_metrics
+    from maxdnn.multipliers.library import readable_entries
+    from maxdnn.multipliers.models import SpecError, default_family, get_multiplier
 
     if spec:
         specs = list(spec)
@@ -129,9 +129,9 @@ def multipliers_import(
     replace: bool = typer.Option(False, "--replace", help="Overwrite an imported multiplier of the same name."),
 ):
     """Import a multiplier: Verilog is synthesized (Yosys), tabulated exhaustively and its energy simulated."""
-    from .hardware.design_import import import_table, import_verilog
-    from .hardware.power import uniform_stream
-    from .multiplier_library import LibraryError, ensure_writable, library_dir
+    from maxdnn.hardware.design_import import import_table, import_verilog
+    from maxdnn.hardware.power import uniform_stream
+    from maxdnn.multipliers.library import LibraryError, ensure_writable, library_dir
 
     if not file.is_file():  # before any stream is built
         fail(f"{file}: no such file")
@@ -173,11 +173,11 @@ ENERGY_HELP = ("Energy per multiplication: average (one operand stream for every
 def _model_stream_or_fail(model, data, name, per_layer: bool = False):
     """The weight-stationary operand stream of a model (default the committed ResNet-8); with ``per_layer``
     (stream, {layer: its own stream}, quantized graph)."""
-    from .data import DataError
-    from .hardware.power import layer_streams, model_stream
-    from .models import ModelError
-    from .quant import calibration_images
-    from .workload import Workload
+    from maxdnn.data import DataError
+    from maxdnn.hardware.power import layer_streams, model_stream
+    from maxdnn.zoo.models import ModelError
+    from maxdnn.ir.quant import calibration_images
+    from maxdnn.workload import Workload
 
     try:
         wl = Workload.open(model, _data_or_fail(data))
@@ -193,7 +193,7 @@ def _model_stream_or_fail(model, data, name, per_layer: bool = False):
 
 
 def _data_or_fail(data):
-    from .data import DataError, resolve_data
+    from maxdnn.data import DataError, resolve_data
 
     try:
         return resolve_data(data)
@@ -202,7 +202,7 @@ def _data_or_fail(data):
 
 
 def _load_split(data, split):
-    from .data import DataError, load_cifar10
+    from maxdnn.data import DataError, load_cifar10
 
     try:
         return load_cifar10(_data_or_fail(data), split)
@@ -213,7 +213,7 @@ def _load_split(data, split):
 @app.command("download-data")
 def download_data(dest: Optional[Path] = typer.Option(None, help="Folder for cifar-10-python.tar.gz (default: the cache).")):
     """Download the official CIFAR-10 archive and verify its MD5."""
-    from .data import DataError, download_cifar10
+    from maxdnn.data import DataError, download_cifar10
 
     try:
         typer.echo(str(download_cifar10(dest)))
@@ -240,9 +240,9 @@ def train(
 
     import tempfile
 
-    from .data import validation_split
-    from .models import ARCHITECTURES
-    from .train import train as run_train
+    from maxdnn.data import validation_split
+    from maxdnn.zoo.models import ARCHITECTURES
+    from maxdnn.zoo.train import train as run_train
 
     if arch not in ARCHITECTURES:
         fail(f"--arch {arch}: expected one of {', '.join(ARCHITECTURES)}")
@@ -254,7 +254,7 @@ def train(
         fail(f"{out}: cannot write the checkpoint there ({e.strerror})")
     init_model = None
     if init is not None:
-        from .models import ModelError, arch_of, load_model
+        from maxdnn.zoo.models import ModelError, arch_of, load_model
         try:
             init_model = load_model(init)
         except ModelError as e:
@@ -292,11 +292,11 @@ def finetune(
     """Approximation-aware fine-tuning: train the quantized model with the assignment's arithmetic in the forward pass."""
     import tempfile
 
-    from .approx import Assignment, AssignmentError
-    from .data import DataError, training_sample
-    from .finetune import FinetuneError, finetune as run_finetune
-    from .models import ModelError
-    from .workload import Workload
+    from maxdnn.engine.approx import Assignment, AssignmentError
+    from maxdnn.data import DataError, training_sample
+    from maxdnn.compensate.finetune import FinetuneError, finetune as run_finetune
+    from maxdnn.zoo.models import ModelError
+    from maxdnn.workload import Workload
 
     if epochs <= 0 or batch_size <= 0 or lr <= 0 or (images is not None and images <= 0):
         fail("--epochs, --batch-size, --lr and --images must be positive")
@@ -344,14 +344,14 @@ def evaluate(
     energy: str = typer.Option("average", help=ENERGY_HELP),
 ):
     """Accuracy (and, with --assign, multiplication energy) of a model on CIFAR-10."""
-    from .approx import ApproxNetwork, Assignment, AssignmentError
-    from .data import DataError
-    from .energy import EnergyModelError, energy_table, network_energy, with_per_layer
-    from .multipliers import SpecError
+    from maxdnn.engine.approx import ApproxNetwork, Assignment, AssignmentError
+    from maxdnn.data import DataError
+    from maxdnn.energy import EnergyModelError, energy_table, network_energy, with_per_layer
+    from maxdnn.multipliers.models import SpecError
     import numpy as np
 
-    from .models import ModelError, float_outputs
-    from .workload import Workload, accuracy, check_outputs, describe_data
+    from maxdnn.zoo.models import ModelError, float_outputs
+    from maxdnn.workload import Workload, accuracy, check_outputs, describe_data
 
     if precision not in ("float", "int8"):
         fail(f"--precision {precision}: expected float or int8")
@@ -385,7 +385,7 @@ def evaluate(
             else:
                 a = Assignment.load(assign, q)
                 if bias_correction:
-                    from .bias_correction import BiasCorrectionError, bias_corrected, correction_images
+                    from maxdnn.compensate.bias_correction import BiasCorrectionError, bias_corrected, correction_images
 
                     images = correction_images(wl.split("train").images)
                     try:
@@ -452,13 +452,13 @@ def explore(
     """MAx-DNN exploration: resilience, the three approaches and ALWANN, Pareto report."""
     import time
 
-    from .data import DataError
-    from .explore import APPROACHES, BUDGETS, Explorer, run_exploration
-    from .explore_finetune import FINETUNE_BUDGETS
-    from .finetune import check_finetunable
-    from .models import ModelError
-    from .report import write_report
-    from .workload import Workload
+    from maxdnn.data import DataError
+    from maxdnn.exploration.explorer import APPROACHES, BUDGETS, Explorer, run_exploration
+    from maxdnn.exploration.finetune_stage import FINETUNE_BUDGETS
+    from maxdnn.compensate.finetune import check_finetunable
+    from maxdnn.zoo.models import ModelError
+    from maxdnn.exploration.report import write_report
+    from maxdnn.workload import Workload
 
     aps = list(APPROACHES) if approach == "all" else [approach]
     if any(a not in APPROACHES for a in aps):
@@ -566,7 +566,7 @@ def _wait_for_workers(procs) -> None:
 
 def _library_specs(library: str | None, library_file: Path | None) -> list[str] | None:
     """Specs of --library / --library-file, checked to exist (one line otherwise)."""
-    from .multipliers import SpecError, get_multiplier
+    from maxdnn.multipliers.models import SpecError, get_multiplier
 
     if library is not None and library_file is not None:
         fail("give --library or --library-file, not both")
@@ -624,14 +624,14 @@ def _prepare_run_dir(out: Path) -> bool:
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="Run directory of maxdnn explore.")):
     """Write points.csv, pareto.png/svg and report.md of an exploration run."""
-    from .report import ReportError, write_report
+    from maxdnn.exploration.report import ReportError, write_report
 
     if not (run_dir / "run.json").exists():
         fail(f"{run_dir}: not an exploration run (no run.json)")
     import sqlalchemy.exc
 
     try:
-        from .run_storage import RunStorage
+        from maxdnn.exploration.storage import RunStorage
 
         path = write_report(run_dir, RunStorage.of_run(run_dir))
     except (ReportError, ValueError) as e:
@@ -639,7 +639,7 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory of maxdnn exp
     except sqlalchemy.exc.SQLAlchemyError as e:  # a damaged study database
         msg = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:160]
         fail(f"{run_dir / 'study.db'}: not a readable study database ({msg})")
-    from .report import read_points
+    from maxdnn.exploration.report import read_points
 
     if not read_points(run_dir / "points.csv"):
         typer.echo(f"maxdnn: warning: {run_dir} has no evaluated points yet; the report's tables are empty", err=True)
@@ -654,9 +654,9 @@ def layers(
     as_json: bool = typer.Option(False, "--json", help="Print the layers as JSON."),
 ):
     """The multiplying layers of the quantized model: the names assignments are written against."""
-    from .data import DataError
-    from .models import ModelError
-    from .workload import Workload
+    from maxdnn.data import DataError
+    from maxdnn.zoo.models import ModelError
+    from maxdnn.workload import Workload
 
     try:
         q = Workload.open(model, _data_or_fail(data)).quantized(calib)
@@ -692,8 +692,8 @@ def hardware_verilog(spec: str = typer.Argument(..., help="exact or roup-p{P}r{R
                      out: Path = typer.Option(..., help="Verilog file to write."),
                      rounding: str = typer.Option("folded", help=ROUNDING_HELP)):
     """Write the structural Verilog of SPEC (exact or roup-p{P}r{R}); module mul(x, w, p)."""
-    from .hardware.booth_verilog import ROUNDING_DESIGNS
-    from .hardware.power import NoHardwareError, verilog_for
+    from maxdnn.hardware.booth_verilog import ROUNDING_DESIGNS
+    from maxdnn.hardware.power import NoHardwareError, verilog_for
 
     if rounding not in ROUNDING_DESIGNS:
         fail(f"--rounding {rounding}: expected one of {', '.join(ROUNDING_DESIGNS)}")
@@ -731,11 +731,11 @@ def hardware_report_cmd(
 
     from tqdm import tqdm
 
-    from .hardware.power import NoHardwareError, design_params, hardware_report, uniform_stream
-    from .hardware.synth import SynthesisError
-    from .multipliers import roup_specs
+    from maxdnn.hardware.power import NoHardwareError, design_params, hardware_report, uniform_stream
+    from maxdnn.hardware.synth import SynthesisError
+    from maxdnn.multipliers.models import roup_specs
 
-    from .hardware.booth_verilog import ROUNDING_DESIGNS
+    from maxdnn.hardware.booth_verilog import ROUNDING_DESIGNS
 
     if rounding not in ROUNDING_DESIGNS:
         fail(f"--rounding {rounding}: expected one of {', '.join(ROUNDING_DESIGNS)}")
@@ -753,7 +753,7 @@ def hardware_report_cmd(
         fail(str(e))
     lib = None
     if liberty is not None:
-        from .hardware.liberty import LibertyError, read_liberty
+        from maxdnn.hardware.liberty import LibertyError, read_liberty
 
         try:
             lib = read_liberty(liberty)
@@ -775,8 +775,8 @@ def hardware_report_cmd(
             built += list(by_layer.values())
         else:
             built.append(_model_stream_or_fail(model, data, s))
-    from .hardware.synth import first_use_note
-    from .hardware.netlist import NetlistError
+    from maxdnn.hardware.synth import first_use_note
+    from maxdnn.hardware.netlist import NetlistError
 
     if note := first_use_note():
         typer.echo(note, err=True)
@@ -798,13 +798,13 @@ def hardware_report_cmd(
         if lib:
             doc.update({"liberty": str(liberty), "leakage_unit": "nW", "area_lib_unit": "library area unit (um^2)"})
         if pe:
-            from .hardware.power import PE_ACC_BITS, PE_DOT_LENGTH
+            from maxdnn.hardware.power import PE_ACC_BITS, PE_DOT_LENGTH
 
             doc["pe"] = (f"processing element: the multiplier, a {PE_ACC_BITS}-bit accumulator adder and register "
                          f"(dot products of {PE_DOT_LENGTH}); register clock "
                          + (f"from {lib.flop().cell}" if lib else "not modelled (no liberty)"))
         if layer_q is not None:
-            from .hardware.power import per_layer_relative
+            from maxdnn.hardware.power import per_layer_relative
 
             doc["per_layer"] = per_layer_relative(rows, layer_q)
             doc["per_layer_unit"] = ("energy on the layer's own stream / the exact design's energy averaged over "
@@ -831,7 +831,7 @@ def hardware_report_cmd(
     for c in cols + [f"E {s}" for s in streams] + [f"E/E_exact {s}" for s in streams] + pe_cols:
         t.add_column(c, justify="right")
     if layer_q is not None:
-        from .hardware.power import per_layer_relative
+        from maxdnn.hardware.power import per_layer_relative
 
         table_pl = per_layer_relative(rows, layer_q)
         names = list(table_pl)

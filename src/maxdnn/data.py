@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MaxdnnError
-from .atomic import atomic_path
+from maxdnn.errors import MaxdnnError
+from maxdnn.atomic import atomic_path
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SPLITS = ("train", "test")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"

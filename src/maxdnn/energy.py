@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MaxdnnError
-from .approx import Assignment
-from .graph import multiplication_counts
-from .multipliers import ROUP, Exact, get_multiplier
+from maxdnn.errors import MaxdnnError
+from maxdnn.engine.approx import Assignment
+from maxdnn.ir.graph import multiplication_counts
+from maxdnn.multipliers.models import ROUP, Exact, get_multiplier
 
 HARDWARE_TABLE = "energy-8bit.json"
 
@@ -121,9 +121,9 @@ def with_per_layer(table: EnergyTable, energy: str | None, qnet) -> EnergyTable:
 
 
 def energy_table(specs, bits: int = 8, stream: str = "resnet8") -> EnergyTable:
-    """Relative energies of ``specs``: the hardware table, imported multipliers' own (``maxdnn.multiplier_library``),
+    """Relative energies of ``specs``: the hardware table, imported multipliers' own (``maxdnn.multipliers.library``),
     else the provisional model (ROUP only)."""
-    from .multiplier_library import energy_status, user_energy
+    from maxdnn.multipliers.library import energy_status, user_energy
 
     hw = hardware_table(bits, stream)
     user = user_energy(stream, bits)

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Dataset, load_cifar10, resolve_data
+from maxdnn.data import Dataset, load_cifar10, resolve_data
 import torch.nn as nn
 
-from .graph import QuantizedGraph
-from .models import load_model
-from .quant import calibration_images
-from .torch_frontend import quantize_module
+from maxdnn.ir.graph import QuantizedGraph
+from maxdnn.zoo.models import load_model
+from maxdnn.ir.quant import calibration_images
+from maxdnn.frontends.pytorch import quantize_module
 
 
 def describe_data(ds: Dataset) -> str:
@@ -42,12 +42,12 @@ class Workload:
     def open(cls, model: str | None, data: str | None) -> "Workload":
         """``model``: a zoo name, .pt checkpoint, Keras .h5, torch.export .pt2 or int8 .tflite (default: resnet8)."""
         if model is not None and str(model).lower().endswith(".tflite"):
-            from .tflite_frontend import load_tflite
+            from maxdnn.frontends.tflite import load_tflite
 
             return cls(None, str(model), resolve_data(data), load_tflite(model))
         if model is not None and str(model).lower().endswith(".npz"):  # a saved integer graph (maxdnn finetune)
-            from .graph import GraphError
-            from .models import ModelError
+            from maxdnn.ir.graph import GraphError
+            from maxdnn.zoo.models import ModelError
 
             if not Path(model).exists():
                 raise ModelError(f"{model}: no such model file")
@@ -76,7 +76,7 @@ class Workload:
 def check_outputs(outs: np.ndarray, model: str, classes: int = 10) -> None:
     """A classifier's outputs must have one score per class of the data (a 5-class head on CIFAR-10 is refused,
     not scored)."""
-    from .models import ModelError
+    from maxdnn.zoo.models import ModelError
 
     if outs.ndim != 2 or outs.shape[1] != classes:
         got = list(outs.shape[1:])

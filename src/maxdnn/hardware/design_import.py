@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..error_metrics import error_metrics
-from ..multiplier_library import LibraryError, check_name, load_table_file, register
-from ..multipliers import OperandFormat, TableMultiplier
-from .netlist import Netlist, NetlistError
-from .power import Stream, netlist_for, stream_energy
-from .synth import SynthesisError, synthesize
+from maxdnn.multipliers.metrics import error_metrics
+from maxdnn.multipliers.library import LibraryError, check_name, load_table_file, register
+from maxdnn.multipliers.models import OperandFormat, TableMultiplier
+from maxdnn.hardware.netlist import Netlist, NetlistError
+from maxdnn.hardware.power import Stream, netlist_for, stream_energy
+from maxdnn.hardware.synth import SynthesisError, synthesize
 
 
 def _ports(net: Netlist, path: Path, top: str, bits: int, x_port, w_port, p_port) -> tuple[str, str, str]:

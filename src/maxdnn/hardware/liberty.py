@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from ..errors import MaxdnnError
+from maxdnn.errors import MaxdnnError
 
 CAP_TO_FF = {"ff": 1.0, "pf": 1e3, "nf": 1e6}
 POWER_TO_NW = {"pw": 1e-3, "nw": 1.0, "uw": 1e3, "mw": 1e6, "w": 1e9}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from ..errors import MaxdnnError
+from maxdnn.errors import MaxdnnError
 
 AREA_NAND2 = {"NOT": 0.532 / 0.798, "BUF": 1.0, "NAND": 1.0, "NOR": 1.0, "AND": 1.064 / 0.798,
               "OR": 1.064 / 0.798, "XOR": 2.0, "XNOR": 2.0}

@@ -31,13 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MaxdnnError
-from ..atomic import write_json
-from ..data import cache_dir
-from ..multipliers import ROUP, Exact, SpecError, get_multiplier
-from .booth_verilog import booth_multiplier_verilog
-from .netlist import Netlist
-from .synth import synthesize
+from maxdnn.errors import MaxdnnError
+from maxdnn.atomic import write_json
+from maxdnn.data import cache_dir
+from maxdnn.multipliers.models import ROUP, Exact, SpecError, get_multiplier
+from maxdnn.hardware.booth_verilog import booth_multiplier_verilog
+from maxdnn.hardware.netlist import Netlist
+from maxdnn.hardware.synth import synthesize
 
 UNIFORM_PAIRS = 20_000
 
@@ -175,7 +175,7 @@ def _layer_taps(qnet, images: np.ndarray) -> dict:
 def model_stream(qnet, images: np.ndarray, n_taps: int = 40, max_pairs: int = 40_000, seed: int = 0,
                  name: str = "model") -> Stream:
     """Weight-stationary (activation, weight) pairs of a quantized graph (see module docstring)."""
-    from ..graph import multiplication_counts
+    from maxdnn.ir.graph import multiplication_counts
 
     taps = _layer_taps(qnet, images)
     counts = multiplication_counts(qnet)
@@ -291,7 +291,7 @@ def per_layer_relative(rows: list[dict], qnet) -> dict[str, dict[str, float]]:
     """Per layer and spec: energy on the layer's own stream (``layer_streams``) divided by the exact design's
     energy averaged over the layers, weighted by their multiplications: in units of one average exact
     multiplication, so that layers whose operands toggle less cost less even when exact."""
-    from ..graph import multiplication_counts
+    from maxdnn.ir.graph import multiplication_counts
 
     counts = multiplication_counts(qnet)
     exact = next(r for r in rows if r["spec"] == "exact")["energy"]

@@ -19,8 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import MaxdnnError
-from .netlist import Netlist
+from maxdnn.errors import MaxdnnError
+from maxdnn.hardware.netlist import Netlist
 
 GATES = "AND,NAND,OR,NOR,XOR,XNOR"
 SCRIPT = ("read_verilog {d}design.v; synth -flatten -top {top}; abc -g " + GATES

@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ModelError
-from .quant import same_padding
-from .atomic import atomic_path
+from maxdnn.errors import ModelError
+from maxdnn.ir.quant import same_padding
+from maxdnn.atomic import atomic_path
 CHECKPOINT_FORMAT = "maxdnn-model-v1"
 LEGACY_FORMATS = {"maxdnn-resnet8-v1": "resnet8"}
 DEFAULT_CHECKPOINT = "resnet8-cifar10-jpeg.pt"
@@ -188,7 +188,7 @@ def load_model(path: str | os.PathLike | None = None) -> nn.Module:
     if suffix in (".h5", ".hdf5", ".keras"):
         return import_keras_resnet8(path)
     if suffix == ".pt2":
-        from .torch_frontend import load_exported
+        from maxdnn.frontends.pytorch import load_exported
 
         return load_exported(path)
     return load_checkpoint(path)

@@ -8,8 +8,8 @@
   allows (at most 31 bits);
 - exact integer convolutions through float ones (``float_conv_exact``).
 
-The graph these build is ``maxdnn.graph``; the PyTorch importer that
-quantizes a float network into it is ``maxdnn.torch_frontend``.
+The graph these build is ``maxdnn.ir.graph``; the PyTorch importer that
+quantizes a float network into it is ``maxdnn.frontends.pytorch``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import sample_indices
+from maxdnn.data import sample_indices
 
 ACT_MAX = 255
 FLOAT32_EXACT = 1 << 24

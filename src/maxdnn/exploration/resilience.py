@@ -27,11 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._lut_kernel import lut_error_taps
-from .approx import Assignment
-from .atomic import atomic_path
-from .graph import QuantizedGraph
-from .multipliers import get_multiplier
+from maxdnn.engine._lut_kernel import lut_error_taps
+from maxdnn.engine.approx import Assignment
+from maxdnn.atomic import atomic_path
+from maxdnn.ir.graph import QuantizedGraph
+from maxdnn.multipliers.models import get_multiplier
 
 
 def resilience(explorer) -> dict:
@@ -148,7 +148,7 @@ def _spearman(a, b) -> float:
 def proxy_validation_layers(q: QuantizedGraph) -> tuple[str, str]:
     """(filter layer, kernel layer) whose bins validate the proxy: the hidden layer with the most
     kernels, and the hidden layer with the most multiplications besides it."""
-    from .graph import multiplication_counts
+    from maxdnn.ir.graph import multiplication_counts
 
     counts = multiplication_counts(q)
     hidden = [n for n in q.layers if n != q.output.name] or list(q.layers)

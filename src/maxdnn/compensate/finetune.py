@@ -37,11 +37,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import MaxdnnError
-from .approx import Assignment, LayerPlan, transform_groups
-from .atomic import atomic_path, load_state
-from .graph import Affine, Clamp, Concat, Flatten, Merge, MulLayer, Pool, QuantizedGraph, TfliteAdd, _pool_real
-from .quant import Requant
+from maxdnn.errors import MaxdnnError
+from maxdnn.engine.approx import Assignment, LayerPlan, transform_groups
+from maxdnn.atomic import atomic_path, load_state
+from maxdnn.ir.graph import Affine, Clamp, Concat, Flatten, Merge, MulLayer, Pool, QuantizedGraph, TfliteAdd, _pool_real
+from maxdnn.ir.quant import Requant
 
 W_MAX = 127
 
@@ -214,7 +214,7 @@ def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labe
     after every epoch goes to ``OUT.state`` (atomically); rerunning resumes after the last finished epoch."""
     from tqdm import tqdm
 
-    from .train import augment
+    from maxdnn.zoo.train import augment
 
     out = Path(out)
     state_path = out.with_name(out.name + ".state")

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .multipliers import Multiplier
+from maxdnn.multipliers.models import Multiplier
 
 EXHAUSTIVE_MAX_PAIRS = 1 << 20
 

@@ -38,13 +38,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import MaxdnnError
-from .atomic import atomic_path, load_npz, write_json
-from .multipliers import Multiplier, SpecError, get_multiplier, round_at
-from .graph import GRAPH_BITS, QuantizedGraph, pixel_rows
-from ._round_kernel import round_stack, scatter_channels
-from ._transform_conv import ROUND_TABLE, TransformConv
-from .quant import ACT_MAX, FLOAT32_EXACT, conv_out_hw, float_conv_exact, layer_bound
+from maxdnn.errors import MaxdnnError
+from maxdnn.atomic import atomic_path, load_npz, write_json
+from maxdnn.multipliers.models import Multiplier, SpecError, get_multiplier, round_at
+from maxdnn.ir.graph import GRAPH_BITS, QuantizedGraph, pixel_rows
+from maxdnn.engine._round_kernel import round_stack, scatter_channels
+from maxdnn.engine._transform_conv import ROUND_TABLE, TransformConv
+from maxdnn.ir.quant import ACT_MAX, FLOAT32_EXACT, conv_out_hw, float_conv_exact, layer_bound
 
 ASSIGNMENT_FORMAT = "maxdnn-assignment-v1"
 
@@ -88,7 +88,7 @@ class Assignment:
         return [get_multiplier(s, self.bits, x_signed) for s in self.specs]
 
     def reference_products(self, qnet: QuantizedGraph):
-        """``prod_for_layer`` for ``maxdnn.reference.reference_forward``: layer -> (f, c) -> product function
+        """``prod_for_layer`` for ``maxdnn.engine.reference.reference_forward``: layer -> (f, c) -> product function
         (multipliers take each layer's operand signedness)."""
         self.bind(qnet)
         mults = {s: self.multipliers(x_signed=s) for s in (False, True)}
@@ -573,7 +573,7 @@ def approx_linear(x, w, specs, assignment, bits: int = 8, x_signed: bool = False
 
 
 def lut_conv_numba(x, w, kmap, luts, x_min, w_min, stride, pads):
-    from ._lut_kernel import lut_conv
+    from maxdnn.engine._lut_kernel import lut_conv
 
     left, _, t, _ = pads
     ho, wo = conv_out_hw(x.shape[2:], w.shape[2:], stride, pads)

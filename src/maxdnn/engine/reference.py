@@ -13,8 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from .graph import Affine, Clamp, Concat, Flatten, Merge, MulLayer, Pool, QParams, QuantizedGraph, TfliteAdd, pool_window
-from .quant import Requant, tflite_multiply, tflite_single_multiply
+from maxdnn.ir.graph import Affine, Clamp, Concat, Flatten, Merge, MulLayer, Pool, QParams, QuantizedGraph, TfliteAdd, pool_window
+from maxdnn.ir.quant import Requant, tflite_multiply, tflite_single_multiply
 
 Prod = Callable[[np.ndarray, np.ndarray], np.ndarray]
 

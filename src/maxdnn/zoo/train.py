@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .atomic import atomic_path, load_state
-from .models import build_model, save_checkpoint
+from maxdnn.atomic import atomic_path, load_state
+from maxdnn.zoo.models import build_model, save_checkpoint
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:

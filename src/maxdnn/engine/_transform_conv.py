@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from ._round_kernel import round_half_up
-from .quant import conv_out_hw
+from maxdnn.engine._round_kernel import round_half_up
+from maxdnn.ir.quant import conv_out_hw
 
 ROUND_TABLE = -1  # slot_bits entry of a slot whose transform is its row of ``slot_tables``
 

@@ -9,7 +9,7 @@ per-layer genomes maximising validation accuracy and energy gain; its first
 generation is seeded with the sweep's validation-Pareto genomes.
 
 Every point is an Optuna trial, told as it is evaluated; every sweep point and
-NSGA-II trial slot is a unit of work (``maxdnn.work_units``), so that several
+NSGA-II trial slot is a unit of work (``maxdnn.runs.work_units``), so that several
 workers share the search and a rerun resumes it.
 """
 
@@ -19,8 +19,8 @@ import json
 
 import numpy as np
 
-from .front import pareto_front
-from .run_storage import point_attrs
+from maxdnn.exploration.front import pareto_front
+from maxdnn.exploration.storage import point_attrs
 
 FRACTION_STEP = 0.125  # the fractions NSGA-II chooses from: multiples of this
 

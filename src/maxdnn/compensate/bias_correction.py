@@ -16,10 +16,10 @@ import dataclasses
 import numpy as np
 import torch
 
-from .errors import MaxdnnError
-from .approx import ApproxNetwork, Assignment
-from .data import training_sample
-from .graph import QuantizedGraph
+from maxdnn.errors import MaxdnnError
+from maxdnn.engine.approx import ApproxNetwork, Assignment
+from maxdnn.data import training_sample
+from maxdnn.ir.graph import QuantizedGraph
 
 INT32_MAX = (1 << 31) - 1
 CORRECTION_IMAGES = 256

@@ -1,11 +1,11 @@
 """Post-training 8-bit quantization of lowered float nodes into the integer graph, calibrated on the
 integer graph itself: the same graph on every CPU, thread count and BLAS.
 
-The front end (``maxdnn.torch_frontend``) lowers a float network into ``FNode`` s (batch norm folded,
+The front end (``maxdnn.frontends.pytorch``) lowers a float network into ``FNode`` s (batch norm folded,
 activations and padding fused). This module quantizes them node by node, in execution order:
 
 - weights: signed int8, symmetric per output channel, from the float64 weights with numpy element-wise
-  operations (``maxdnn.quant``'s rules), biases in accumulator units;
+  operations (``maxdnn.ir.quant``'s rules), biases in accumulator units;
 - calibration: each node's output range is a high percentile of its real values, and those values are
   computed from the already-quantized integer outputs of the nodes before it. A multiplying layer's
   accumulators are exact integers (the fast exact engine's convolution, exact by its bound), its real
@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .graph import S8, U8, Add, Affine, Clamp, Concat, Flatten, MulLayer, Node, Pool, QParams, QuantizedGraph, \
+from maxdnn.ir.graph import S8, U8, Add, Affine, Clamp, Concat, Flatten, MulLayer, Node, Pool, QParams, QuantizedGraph, \
     _eval_node
-from .errors import ModelError
-from .quant import Requant, float_conv_exact
+from maxdnn.errors import ModelError
+from maxdnn.ir.quant import Requant, float_conv_exact
 
 
 @dataclass

@@ -1,12 +1,12 @@
 """The fine-tuning stage of an exploration (``maxdnn explore --finetune``).
 
 After the search, some of each approach's validation-Pareto points are
-fine-tuned with their assignment fixed (``maxdnn.finetune``) and measured
+fine-tuned with their assignment fixed (``maxdnn.compensate.finetune``) and measured
 again, on validation and on test, through the integer engine. Which points:
 per approach, up to ``points`` of the validation front within
 ``max_val_loss_pts`` of the exact baseline (fine-tuning recovers several
 points, not tens), spread in gain as the test-set stage spreads its picks
-(``maxdnn.front.spread_in_gain``): both ends, then halving the largest gaps.
+(``maxdnn.exploration.front.spread_in_gain``): both ends, then halving the largest gaps.
 Everything is chosen on validation, as in the search. Identical assignments
 (layer-level and ALWANN-style often share points) are fine-tuned once. The
 exact model is fine-tuned the same way: it is the fair baseline
@@ -30,12 +30,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .approx import ApproxNetwork, Assignment, assignment_key
-from .atomic import write_json
-from .data import training_sample
-from .finetune import check_finetunable, finetune
-from .front import pareto_front, point_key, spread_in_gain
-from .graph import QuantizedGraph
+from maxdnn.engine.approx import ApproxNetwork, Assignment, assignment_key
+from maxdnn.atomic import write_json
+from maxdnn.data import training_sample
+from maxdnn.compensate.finetune import check_finetunable, finetune
+from maxdnn.exploration.front import pareto_front, point_key, spread_in_gain
+from maxdnn.ir.graph import QuantizedGraph
 
 
 @dataclass(frozen=True)

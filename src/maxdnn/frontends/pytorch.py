@@ -9,11 +9,11 @@ The module is traced with ``torch.export`` (ATen operators), lowered to float
 nodes with fusions (conv/linear + batch norm + ReLU/ReLU6/hardtanh/clamp,
 zero padding into the convolution, add + ReLU, a conv whose only consumer is
 an add requantized straight into the add's scale), then quantized and calibrated
-node by node on the integer graph itself (``maxdnn.quantizer``: a high
+node by node on the integer graph itself (``maxdnn.ir.quantizer``: a high
 percentile of each 8-bit tensor's real values, computed from the integer codes
 of the nodes before it, of the values when they cannot be negative, of |values|
 otherwise; the same graph on any CPU) into
-a ``maxdnn.graph.QuantizedGraph``. A trailing softmax / log-softmax is dropped
+a ``maxdnn.ir.graph.QuantizedGraph``. A trailing softmax / log-softmax is dropped
 (argmax and accuracy do not change). Anything else stops with one line naming
 the node and the operation.
 """
@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .graph import U8, QParams, QuantizedGraph, unique_name
-from .errors import ModelError
-from .quant import conv_out_hw
-from .quantizer import FNode, IntegerCalibration
+from maxdnn.ir.graph import U8, QParams, QuantizedGraph, unique_name
+from maxdnn.errors import ModelError
+from maxdnn.ir.quant import conv_out_hw
+from maxdnn.ir.quantizer import FNode, IntegerCalibration
 
 aten = torch.ops.aten
 ACTIVATIONS = {aten.relu.default, aten.relu_.default, aten.relu6.default, aten.hardtanh.default, aten.hardtanh_.default,
@@ -81,8 +81,8 @@ class ExportedModule(nn.Module):
 
 
 def load_exported(path: str | Path) -> ExportedModule:
-    """A .pt2 file as a float network; nothing in the file runs (``maxdnn.pt2_safe``)."""
-    from .pt2_safe import UnsafeProgram, load_program
+    """A .pt2 file as a float network; nothing in the file runs (``maxdnn.frontends.pt2_safe``)."""
+    from maxdnn.frontends.pt2_safe import UnsafeProgram, load_program
 
     path = Path(path)
     try:
@@ -472,7 +472,7 @@ def run_exported(gm, x: torch.Tensor, keep=()) -> tuple[torch.Tensor, dict]:
 def quantize_module(module: nn.Module, calibration_images: np.ndarray, percentile: float = 99.99,
                     batch_size: int = 500) -> QuantizedGraph:
     """Post-training 8-bit quantization of a float CNN into the integer graph, calibrated on the integer
-    graph itself (``maxdnn.quantizer``): the result does not depend on the CPU or the thread count.
+    graph itself (``maxdnn.ir.quantizer``): the result does not depend on the CPU or the thread count.
 
     ``calibration_images``: uint8 [N, C, H, W] pixels (the network's input convention).
     """

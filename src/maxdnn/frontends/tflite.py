@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .graph import Flatten, MulLayer, Pool, QParams, QuantizedGraph, TfliteAdd, unique_name
-from .errors import ModelError
-from .quant import Requant, conv_out_hw, same_padding
+from maxdnn.ir.graph import Flatten, MulLayer, Pool, QParams, QuantizedGraph, TfliteAdd, unique_name
+from maxdnn.errors import ModelError
+from maxdnn.ir.quant import Requant, conv_out_hw, same_padding
 
 INT8, INT32, UINT8, FLOAT32 = 9, 2, 3, 0
 RANGES = {INT8: (-128, 127), UINT8: (0, 255)}

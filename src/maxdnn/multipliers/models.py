@@ -20,7 +20,7 @@ Spec grammar (``get_multiplier(spec, bits=8, x_signed=False)``)::
                       (Hashemi, Bahar, Reda, ICCAD 2015); 3 <= K <= bits
     mitchell          Mitchell's logarithmic multiplier (IRE Trans. EC, 1962)
     NAME              a multiplier imported into the user library
-                      (``maxdnn multipliers import``; see ``maxdnn.multiplier_library``)
+                      (``maxdnn multipliers import``; see ``maxdnn.multipliers.library``)
 
 Every model returns the exact int64 value that the hardware produces.
 """
@@ -32,8 +32,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
-from .errors import MaxdnnError
-from .multiplier_store import MAX_BITS, LibraryError, entry_dir, load_table_file, read_meta
+from maxdnn.errors import MaxdnnError
+from maxdnn.multipliers.store import MAX_BITS, LibraryError, entry_dir, load_table_file, read_meta
 
 
 
@@ -411,7 +411,7 @@ def get_multiplier(spec: str, bits: int = 8, x_signed: bool = False) -> Multipli
 
 
 def user_multiplier(name: str, bits: int, x_signed: bool) -> "TableMultiplier | None":
-    """The imported multiplier ``name`` of the user library (``maxdnn.multiplier_store``) at these operand
+    """The imported multiplier ``name`` of the user library (``maxdnn.multipliers.store``) at these operand
     formats; None when the library has no such name."""
     meta = read_meta(name)
     if meta is None:

@@ -19,12 +19,12 @@ the lookup-table engine.
 ``Explorer`` holds what every stage shares (data, quantized graph, library,
 energy table, storage, the evaluation of assignments); the stages are their
 own units, run in order by ``run_exploration``:
-- resilience (``maxdnn.explore_resilience``);
-- per approach, a sweep and an NSGA-II search (``maxdnn.explore_search``);
-- test-set numbers of the validation-Pareto points (``maxdnn.explore_testset``);
-- optionally, fine-tuning of front points (``maxdnn.explore_finetune``).
+- resilience (``maxdnn.exploration.resilience``);
+- per approach, a sweep and an NSGA-II search (``maxdnn.exploration.search``);
+- test-set numbers of the validation-Pareto points (``maxdnn.exploration.testset``);
+- optionally, fine-tuning of front points (``maxdnn.exploration.finetune_stage``).
 
-Every evaluated point is stored as it completes (``maxdnn.run_storage``:
+Every evaluated point is stored as it completes (``maxdnn.exploration.storage``:
 Optuna studies and work units, SQLite in RUN_DIR by default); rerunning
 resumes without redoing finished points.
 """
@@ -42,20 +42,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .approx import ApproxNetwork, Assignment, assignment_key, logits_shared
-from .bias_correction import bias_corrected, correction_images
-from .atomic import write_json
-from .data import validation_split
-from .energy import energy_table, hardware_table, network_energy, with_per_layer
-from .error_metrics import error_metrics
-from .explore_resilience import resilience
-from .explore_search import nsga, sweep
-from .explore_testset import evaluate_front
-from .front import APPROACHES
-from .multipliers import get_multiplier, roup_specs
-from .graph import QuantizedGraph
-from .run_storage import RunStorage, read_run_info
-from .workload import Workload, check_outputs, describe_data
+from maxdnn.engine.approx import ApproxNetwork, Assignment, assignment_key, logits_shared
+from maxdnn.compensate.bias_correction import bias_corrected, correction_images
+from maxdnn.atomic import write_json
+from maxdnn.data import validation_split
+from maxdnn.energy import energy_table, hardware_table, network_energy, with_per_layer
+from maxdnn.multipliers.metrics import error_metrics
+from maxdnn.exploration.resilience import resilience
+from maxdnn.exploration.search import nsga, sweep
+from maxdnn.exploration.testset import evaluate_front
+from maxdnn.exploration.front import APPROACHES
+from maxdnn.multipliers.models import get_multiplier, roup_specs
+from maxdnn.ir.graph import QuantizedGraph
+from maxdnn.exploration.storage import RunStorage, read_run_info
+from maxdnn.workload import Workload, check_outputs, describe_data
 
 
 @dataclass
@@ -102,7 +102,7 @@ class Explorer:
                  bias_correction: bool = False, energy: str = "average"):
         """``library``: the multipliers the approaches choose from (any specs, imported ones included);
         default: the budget's share of the ROUP configurations that save energy. ``bias_correction``:
-        every point is evaluated with its biases corrected (``maxdnn.bias_correction``). ``energy``: average,
+        every point is evaluated with its biases corrected (``maxdnn.compensate.bias_correction``). ``energy``: average,
         per-layer or a per-layer table file (``maxdnn.energy.with_per_layer``)."""
         self.energy = energy
         self.user_library = list(dict.fromkeys(library)) if library else None
@@ -177,7 +177,7 @@ class Explorer:
 
     def _check_library(self) -> None:
         """Every library multiplier exists for every layer's operand format (one line otherwise)."""
-        from .multipliers import SpecError
+        from maxdnn.multipliers.models import SpecError
 
         if "exact" in self.library:
             raise ValueError("--library: 'exact' is always a choice; list approximate multipliers only")
@@ -240,7 +240,7 @@ class Explorer:
 
     # ------------------------------------------------------------------ resilience
     def resilience(self) -> dict:
-        """The resilience arrays (``maxdnn.explore_resilience``), measured once and cached."""
+        """The resilience arrays (``maxdnn.exploration.resilience``), measured once and cached."""
         return resilience(self)
 
     # ------------------------------------------------------------------ genomes
@@ -284,7 +284,7 @@ class Explorer:
 
 def run_exploration(explorer: Explorer, approaches=APPROACHES, finetune=None) -> dict:
     """Resilience, then per approach its sweep (not for alwann) and NSGA-II, then test-set numbers; with a
-    ``finetune`` budget (``maxdnn.explore_finetune.FinetuneBudget``), then the fine-tuning of front points."""
+    ``finetune`` budget (``maxdnn.exploration.finetune_stage.FinetuneBudget``), then the fine-tuning of front points."""
     t0 = time.time()
     steps = [("resilience", None)] + [(kind, ap) for ap in approaches
                                       for kind in (("nsga",) if ap == "alwann" else ("sweep", "nsga"))] + [("test", None)]
@@ -301,7 +301,7 @@ def run_exploration(explorer: Explorer, approaches=APPROACHES, finetune=None) ->
         elif kind == "test":
             evaluate_front(explorer, approaches, res)
         else:
-            from .explore_finetune import finetune_front
+            from maxdnn.exploration.finetune_stage import finetune_front
 
             finetune_front(explorer, approaches, res, finetune)
     explorer.phase = ""

@@ -1,5 +1,5 @@
 """The user library on disk: where imported multipliers live and how an entry is read (no importing here:
-``maxdnn.multiplier_library`` writes entries, ``maxdnn.multipliers`` builds them by name).
+``maxdnn.multipliers.library`` writes entries, ``maxdnn.multipliers.models`` builds them by name).
 
 Location: ``$MAXDNN_MULTIPLIERS`` if set (``maxdnn --multiplier-dir DIR`` sets it),
 else ``$XDG_DATA_HOME/maxdnn/multipliers``, else ``~/.local/share/maxdnn/multipliers``.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MaxdnnError
+from maxdnn.errors import MaxdnnError
 
 FORMAT = "maxdnn-multiplier-v1"
 NAME_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")

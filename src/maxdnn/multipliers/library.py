@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .multiplier_store import (FORMAT, MAX_BITS, NAME_RE, LibraryError, energy_status, entry_dir,  # noqa: F401 - re-exported
+from maxdnn.multipliers.store import (FORMAT, MAX_BITS, NAME_RE, LibraryError, energy_status, entry_dir,  # noqa: F401 - re-exported
                                library_dir, load_table_file, read_meta, readable_entries, user_energy, user_names)
-from .multipliers import is_builtin_name
+from maxdnn.multipliers.models import is_builtin_name
 
 def check_name(name: str) -> str:
     if is_builtin_name(name):

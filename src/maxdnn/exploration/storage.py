@@ -14,8 +14,8 @@ import json
 import os
 from pathlib import Path
 
-from .front import APPROACHES
-from .work_units import WorkUnits
+from maxdnn.exploration.front import APPROACHES
+from maxdnn.runs.work_units import WorkUnits
 
 
 class RunStorage:
@@ -76,7 +76,7 @@ class RunStorage:
         import optuna
 
         if self._rdb is None:
-            # no Optuna heartbeats: a dead worker's unit is retried through maxdnn.work_units, and the trial it
+            # no Optuna heartbeats: a dead worker's unit is retried through maxdnn.runs.work_units, and the trial it
             # left RUNNING is never counted (only COMPLETE trials are points)
             self._rdb = schema_retry(lambda: optuna.storages.RDBStorage(self.url, engine_kwargs=self.engine_kwargs()))
         return self._rdb

@@ -21,7 +21,7 @@ import threading
 import warnings
 import zipfile
 from pathlib import Path
-from .errors import MaxdnnError
+from maxdnn.errors import MaxdnnError
 
 MAX_PT2_BYTES = 2 << 30  # 2 GiB: far above any CNN this tool emulates
 _LOCK = threading.Lock()

@@ -12,9 +12,9 @@ import json
 import numpy as np
 import torch
 
-from .approx import ApproxNetwork, Assignment, assignment_key, logits_shared
-from .atomic import write_json
-from .front import pareto_front, point_key, test_selection
+from maxdnn.engine.approx import ApproxNetwork, Assignment, assignment_key, logits_shared
+from maxdnn.atomic import write_json
+from maxdnn.exploration.front import pareto_front, point_key, test_selection
 
 
 def evaluate_front(explorer, approaches, res: dict) -> None:

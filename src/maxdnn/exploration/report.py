@@ -14,10 +14,10 @@ import json
 import os
 from pathlib import Path
 
-from .errors import MaxdnnError
-from .atomic import atomic_path, write_text
-from .run_storage import read_run_info
-from .front import THRESHOLDS, largest_gain_within, pareto_front, point_key
+from maxdnn.errors import MaxdnnError
+from maxdnn.atomic import atomic_path, write_text
+from maxdnn.exploration.storage import read_run_info
+from maxdnn.exploration.front import THRESHOLDS, largest_gain_within, pareto_front, point_key
 Z95 = 1.959963984540054
 
 
@@ -98,9 +98,9 @@ def write_points(run_dir: Path, store) -> Path:
 def _pe_gains(run_dir: Path, rows: list[dict]) -> dict:
     """Processing-element energy gain (multiplier + accumulator, ``maxdnn.energy``) of the front points whose
     assignment is saved in RUN_DIR/pareto; empty when the energy table has no PE energies for their specs."""
-    from .approx import Assignment
-    from .energy import EnergyModelError, energy_table, network_energy
-    from .graph import QuantizedGraph
+    from maxdnn.engine.approx import Assignment
+    from maxdnn.energy import EnergyModelError, energy_table, network_energy
+    from maxdnn.ir.graph import QuantizedGraph
 
     if not rows or not (run_dir / "quantized.npz").exists():
         return {}

@@ -28,7 +28,7 @@ Nodes:
 ``QuantizedGraph.forward_int`` is the fast exact engine: every value is an
 integer held exactly in floating point (8-bit tensors in float32, wide ones and
 requantization in float64, where (acc + bias) * m0 + 2^(shift-1) < 2^53 holds
-by the choice of m0's width). ``maxdnn.reference.reference_forward`` is the
+by the choice of m0's width). ``maxdnn.engine.reference.reference_forward`` is the
 slow integer ground truth it is tested against. ``float_forward`` runs the same
 graph in real numbers without rounding (dequantized weights; differentiable),
 for gradients.
@@ -47,10 +47,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import MaxdnnError
-from .atomic import atomic_path, load_npz
-from ._requant_kernel import add_half_up, requant_half_up, tflite_requant
-from .quant import Requant, conv_out_hw, float_conv_exact, layer_bound, tflite_multiply_torch, tflite_single_multiply
+from maxdnn.errors import MaxdnnError
+from maxdnn.atomic import atomic_path, load_npz
+from maxdnn.ir._requant_kernel import add_half_up, requant_half_up, tflite_requant
+from maxdnn.ir.quant import Requant, conv_out_hw, float_conv_exact, layer_bound, tflite_multiply_torch, tflite_single_multiply
 
 GRAPH_FORMAT = "maxdnn-qgraph-v1"
 GRAPH_BITS = 8  # operand width of every multiplying layer (x and w)

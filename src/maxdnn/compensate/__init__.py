@@ -1,0 +1,2 @@
+"""Compensation of approximate multipliers: bias correction (``bias_correction``) and approximation-aware fine-
+tuning (``finetune``)."""
