@@ -198,20 +198,22 @@ class Evaluation:
 
 
 def evaluate(graph: QuantizedGraph, images: np.ndarray, labels: np.ndarray, assignment: Assignment | None = None,
-             bias_correction: bool | np.ndarray = False, batch_size: int = 100, device: str = "cpu") -> Evaluation:
+             bias_correction: bool | np.ndarray = False, batch_size: int = 100, device: str = "cpu",
+             energy: str = "average") -> Evaluation:
     """Accuracy of the integer graph on ``images`` (uint8 NCHW) and ``labels``, exact or with ``assignment``'s
     multipliers; with ``bias_correction`` an array of uint8 training images (outside your validation data),
-    the biases first cancel the assignment's mean accumulator error on them.
+    the biases first cancel the assignment's mean accumulator error on them. ``energy``: ``"average"`` (one
+    energy per multiplier), ``"per-layer"`` or a per-layer table file (``maxdnn.energy.with_per_layer``).
 
     Example::
 
         r = maxdnn.evaluate(graph, test.images, test.labels, a)
         print(f"{100 * r.accuracy:.2f}% at {100 * r.energy_gain:.1f}% multiplication energy gain")
     """
-    images, labels = np.asarray(images), np.asarray(labels)
-    from maxdnn.workload import check_outputs
+    from .workload import check_outputs
 
-    energy: dict = {}
+    images, labels = np.asarray(images), np.asarray(labels)
+    breakdown: dict = {}
     if assignment is None:
         outs = graph.outputs(images, batch_size, device)
     else:
@@ -219,20 +221,28 @@ def evaluate(graph: QuantizedGraph, images: np.ndarray, labels: np.ndarray, assi
         if bias_correction is not False and bias_correction is not None:
             if isinstance(bias_correction, bool):
                 raise MaxdnnError("bias_correction: pass the training images to correct on (uint8 [N, C, H, W])")
-            from maxdnn.compensate.bias_correction import bias_corrected
+            from .compensate.bias_correction import bias_corrected
 
             graph = bias_corrected(graph, a, np.asarray(bias_correction))
+        breakdown = _energy(graph, a, energy)
         outs = ApproxNetwork(graph, a, device=device).outputs(images, batch_size)
-        from maxdnn.energy import EnergyModelError, network_energy
-
-        try:
-            energy = network_energy(graph, a)
-        except EnergyModelError:
-            energy = {}
-    check_outputs(outs, "the graph")
+    check_outputs(outs, str(graph.meta.get("model") or graph.meta.get("source") or "the graph"))
     correct = int((outs.argmax(1) == labels).sum()) if len(outs) else 0
     return Evaluation(correct / max(len(labels), 1), correct, int(len(labels)), outs,
-                      energy.get("energy_gain"), energy.get("pe_energy_gain"), energy)
+                      breakdown.get("energy_gain"), breakdown.get("pe_energy_gain"), breakdown)
+
+
+def _energy(graph: QuantizedGraph, a: Assignment, energy: str) -> dict:
+    """``network_energy`` of the assignment; without an energy model for one of its multipliers, no figures and
+    the reason as ``energy_source`` (accuracy still makes sense); per-layer energies asked for and missing: an
+    error, never a silent average."""
+    from .energy import EnergyModelError, energy_table, network_energy, with_per_layer
+
+    try:
+        table = energy_table(a.specs, a.bits)
+    except EnergyModelError as e:
+        return {"energy": None, "energy_gain": None, "pe_energy_gain": None, "energy_source": str(e)}
+    return network_energy(graph, a, with_per_layer(table, energy, graph))
 
 
 class ApproximateModule(nn.Module):

@@ -344,9 +344,11 @@ def evaluate(
     energy: str = typer.Option("average", help=ENERGY_HELP),
 ):
     """Accuracy (and, with --assign, multiplication energy) of a model on CIFAR-10."""
-    from maxdnn.engine.approx import ApproxNetwork, Assignment, AssignmentError
+    from maxdnn.api import evaluate as maxdnn_evaluate
+    from maxdnn.compensate.bias_correction import BiasCorrectionError, correction_images
+    from maxdnn.engine.approx import Assignment, AssignmentError
     from maxdnn.data import DataError
-    from maxdnn.energy import EnergyModelError, energy_table, network_energy, with_per_layer
+    from maxdnn.energy import EnergyModelError
     from maxdnn.multipliers.models import SpecError
     import numpy as np
 
@@ -380,37 +382,23 @@ def evaluate(
         else:
             q = wl.quantized()
             result.update(precision="int8", calibration=q.meta["calibration"])
-            if assign is None:
-                outs = q.outputs(ds.images, batch_size, device)
-            else:
-                a = Assignment.load(assign, q)
+            a = Assignment.load(assign, q) if assign is not None else None
+            images = correction_images(wl.split("train").images) if bias_correction else False
+            try:
+                r = maxdnn_evaluate(q, ds.images, ds.labels, a, images, batch_size, device, energy)
+            except BiasCorrectionError as e:
+                fail(f"{assign}: {e}")
+            outs = r.outputs
+            if a is not None:
                 if bias_correction:
-                    from maxdnn.compensate.bias_correction import BiasCorrectionError, bias_corrected, correction_images
-
-                    images = correction_images(wl.split("train").images)
-                    try:
-                        q = bias_corrected(q, a, images)
-                    except BiasCorrectionError as e:
-                        fail(f"{assign}: {e}")
                     result.update(bias_correction=f"{len(images)} training images")
-                try:
-                    table = energy_table(a.specs, a.bits)
-                except EnergyModelError as e:  # accuracy still makes sense
-                    table, en_out = None, {"energy": None, "energy_gain": None, "energy_source": str(e)}
-                if table is not None:
-                    try:  # per-layer energies asked for and not available: an error, not a silent average
-                        en = network_energy(q, a, with_per_layer(table, energy, q))
-                    except EnergyModelError as e:
-                        fail(str(e))
-                    en_out = {k: en[k] for k in ("energy", "energy_gain", "pe_energy_gain", "energy_unit",
-                                                 "energy_source", "multiplications")}
-                    if en_out["pe_energy_gain"] is None:
-                        del en_out["pe_energy_gain"]
-                net = ApproxNetwork(q, a, device=device)
-                outs = net.outputs(ds.images, batch_size)
+                en_out = {k: r.energy[k] for k in ("energy", "energy_gain", "pe_energy_gain", "energy_unit",
+                                                   "energy_source", "multiplications") if k in r.energy}
+                if en_out.get("pe_energy_gain") is None:
+                    en_out.pop("pe_energy_gain", None)
                 result.update(assignment=str(assign), granularity=a.granularity(), **en_out)
         check_outputs(outs, wl.model_path)
-    except (DataError, ModelError, AssignmentError, SpecError) as e:
+    except (DataError, ModelError, AssignmentError, SpecError, EnergyModelError) as e:
         fail(str(e))
     pred = outs.argmax(1) if len(outs) else np.zeros(0, dtype=np.int64)
     if save_outputs is not None:
