@@ -446,6 +446,8 @@ def explore(
     from maxdnn.compensate.finetune import check_finetunable
     from maxdnn.zoo.models import ModelError
     from maxdnn.exploration.report import write_report
+    from maxdnn.exploration.storage import add_wall_seconds
+    from maxdnn.runs.workers import WorkerError, sigterm_interrupts, start_workers, threads_per_worker, wait_for_workers
     from maxdnn.workload import Workload
 
     aps = list(APPROACHES) if approach == "all" else [approach]
@@ -481,75 +483,28 @@ def explore(
                 energy] + (["--data", data] if data else []) + (["--model", model] if model else []) \
             + (["--library", ",".join(specs)] if specs else []) + (["--bias-correction"] if bias_correction else []) \
             + (["--finetune"] if finetune else [])
-        threads = _threads_per_worker(workers)
-        helpers = _start_workers(out, workers - 1, args, threads)
+        threads = threads_per_worker(workers)
+        helpers = start_workers(out, workers - 1, args, threads)
         import torch
 
         torch.set_num_threads(threads)
-    import signal
-
-    before = signal.signal(signal.SIGTERM, _interrupt)  # terminated = interrupted: its claims are released
     try:
-        run_exploration(ex, aps, finetune=FINETUNE_BUDGETS[budget] if finetune else None)
-        _wait_for_workers(helpers)
+        with sigterm_interrupts():  # terminated = interrupted: its claims are released
+            run_exploration(ex, aps, finetune=FINETUNE_BUDGETS[budget] if finetune else None)
+            wait_for_workers(helpers)
     except KeyboardInterrupt:  # the time spent counts towards the run's wall time; a rerun resumes
         for _, p in helpers:
             p.terminate()
-        _add_wall_seconds(out, time.time() - t0)
+        add_wall_seconds(out, time.time() - t0)
         typer.echo(f"maxdnn: {out}: interrupted; the same command resumes it", err=True)
         raise typer.Exit(130)
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    except WorkerError as e:
+        fail(str(e))
     res = ex.resilience()
-    _add_wall_seconds(out, time.time() - t0, resilience=", ".join(
+    add_wall_seconds(out, time.time() - t0, resilience=", ".join(
         f"{k} {v:.2f}" for k, v in zip(["layers", "filter bins", "kernel bins"], res["validation"])))
     path = write_report(out, ex.store)
     typer.echo(path.read_text())
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _add_wall_seconds(out: Path, seconds: float, **fields) -> None:
-    """Add ``seconds`` to RUN_DIR/run.json's wall time (summed over every run of the exploration, interrupted
-    ones included), and set ``fields``, in one write."""
-    info = json.loads((out / "run.json").read_text())
-    info["wall_seconds"] = info.get("wall_seconds", 0) + seconds
-    write_json(out / "run.json", {**info, **fields})
-
-
-def _threads_per_worker(workers: int) -> int:
-    """The machine's cores shared out between the workers (more threads than cores slow every one of them)."""
-    import os
-
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
-def _start_workers(out: Path, n: int, args: list[str], threads: int) -> list:
-    """Start ``n`` more ``maxdnn explore`` processes with ``args``, each in OUT/workers/wK (its log: worker.log),
-    each with ``threads`` compute threads."""
-    import os
-    import subprocess
-
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "NUMBA_NUM_THREADS": str(threads)}
-
-    procs = []
-    for k in range(1, n + 1):
-        wdir = out / "workers" / f"w{k}"
-        wdir.mkdir(parents=True, exist_ok=True)
-        log = open(wdir / "worker.log", "a")
-        procs.append((wdir, subprocess.Popen([sys.executable, "-m", "maxdnn", "explore", "--out", str(wdir), *args],
-                                             stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)))
-        log.close()
-    return procs
-
-
-def _wait_for_workers(procs) -> None:
-    for wdir, p in procs:
-        if p.wait() != 0:
-            tail = (wdir / "worker.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            fail(f"worker {wdir} failed: {tail[0]}")
 
 
 def _library_specs(library: str | None, library_file: Path | None) -> list[str] | None:

@@ -137,6 +137,16 @@ def read_run_info(run_dir: Path) -> dict:
     return info
 
 
+def add_wall_seconds(run_dir: Path, seconds: float, **fields) -> None:
+    """Add ``seconds`` to RUN_DIR/run.json's wall time (summed over every run of the exploration, interrupted
+    ones included), and set ``fields``, in one atomic write."""
+    from maxdnn.atomic import write_json
+
+    info = read_run_info(Path(run_dir))
+    info["wall_seconds"] = info.get("wall_seconds", 0) + seconds
+    write_json(Path(run_dir) / "run.json", {**info, **fields})
+
+
 def schema_retry(open_storage, attempts: int = 8):
     """``open_storage()``, tried again where workers started together on an empty database race to create its
     tables and types (PostgreSQL: a unique violation on pg_type): one of them wins, the others then find the
