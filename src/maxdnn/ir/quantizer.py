@@ -103,6 +103,28 @@ class TailPercentile:
         return a + (b - a) * t if t < 0.5 else b - (b - a) * (1.0 - t)
 
 
+def output_qparams(n: FNode, signed: bool, images: int, percentile: float, real_batches) -> QParams:
+    """An 8-bit tensor's QParams from its node's real values (float64 batches of all ``images``): the range is the
+    ``percentile`` of the values (of |values| when signed) after the node's fused clamp, which also bounds the
+    codes."""
+    stat = None
+    for v in real_batches:
+        if n.act is not None:
+            v = v.clamp(min=n.act[0] if n.act[0] > -math.inf else None, max=n.act[1] if n.act[1] < math.inf else None)
+        v = v.abs() if signed else v
+        if stat is None:
+            stat = TailPercentile(images * v[0].numel(), percentile)
+        stat.add(v)
+    scale = max(stat.value(), 1e-8) / (127.0 if signed else 255.0)
+    lo, hi = S8 if signed else U8
+    if n.act is not None:
+        if n.act[0] > -math.inf:
+            lo = max(lo, int(math.floor(n.act[0] / scale + 0.5)))
+        if n.act[1] < math.inf:
+            hi = min(hi, int(math.floor(n.act[1] / scale + 0.5)))
+    return QParams(scale, 0, lo, hi)
+
+
 def _chan(a: np.ndarray, ndim: int) -> torch.Tensor:
     return torch.as_tensor(np.asarray(a, dtype=np.float64)).view((1, -1) + (1,) * (ndim - 2))
 
@@ -168,26 +190,7 @@ class IntegerCalibration:
     # ------------------------------------------------------------ statistics
     def _out_q(self, i: int, real_batches) -> QParams:
         """The output QParams of node i from its real values (an iterable of float64 batches)."""
-        n = self.nodes[i]
-        signed = is_signed(self.nodes, i)
-        stat = None
-        for v in real_batches:
-            if n.act is not None:
-                v = v.clamp(min=n.act[0] if n.act[0] > -math.inf else None,
-                            max=n.act[1] if n.act[1] < math.inf else None)
-            v = v.abs() if signed else v
-            if stat is None:
-                stat = TailPercentile(len(self.images) * v[0].numel(), self.percentile)
-            stat.add(v)
-        r = max(stat.value(), 1e-8)
-        scale = r / (127.0 if signed else 255.0)
-        lo, hi = S8 if signed else U8
-        if n.act is not None:
-            if n.act[0] > -math.inf:
-                lo = max(lo, int(math.floor(n.act[0] / scale + 0.5)))
-            if n.act[1] < math.inf:
-                hi = min(hi, int(math.floor(n.act[1] / scale + 0.5)))
-        return QParams(scale, 0, lo, hi)
+        return output_qparams(self.nodes[i], is_signed(self.nodes, i), len(self.images), self.percentile, real_batches)
 
     def _layer_real(self, i: int, layer: MulLayer):
         """Batches of a multiplying layer's real output (acc + bias) * acc_scale, before its clamp."""
