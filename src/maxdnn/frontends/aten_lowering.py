@@ -21,7 +21,7 @@ IDENTITY = {aten.dropout.default, aten.clone.default, aten.contiguous.default, a
             aten._log_softmax.default}
 SOFTMAX = {aten._softmax.default, aten.softmax.int, aten.log_softmax.int, aten._log_softmax.default}
 RESHAPES = {aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-HANDLERS: dict = {}  # ATen target -> handler (a method of Lowering)
+HANDLERS: dict = {}  # ATen target -> handler(lowering, node, target, args)
 
 
 class UnsupportedModel(ModelError):
@@ -29,7 +29,7 @@ class UnsupportedModel(ModelError):
 
 
 def handles(*targets):
-    """Register the decorated method for these ATen targets (a set or single targets)."""
+    """Register the decorated handler for these ATen targets (sets or single targets)."""
     flat = []
     for t in targets:
         flat += list(t) if isinstance(t, (set, frozenset, tuple, list)) else [t]
@@ -180,226 +180,229 @@ class Lowering:
         """The producer of a value can take a fused op if the fx value has no other user."""
         return self.fx_users.get(node_arg.name, 0) == 1 and self.owner_fx.get(idx) == node_arg.name
 
-    # ------------------------------------------------------------ one handler per operation family
-    @handles(operator.getitem)
-    def _getitem(self, node, t, args) -> None:
-        src = self.val[args[0].name]
-        if src[0] == "bn-tuple" and args[1] != 0 and not node.users:
-            return  # an unused extra output of batch norm or max pool (kept in loaded .pt2 programs)
-        if src[0] != "bn-tuple" or args[1] != 0:
-            raise self.err(node, "unsupported tuple output")
-        self.val[node.name] = src[1]
-        if self.owner_fx.get(src[1][1]) == args[0].name:
-            self.owner_fx[src[1][1]] = node.name
 
-    @handles(IDENTITY)
-    def _identity(self, node, t, args) -> None:
-        if t in SOFTMAX and any(u.op != "output" for u in node.users):
-            raise self.err(node, "softmax is only supported as the last operation")
-        self.val[node.name] = self.val[args[0].name]
+# ---------------------------------------------------------------- one handler per operation family
 
-    @handles(aten.conv2d.default, aten.conv2d.padding, aten.convolution.default, aten.linear.default)
-    def _mul_layer(self, node, t, args) -> None:
-        x = self.val[args[0].name]
-        w = self.tensor_of(node, args[1])
-        b = self.tensor_of(node, args[2]) if len(args) > 2 and args[2] is not None else None
-        if w is None or w[0] != "const" or (b is not None and b[0] != "const"):
-            raise self.err(node, "weights must be constants")
-        w = w[1].double()
-        bias = b[1].double() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-        extra_pads = (0, 0, 0, 0)
-        if x[0] == "pad":
-            extra_pads = x[2]
-            x = x[1]
-        xi = self.materialize(node, x)
-        if t == aten.linear.default:
-            self.new("mul", node, [xi], op="linear", w=w[:, :, None, None], b=bias, stride=1, pads=(0, 0, 0, 0), groups=1)
+
+@handles(operator.getitem)
+def _getitem(low: Lowering, node, t, args) -> None:
+    src = low.val[args[0].name]
+    if src[0] == "bn-tuple" and args[1] != 0 and not node.users:
+        return  # an unused extra output of batch norm or max pool (kept in loaded .pt2 programs)
+    if src[0] != "bn-tuple" or args[1] != 0:
+        raise low.err(node, "unsupported tuple output")
+    low.val[node.name] = src[1]
+    if low.owner_fx.get(src[1][1]) == args[0].name:
+        low.owner_fx[src[1][1]] = node.name
+
+@handles(IDENTITY)
+def _identity(low: Lowering, node, t, args) -> None:
+    if t in SOFTMAX and any(u.op != "output" for u in node.users):
+        raise low.err(node, "softmax is only supported as the last operation")
+    low.val[node.name] = low.val[args[0].name]
+
+@handles(aten.conv2d.default, aten.conv2d.padding, aten.convolution.default, aten.linear.default)
+def _mul_layer(low: Lowering, node, t, args) -> None:
+    x = low.val[args[0].name]
+    w = low.tensor_of(node, args[1])
+    b = low.tensor_of(node, args[2]) if len(args) > 2 and args[2] is not None else None
+    if w is None or w[0] != "const" or (b is not None and b[0] != "const"):
+        raise low.err(node, "weights must be constants")
+    w = w[1].double()
+    bias = b[1].double() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    extra_pads = (0, 0, 0, 0)
+    if x[0] == "pad":
+        extra_pads = x[2]
+        x = x[1]
+    xi = low.materialize(node, x)
+    if t == aten.linear.default:
+        low.new("mul", node, [xi], op="linear", w=w[:, :, None, None], b=bias, stride=1, pads=(0, 0, 0, 0), groups=1)
+    else:
+        if t == aten.convolution.default:
+            _, _, _, stride, padding, dilation, transposed, _, groups = args[:9]
+            if transposed:
+                raise low.err(node, "transposed convolution is not supported")
         else:
-            if t == aten.convolution.default:
-                _, _, _, stride, padding, dilation, transposed, _, groups = args[:9]
-                if transposed:
-                    raise self.err(node, "transposed convolution is not supported")
-            else:
-                stride = args[3] if len(args) > 3 else [1, 1]
-                padding = args[4] if len(args) > 4 else [0, 0]
-                dilation = args[5] if len(args) > 5 else [1, 1]
-                groups = args[6] if len(args) > 6 else 1
-            stride = list(stride) if isinstance(stride, (list, tuple)) else [stride, stride]
-            if len(stride) == 1:
-                stride = stride * 2
-            if stride[0] != stride[1]:
-                raise self.err(node, f"stride {stride}: only equal strides are supported")
-            if any(d != 1 for d in (dilation if isinstance(dilation, (list, tuple)) else [dilation])):
-                raise self.err(node, "dilation is not supported")
-            try:
-                pads = _pads2(padding)
-            except UnsupportedModel as e:
-                raise self.err(node, str(e)) from None
-            pads = tuple(p + e for p, e in zip(pads, extra_pads))
-            self.new("mul", node, [xi], op="conv", w=w, b=bias, stride=int(stride[0]), pads=pads, groups=int(groups))
-        self.nodes[-1].name = _module_path(node, self.taken)
-        self.val[node.name] = ("t", len(self.nodes) - 1)
+            stride = args[3] if len(args) > 3 else [1, 1]
+            padding = args[4] if len(args) > 4 else [0, 0]
+            dilation = args[5] if len(args) > 5 else [1, 1]
+            groups = args[6] if len(args) > 6 else 1
+        stride = list(stride) if isinstance(stride, (list, tuple)) else [stride, stride]
+        if len(stride) == 1:
+            stride = stride * 2
+        if stride[0] != stride[1]:
+            raise low.err(node, f"stride {stride}: only equal strides are supported")
+        if any(d != 1 for d in (dilation if isinstance(dilation, (list, tuple)) else [dilation])):
+            raise low.err(node, "dilation is not supported")
+        try:
+            pads = _pads2(padding)
+        except UnsupportedModel as e:
+            raise low.err(node, str(e)) from None
+        pads = tuple(p + e for p, e in zip(pads, extra_pads))
+        low.new("mul", node, [xi], op="conv", w=w, b=bias, stride=int(stride[0]), pads=pads, groups=int(groups))
+    low.nodes[-1].name = _module_path(node, low.taken)
+    low.val[node.name] = ("t", len(low.nodes) - 1)
 
-    @handles(aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
-    def _batch_norm(self, node, t, args) -> None:
-        x = self.val[args[0].name]
-        if x[0] != "t" or self.nodes[x[1]].kind != "mul" or not self.fusable(x[1], args[0]) or self.nodes[x[1]].p.get("bn"):
-            raise self.err(node, "batch norm must follow a convolution or linear layer with no other consumer")
-        if t == aten.batch_norm.default:
-            gamma, beta, mean, var = (self.tensor_of(node, a) for a in args[1:5])
-            training, eps = args[5], args[7]
+@handles(aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
+def _batch_norm(low: Lowering, node, t, args) -> None:
+    x = low.val[args[0].name]
+    if x[0] != "t" or low.nodes[x[1]].kind != "mul" or not low.fusable(x[1], args[0]) or low.nodes[x[1]].p.get("bn"):
+        raise low.err(node, "batch norm must follow a convolution or linear layer with no other consumer")
+    if t == aten.batch_norm.default:
+        gamma, beta, mean, var = (low.tensor_of(node, a) for a in args[1:5])
+        training, eps = args[5], args[7]
+    else:
+        gamma, beta, mean, var = (low.tensor_of(node, a) for a in args[1:5])
+        training, eps = False, args[6]
+    if training:
+        raise low.err(node, "batch norm in training mode (call model.eval() before export)")
+    # folded in float64 by numpy element-wise operations (each correctly rounded, never fused)
+    mean, var = mean[1].double().numpy(), var[1].double().numpy()
+    gamma = gamma[1].double().numpy() if gamma is not None else np.ones_like(mean)
+    beta = beta[1].double().numpy() if beta is not None else np.zeros_like(mean)
+    fn = low.nodes[x[1]]
+    g = np.divide(gamma, np.sqrt(np.add(var, float(eps))))
+    fn.p["w"] = torch.from_numpy(np.multiply(fn.p["w"].numpy(), g[:, None, None, None]))
+    fn.p["b"] = torch.from_numpy(np.add(np.multiply(np.subtract(fn.p["b"].numpy(), mean), g), beta))
+    fn.p["bn"] = True
+    low.owner_fx[x[1]] = node.name
+    low.val[node.name] = ("bn-tuple", x) if t != aten.batch_norm.default else x
+    if t != aten.batch_norm.default:
+        low.fx_users[node.name] = 1
+
+@handles(ACTIVATIONS)
+def _activation(low: Lowering, node, t, args) -> None:
+    lo, hi = 0.0, math.inf
+    if t in (aten.hardtanh.default, aten.hardtanh_.default):
+        lo, hi = float(args[1]) if len(args) > 1 else -1.0, float(args[2]) if len(args) > 2 else 1.0
+    elif t in (aten.relu6.default,):
+        lo, hi = 0.0, 6.0
+    elif t == aten.clamp.default:
+        lo = -math.inf if len(args) < 2 or args[1] is None else float(args[1])
+        hi = math.inf if len(args) < 3 or args[2] is None else float(args[2])
+    elif t == aten.clamp_min.default:
+        lo = float(args[1])
+    x = low.val[args[0].name]
+    if x[0] != "t":
+        raise low.err(node, "activation on the network input")
+    src = low.nodes[x[1]]
+    if src.kind in ("mul", "add") and src.act is None and low.fusable(x[1], args[0]):
+        src.act = (lo, hi)
+        low.owner_fx[x[1]] = node.name
+        low.val[node.name] = x
+    else:
+        low.val[node.name] = low.new("clamp", node, [x[1]], lo=lo, hi=hi)
+
+@handles(aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor)
+def _arithmetic(low: Lowering, node, t, args) -> None:
+    a = low.val.get(args[0].name) if isinstance(args[0], torch.fx.Node) else ("const", torch.tensor(float(args[0])))
+    b = low.val.get(args[1].name) if isinstance(args[1], torch.fx.Node) else ("const", torch.tensor(float(args[1])))
+    alpha = node.kwargs.get("alpha", 1)
+    if a[0] == "t" and b[0] == "t":
+        if t not in (aten.add.Tensor, aten.add_.Tensor) or alpha != 1:
+            raise low.err(node, "only additions of two activations are supported")
+        low.val[node.name] = low.new("add", node, [a[1], b[1]])
+        return
+    if a[0] == "affine" and b[0] == "const" or a[0] == "const" and b[0] == "affine":
+        aff, c = (a, b[1]) if a[0] == "affine" else (b, a[1])
+        c = c.double().reshape(-1) if c.numel() > 1 else c.double().reshape(1)
+        sa, sb = aff[1], aff[2]
+        if t in (aten.add.Tensor, aten.add_.Tensor):
+            low.val[node.name] = ("affine", sa, sb + c * alpha)
+        elif t == aten.sub.Tensor:
+            if a[0] != "affine":
+                raise low.err(node, "constant minus input is not supported")
+            low.val[node.name] = ("affine", sa, sb - c * alpha)
+        elif t == aten.mul.Tensor:
+            low.val[node.name] = ("affine", sa * c, sb * c)
         else:
-            gamma, beta, mean, var = (self.tensor_of(node, a) for a in args[1:5])
-            training, eps = False, args[6]
-        if training:
-            raise self.err(node, "batch norm in training mode (call model.eval() before export)")
-        # folded in float64 by numpy element-wise operations (each correctly rounded, never fused)
-        mean, var = mean[1].double().numpy(), var[1].double().numpy()
-        gamma = gamma[1].double().numpy() if gamma is not None else np.ones_like(mean)
-        beta = beta[1].double().numpy() if beta is not None else np.zeros_like(mean)
-        fn = self.nodes[x[1]]
-        g = np.divide(gamma, np.sqrt(np.add(var, float(eps))))
-        fn.p["w"] = torch.from_numpy(np.multiply(fn.p["w"].numpy(), g[:, None, None, None]))
-        fn.p["b"] = torch.from_numpy(np.add(np.multiply(np.subtract(fn.p["b"].numpy(), mean), g), beta))
-        fn.p["bn"] = True
-        self.owner_fx[x[1]] = node.name
-        self.val[node.name] = ("bn-tuple", x) if t != aten.batch_norm.default else x
-        if t != aten.batch_norm.default:
-            self.fx_users[node.name] = 1
+            if a[0] != "affine":
+                raise low.err(node, "constant divided by input is not supported")
+            low.val[node.name] = ("affine", sa / c, sb / c)
+        return
+    raise low.err(node, "arithmetic with constants is only supported on the network input (normalization)")
 
-    @handles(ACTIVATIONS)
-    def _activation(self, node, t, args) -> None:
-        lo, hi = 0.0, math.inf
-        if t in (aten.hardtanh.default, aten.hardtanh_.default):
-            lo, hi = float(args[1]) if len(args) > 1 else -1.0, float(args[2]) if len(args) > 2 else 1.0
-        elif t in (aten.relu6.default,):
-            lo, hi = 0.0, 6.0
-        elif t == aten.clamp.default:
-            lo = -math.inf if len(args) < 2 or args[1] is None else float(args[1])
-            hi = math.inf if len(args) < 3 or args[2] is None else float(args[2])
-        elif t == aten.clamp_min.default:
-            lo = float(args[1])
-        x = self.val[args[0].name]
-        if x[0] != "t":
-            raise self.err(node, "activation on the network input")
-        src = self.nodes[x[1]]
-        if src.kind in ("mul", "add") and src.act is None and self.fusable(x[1], args[0]):
-            src.act = (lo, hi)
-            self.owner_fx[x[1]] = node.name
-            self.val[node.name] = x
-        else:
-            self.val[node.name] = self.new("clamp", node, [x[1]], lo=lo, hi=hi)
+@handles(aten.pad.default, aten.constant_pad_nd.default)
+def _pad(low: Lowering, node, t, args) -> None:
+    x = low.val[args[0].name]
+    pad = list(args[1])
+    mode = args[2] if t == aten.pad.default and len(args) > 2 else "constant"
+    value = (args[3] if t == aten.pad.default and len(args) > 3 else (args[2] if t == aten.constant_pad_nd.default and len(args) > 2 else 0)) or 0
+    if mode != "constant" or value != 0 or len(pad) != 4 or any(p < 0 for p in pad):
+        raise low.err(node, "only zero padding of height and width is supported")
+    if x[0] == "pad":
+        raise low.err(node, "padding of padding is not supported")
+    if not all(u.target in (aten.conv2d.default, aten.convolution.default) for u in node.users):
+        raise low.err(node, "zero padding must feed convolutions only")
+    low.val[node.name] = ("pad", x, tuple(int(p) for p in pad))
 
-    @handles(aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor)
-    def _arithmetic(self, node, t, args) -> None:
-        a = self.val.get(args[0].name) if isinstance(args[0], torch.fx.Node) else ("const", torch.tensor(float(args[0])))
-        b = self.val.get(args[1].name) if isinstance(args[1], torch.fx.Node) else ("const", torch.tensor(float(args[1])))
-        alpha = node.kwargs.get("alpha", 1)
-        if a[0] == "t" and b[0] == "t":
-            if t not in (aten.add.Tensor, aten.add_.Tensor) or alpha != 1:
-                raise self.err(node, "only additions of two activations are supported")
-            self.val[node.name] = self.new("add", node, [a[1], b[1]])
-            return
-        if a[0] == "affine" and b[0] == "const" or a[0] == "const" and b[0] == "affine":
-            aff, c = (a, b[1]) if a[0] == "affine" else (b, a[1])
-            c = c.double().reshape(-1) if c.numel() > 1 else c.double().reshape(1)
-            sa, sb = aff[1], aff[2]
-            if t in (aten.add.Tensor, aten.add_.Tensor):
-                self.val[node.name] = ("affine", sa, sb + c * alpha)
-            elif t == aten.sub.Tensor:
-                if a[0] != "affine":
-                    raise self.err(node, "constant minus input is not supported")
-                self.val[node.name] = ("affine", sa, sb - c * alpha)
-            elif t == aten.mul.Tensor:
-                self.val[node.name] = ("affine", sa * c, sb * c)
-            else:
-                if a[0] != "affine":
-                    raise self.err(node, "constant divided by input is not supported")
-                self.val[node.name] = ("affine", sa / c, sb / c)
-            return
-        raise self.err(node, "arithmetic with constants is only supported on the network input (normalization)")
+@handles(aten.max_pool2d.default, aten.max_pool2d_with_indices.default, aten.avg_pool2d.default)
+def _pool(low: Lowering, node, t, args) -> None:
+    x = low.val[args[0].name]
+    if x[0] != "t":
+        raise low.err(node, "pooling of the network input")
+    k = list(args[1]) if isinstance(args[1], (list, tuple)) else [args[1]] * 2
+    k = k * 2 if len(k) == 1 else k
+    s = list(args[2]) if len(args) > 2 and args[2] else k
+    s = s * 2 if len(s) == 1 else s
+    pad = list(args[3]) if len(args) > 3 else [0, 0]
+    pad = pad * 2 if len(pad) == 1 else pad
+    ceil = args[5] if t != aten.avg_pool2d.default and len(args) > 5 else (args[4] if t == aten.avg_pool2d.default and len(args) > 4 else False)
+    if t != aten.avg_pool2d.default and len(args) > 4 and any(d != 1 for d in args[4]):
+        raise low.err(node, "pool dilation is not supported")
+    if ceil or s[0] != s[1]:
+        raise low.err(node, "ceil_mode and unequal strides are not supported")
+    cip = args[5] if t == aten.avg_pool2d.default and len(args) > 5 else True
+    if t == aten.avg_pool2d.default and len(args) > 6 and args[6] is not None:
+        raise low.err(node, "divisor_override is not supported")
+    low.val[node.name] = low.new("pool", node, [x[1]], op="max" if t != aten.avg_pool2d.default else "avg",
+                         kernel=(int(k[0]), int(k[1])), stride=int(s[0]), pads=(pad[1], pad[1], pad[0], pad[0]),
+                         count_include_pad=bool(cip))
+    if t == aten.max_pool2d_with_indices.default:
+        low.val[node.name] = ("bn-tuple", low.val[node.name])
 
-    @handles(aten.pad.default, aten.constant_pad_nd.default)
-    def _pad(self, node, t, args) -> None:
-        x = self.val[args[0].name]
-        pad = list(args[1])
-        mode = args[2] if t == aten.pad.default and len(args) > 2 else "constant"
-        value = (args[3] if t == aten.pad.default and len(args) > 3 else (args[2] if t == aten.constant_pad_nd.default and len(args) > 2 else 0)) or 0
-        if mode != "constant" or value != 0 or len(pad) != 4 or any(p < 0 for p in pad):
-            raise self.err(node, "only zero padding of height and width is supported")
-        if x[0] == "pad":
-            raise self.err(node, "padding of padding is not supported")
-        if not all(u.target in (aten.conv2d.default, aten.convolution.default) for u in node.users):
-            raise self.err(node, "zero padding must feed convolutions only")
-        self.val[node.name] = ("pad", x, tuple(int(p) for p in pad))
+@handles(aten.adaptive_avg_pool2d.default, aten.mean.dim)
+def _global_pool(low: Lowering, node, t, args) -> None:
+    x = low.val[args[0].name]
+    if t == aten.adaptive_avg_pool2d.default:
+        if list(args[1]) not in ([1, 1], [1]):
+            raise low.err(node, "adaptive average pooling only to 1x1")
+        keep = True
+    else:
+        dims = sorted(d % 4 for d in args[1])
+        if dims != [2, 3]:
+            raise low.err(node, "mean only over height and width")
+        keep = bool(args[2]) if len(args) > 2 else False
+    low.val[node.name] = low.new("pool", node, [x[1]], op="avg", kernel=None, stride=1, pads=(0, 0, 0, 0),
+                         count_include_pad=True)
+    if not keep:
+        low.val[node.name] = low.new("flatten", node, [low.val[node.name][1]])
 
-    @handles(aten.max_pool2d.default, aten.max_pool2d_with_indices.default, aten.avg_pool2d.default)
-    def _pool(self, node, t, args) -> None:
-        x = self.val[args[0].name]
-        if x[0] != "t":
-            raise self.err(node, "pooling of the network input")
-        k = list(args[1]) if isinstance(args[1], (list, tuple)) else [args[1]] * 2
-        k = k * 2 if len(k) == 1 else k
-        s = list(args[2]) if len(args) > 2 and args[2] else k
-        s = s * 2 if len(s) == 1 else s
-        pad = list(args[3]) if len(args) > 3 else [0, 0]
-        pad = pad * 2 if len(pad) == 1 else pad
-        ceil = args[5] if t != aten.avg_pool2d.default and len(args) > 5 else (args[4] if t == aten.avg_pool2d.default and len(args) > 4 else False)
-        if t != aten.avg_pool2d.default and len(args) > 4 and any(d != 1 for d in args[4]):
-            raise self.err(node, "pool dilation is not supported")
-        if ceil or s[0] != s[1]:
-            raise self.err(node, "ceil_mode and unequal strides are not supported")
-        cip = args[5] if t == aten.avg_pool2d.default and len(args) > 5 else True
-        if t == aten.avg_pool2d.default and len(args) > 6 and args[6] is not None:
-            raise self.err(node, "divisor_override is not supported")
-        self.val[node.name] = self.new("pool", node, [x[1]], op="max" if t != aten.avg_pool2d.default else "avg",
-                             kernel=(int(k[0]), int(k[1])), stride=int(s[0]), pads=(pad[1], pad[1], pad[0], pad[0]),
-                             count_include_pad=bool(cip))
-        if t == aten.max_pool2d_with_indices.default:
-            self.val[node.name] = ("bn-tuple", self.val[node.name])
+@handles(aten.sym_size.int)  # a shape query (older torch.export: view(x, [x.size(0), -1]))
+def _sym_size(low: Lowering, node, t, args) -> None:
+    low.val[node.name] = ("size", None)
 
-    @handles(aten.adaptive_avg_pool2d.default, aten.mean.dim)
-    def _global_pool(self, node, t, args) -> None:
-        x = self.val[args[0].name]
-        if t == aten.adaptive_avg_pool2d.default:
-            if list(args[1]) not in ([1, 1], [1]):
-                raise self.err(node, "adaptive average pooling only to 1x1")
-            keep = True
-        else:
-            dims = sorted(d % 4 for d in args[1])
-            if dims != [2, 3]:
-                raise self.err(node, "mean only over height and width")
-            keep = bool(args[2]) if len(args) > 2 else False
-        self.val[node.name] = self.new("pool", node, [x[1]], op="avg", kernel=None, stride=1, pads=(0, 0, 0, 0),
-                             count_include_pad=True)
-        if not keep:
-            self.val[node.name] = self.new("flatten", node, [self.val[node.name][1]])
+@handles(RESHAPES)
+def _reshape(low: Lowering, node, t, args) -> None:
+    x = low.val[args[0].name]
+    if t == aten.flatten.using_ints:
+        ok = (args[1] if len(args) > 1 else 0) == 1 and (args[2] if len(args) > 2 else -1) in (-1, 3)
+    else:
+        shape = list(args[1])
+        ok = len(shape) == 2
+    if not ok:
+        raise low.err(node, "only flattening to [batch, features] is supported")
+    low.val[node.name] = low.new("flatten", node, [x[1]])
 
-    @handles(aten.sym_size.int)  # a shape query (older torch.export: view(x, [x.size(0), -1]))
-    def _sym_size(self, node, t, args) -> None:
-        self.val[node.name] = ("size", None)
-
-    @handles(RESHAPES)
-    def _reshape(self, node, t, args) -> None:
-        x = self.val[args[0].name]
-        if t == aten.flatten.using_ints:
-            ok = (args[1] if len(args) > 1 else 0) == 1 and (args[2] if len(args) > 2 else -1) in (-1, 3)
-        else:
-            shape = list(args[1])
-            ok = len(shape) == 2
-        if not ok:
-            raise self.err(node, "only flattening to [batch, features] is supported")
-        self.val[node.name] = self.new("flatten", node, [x[1]])
-
-    @handles(aten.cat.default)
-    def _concat(self, node, t, args) -> None:
-        dim = args[1] if len(args) > 1 else 0
-        if dim not in (1, -3):
-            raise self.err(node, "concatenation only along channels")
-        ins = [self.val[a.name] for a in args[0]]
-        if any(v[0] != "t" for v in ins):
-            raise self.err(node, "concatenation of the network input")
-        self.val[node.name] = self.new("concat", node, [v[1] for v in ins])
+@handles(aten.cat.default)
+def _concat(low: Lowering, node, t, args) -> None:
+    dim = args[1] if len(args) > 1 else 0
+    if dim not in (1, -3):
+        raise low.err(node, "concatenation only along channels")
+    ins = [low.val[a.name] for a in args[0]]
+    if any(v[0] != "t" for v in ins):
+        raise low.err(node, "concatenation of the network input")
+    low.val[node.name] = low.new("concat", node, [v[1] for v in ins])
 
 
 def lower(ep, where: str) -> list[FNode]:
