@@ -731,28 +731,10 @@ def hardware_report_cmd(
         fail(str(e))
     bar.close()
     elapsed = time.time() - t0
-    unit = (f"fJ per multiplication ({lib.name} cells, internal energy + 1/2 C V^2 of the driven pins, "
-            "unit-delay, glitches counted)" if lib else "NAND2-toggle equivalents per multiplication (unit-delay, "
-            "glitches counted)")
     if save_table:
-        doc = {"unit": unit, "rounding": rounding,
-               "area_unit": "NAND2 equivalents (NanGate 45nm X1 areas)",
-               "streams": {s.name: len(s.x) for s in built}, "designs": rows}
-        if lib:
-            doc.update({"liberty": str(liberty), "leakage_unit": "nW", "area_lib_unit": "library area unit (um^2)"})
-        if pe:
-            from maxdnn.hardware.power import PE_ACC_BITS, PE_DOT_LENGTH
+        from maxdnn.hardware.power import energy_table_doc
 
-            doc["pe"] = (f"processing element: the multiplier, a {PE_ACC_BITS}-bit accumulator adder and register "
-                         f"(dot products of {PE_DOT_LENGTH}); register clock "
-                         + (f"from {lib.flop().cell}" if lib else "not modelled (no liberty)"))
-        if layer_q is not None:
-            from maxdnn.hardware.power import per_layer_relative
-
-            doc["per_layer"] = per_layer_relative(rows, layer_q)
-            doc["per_layer_unit"] = ("energy on the layer's own stream / the exact design's energy averaged over "
-                                     "the layers (weighted by multiplications)")
-            doc["model"] = model or "resnet8"
+        doc = energy_table_doc(rows, built, rounding, lib, liberty, pe, layer_q, model)
         try:
             write_json(save_table, doc)
         except OSError as e:
@@ -762,6 +744,11 @@ def hardware_report_cmd(
     if as_json:
         typer.echo(json.dumps([{k: r[k] for k in keys} for r in rows], indent=1))
         return
+    _print_hardware_tables(rows, streams, rounding, elapsed, lib, liberty, pe, layer_q)
+
+
+def _print_hardware_tables(rows, streams, rounding, elapsed, lib, liberty, pe, layer_q) -> None:
+    """``hardware report``'s tables on the terminal (rich)."""
     from rich.console import Console
     from rich.table import Table
 

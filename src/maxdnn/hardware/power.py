@@ -299,3 +299,25 @@ def per_layer_relative(rows: list[dict], qnet) -> dict[str, dict[str, float]]:
     mults = np.array([counts[n] * np.prod(qnet.layers[n].weight.shape[:2]) for n in layers], float)
     e_avg = float(np.dot(mults, [exact[f"layer:{n}"] for n in layers]) / mults.sum())
     return {n: {r["spec"]: round(r["energy"][f"layer:{n}"] / e_avg, 5) for r in rows} for n in layers}
+
+
+def energy_table_doc(rows: list[dict], streams, rounding: str, lib, liberty_path, pe: bool, layer_q, model) -> dict:
+    """The table ``hardware report --save-table`` writes (and energy accounting reads): every design's row with
+    the units, streams, rounding and, where measured, the PE and per-layer figures."""
+    unit = (f"fJ per multiplication ({lib.name} cells, internal energy + 1/2 C V^2 of the driven pins, "
+            "unit-delay, glitches counted)" if lib else "NAND2-toggle equivalents per multiplication (unit-delay, "
+            "glitches counted)")
+    doc = {"unit": unit, "rounding": rounding, "area_unit": "NAND2 equivalents (NanGate 45nm X1 areas)",
+           "streams": {s.name: len(s.x) for s in streams}, "designs": rows}
+    if lib:
+        doc.update({"liberty": str(liberty_path), "leakage_unit": "nW", "area_lib_unit": "library area unit (um^2)"})
+    if pe:
+        doc["pe"] = (f"processing element: the multiplier, a {PE_ACC_BITS}-bit accumulator adder and register "
+                     f"(dot products of {PE_DOT_LENGTH}); register clock "
+                     + (f"from {lib.flop().cell}" if lib else "not modelled (no liberty)"))
+    if layer_q is not None:
+        doc["per_layer"] = per_layer_relative(rows, layer_q)
+        doc["per_layer_unit"] = ("energy on the layer's own stream / the exact design's energy averaged over "
+                                 "the layers (weighted by multiplications)")
+        doc["model"] = model or "resnet8"
+    return doc
