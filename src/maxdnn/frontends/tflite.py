@@ -30,6 +30,7 @@ operand, which the exact engines handle and the approximate path refuses.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,19 @@ def _layer_name(r: _Reader, wi: int, taken: set, fallback: str) -> str:
     return unique_name(parts[0] if parts else fallback, taken)
 
 
+@dataclass
+class _State:
+    """What the operators converted so far have made: nodes, and per tensor its node, QParams and NCHW shape."""
+
+    r: "_Reader"
+    path: Path
+    value: dict = field(default_factory=dict)  # tensor index -> node name ("input" for the graph input)
+    qp: dict = field(default_factory=dict)
+    shape_nchw: dict = field(default_factory=dict)
+    nodes: list = field(default_factory=list)
+    taken: set = field(default_factory=set)
+
+
 def load_tflite(path: str | Path) -> QuantizedGraph:
     """The integer graph of an int8 TFLite model (see the module docstring)."""
     path = Path(path)
@@ -145,9 +159,7 @@ def load_tflite(path: str | Path) -> QuantizedGraph:
     opname = [r.names.get(max(r.model.OperatorCodes(o.OpcodeIndex()).BuiltinCode(),
                               r.model.OperatorCodes(o.OpcodeIndex()).DeprecatedBuiltinCode()), "?") for o in ops]
     in_t = sg.Inputs(0)
-    value: dict[int, str] = {}  # tensor index -> node name ("input" for the graph input)
-    qp: dict[int, QParams] = {}
-    shape_nchw: dict[int, tuple] = {}
+    st = _State(r, path)
     first = 0
     if r.tensor(in_t).Type() == FLOAT32:
         if not ops or opname[0] != "QUANTIZE":
@@ -158,110 +170,125 @@ def load_tflite(path: str | Path) -> QuantizedGraph:
     if q_in.scale != 1.0:
         raise r.err(f"input scale {q_in.scale}: only inputs quantized at one step per pixel value are supported")
     n, h, w, c = r.shape(in_t)
-    value[in_t], qp[in_t], shape_nchw[in_t] = "input", q_in, (c, h, w)
-    nodes = []
-    taken: set = set()
+    st.value[in_t], st.qp[in_t], st.shape_nchw[in_t] = "input", q_in, (c, h, w)
     last = len(ops)
     while last > first and opname[last - 1] in ("SOFTMAX", "DEQUANTIZE"):
         last -= 1
     for i in range(first, last):
         op, name = ops[i], opname[i]
-        where = f"{path}: operator {name} (#{i})"
         ins = [op.Inputs(j) for j in range(op.InputsLength())]
         out = op.Outputs(0)
-        if ins and ins[0] not in value:
+        if ins and ins[0] not in st.value:
             raise r.err(f"operator {name} (#{i}) reads a tensor no supported operator produced")
-        if name in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
-            x, wi = ins[0], ins[1]
-            bias = r.data(ins[2], np.int32) if len(ins) > 2 and ins[2] >= 0 else None
-            q_x, q_y = qp[x], r.qparams(out)
-            if r.tensor(wi).Type() != INT8:
-                raise ModelError(f"{where}: weights must be int8")
-            wq = r.data(wi, np.int8)
-            s_w = r.scales(wi)
-            if name == "CONV_2D":
-                o = r.options(op, "Conv2DOptions")
-                if o.DilationHFactor() != 1 or o.DilationWFactor() != 1 or o.StrideH() != o.StrideW():
-                    raise ModelError(f"{where}: dilation and unequal strides are not supported")
-                weight, groups, stride, act = wq.transpose(0, 3, 1, 2), 1, o.StrideW(), o.FusedActivationFunction()
-                pads = _pads(o.Padding(), shape_nchw[x][1:], weight.shape[2:], stride)
-                op_kind = "conv"
-            elif name == "DEPTHWISE_CONV_2D":
-                o = r.options(op, "DepthwiseConv2DOptions")
-                if o.DilationHFactor() != 1 or o.DilationWFactor() != 1 or o.StrideH() != o.StrideW():
-                    raise ModelError(f"{where}: dilation and unequal strides are not supported")
-                weight = wq[0].transpose(2, 0, 1)[:, None]  # [1, kh, kw, C*M] -> [C*M, 1, kh, kw]
-                groups, stride, act = shape_nchw[x][0], o.StrideW(), o.FusedActivationFunction()
-                pads = _pads(o.Padding(), shape_nchw[x][1:], weight.shape[2:], stride)
-                op_kind = "conv"
-            else:
-                o = r.options(op, "FullyConnectedOptions")
-                act, stride, groups, pads = o.FusedActivationFunction(), 1, 1, (0, 0, 0, 0)
-                weight = wq[:, :, None, None]
-                op_kind = "linear"
-                feat = shape_nchw[x]
-                if len(feat) == 3:  # flattened NHWC: reorder the columns to maxdnn's NCHW flattening
-                    cc, hh, ww = feat
-                    idx = np.arange(cc * hh * ww).reshape(hh, ww, cc).transpose(2, 0, 1).reshape(-1)
-                    weight = weight[:, idx]
-                if weight.shape[1] != int(np.prod(feat)):
-                    raise ModelError(f"{where}: weights expect {weight.shape[1]} inputs, the input has {int(np.prod(feat))}")
-            f = weight.shape[0]
-            s_w = np.broadcast_to(s_w, (f,)).astype(np.float32)
-            real = [float(np.float32(q_x.scale)) * float(sw) / float(np.float32(q_y.scale)) for sw in s_w]
-            lo, hi = _act_range(act, q_y, where)
-            in_hw = (1, 1) if op_kind == "linear" else shape_nchw[x][1:]
-            layer = MulLayer(_layer_name(r, wi, taken, f"layer{i}"), [value[x]], QParams(q_y.scale, q_y.zero_point, lo, hi),
-                             op=op_kind, weight=np.ascontiguousarray(weight), bias=np.zeros(f, np.int64) if bias is None else bias,
-                             w_scale=s_w.astype(np.float64),
-                             requant=Requant.tflite(real, "tflite-single" if op_kind == "linear" else "tflite"), in_q=q_x, stride=int(stride),
-                             pads=tuple(int(p) for p in pads), groups=int(groups), in_hw=tuple(in_hw))
-            nodes.append(layer)
-            ho, wo = layer.out_hw if op_kind == "conv" else (1, 1)
-            shape_nchw[out] = (f, ho, wo) if op_kind == "conv" else (f,)
-        elif name == "ADD":
-            if len(ins) != 2 or ins[1] not in value:
-                raise ModelError(f"{where}: only additions of two activations are supported")
-            if shape_nchw[ins[0]] != shape_nchw[ins[1]]:
-                raise ModelError(f"{where}: broadcasting additions are not supported")
-            q1, q2, q_y = qp[ins[0]], qp[ins[1]], r.qparams(out)
-            o = r.options(op, "AddOptions")
-            twice = 2.0 * max(q1.scale, q2.scale)
-            rq = [Requant.tflite([q1.scale / twice]), Requant.tflite([q2.scale / twice])]
-            out_rq = Requant.tflite([twice / ((1 << 20) * q_y.scale)])
-            lo, hi = _act_range(o.FusedActivationFunction(), q_y, where)
-            nodes.append(TfliteAdd(f"add{i}", [value[ins[0]], value[ins[1]]], QParams(q_y.scale, q_y.zero_point, lo, hi),
-                                   in_zps=[q1.zero_point, q2.zero_point], requants=rq, left_shift=20, out_requant=out_rq))
-            shape_nchw[out] = shape_nchw[ins[0]]
-        elif name in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
-            o = r.options(op, "Pool2DOptions")
-            q_x, q_y = qp[ins[0]], r.qparams(out)
-            if (q_x.scale, q_x.zero_point) != (q_y.scale, q_y.zero_point):
-                raise ModelError(f"{where}: input and output quantization differ")
-            if o.StrideH() != o.StrideW():
-                raise ModelError(f"{where}: unequal strides are not supported")
-            k = (o.FilterHeight(), o.FilterWidth())
-            c_, h_, w_ = shape_nchw[ins[0]]
-            pads = _pads(o.Padding(), (h_, w_), k, o.StrideW())
-            lo, hi = _act_range(o.FusedActivationFunction(), q_y, where)
-            node = Pool(f"pool{i}", [value[ins[0]]], QParams(q_y.scale, q_y.zero_point, lo, hi),
-                        op="avg" if name == "AVERAGE_POOL_2D" else "max", kernel=k, stride=o.StrideW(),
-                        pads=pads, count_include_pad=False, rounding="tflite")
-            nodes.append(node)
-            shape_nchw[out] = (c_,) + conv_out_hw((h_, w_), k, o.StrideW(), pads)
-        elif name == "RESHAPE":
-            tgt = r.shape(out)
-            if len(tgt) != 2:
-                raise ModelError(f"{where}: only reshapes to [batch, features] are supported")
-            q_x = qp[ins[0]]
-            nodes.append(Flatten(f"flatten{i}", [value[ins[0]]], q_x))
-            qp[out], value[out] = q_x, nodes[-1].name
-            shape_nchw[out] = shape_nchw[ins[0]]  # kept unflattened: a following FC reorders its columns
-            continue
-        else:
-            raise ModelError(f"{where}: unsupported operator")
-        value[out], qp[out] = nodes[-1].name, nodes[-1].out
-    if not nodes or value.get(sg.Outputs(0)) is None and last == len(ops):
+        convert = OPERATORS.get(name)
+        if convert is None:
+            raise ModelError(f"{path}: operator {name} (#{i}): unsupported operator")
+        convert(st, op, name, i, ins, out, f"{path}: operator {name} (#{i})")
+    if not st.nodes or st.value.get(sg.Outputs(0)) is None and last == len(ops):
         raise r.err("the model's output is not produced by a supported operator")
-    return QuantizedGraph(q_in, shape_nchw[in_t], nodes, {"source": str(path), "quantization": "the model's own (TFLite)"},
-                          pixel_offset=q_in.zero_point)
+    return QuantizedGraph(q_in, st.shape_nchw[in_t], st.nodes,
+                          {"source": str(path), "quantization": "the model's own (TFLite)"}, pixel_offset=q_in.zero_point)
+
+
+def _produced(st: _State, out: int, node) -> None:
+    st.nodes.append(node)
+    st.value[out], st.qp[out] = node.name, node.out
+
+
+def _conv_geometry(st: _State, op, name: str, x: int, wq: np.ndarray, where: str):
+    """(weight [F, C/groups, kh, kw], groups, stride, fused activation, pads, op kind) of a multiplying operator."""
+    r = st.r
+    if name == "CONV_2D":
+        o = r.options(op, "Conv2DOptions")
+        if o.DilationHFactor() != 1 or o.DilationWFactor() != 1 or o.StrideH() != o.StrideW():
+            raise ModelError(f"{where}: dilation and unequal strides are not supported")
+        weight, groups, stride, act = wq.transpose(0, 3, 1, 2), 1, o.StrideW(), o.FusedActivationFunction()
+        return weight, groups, stride, act, _pads(o.Padding(), st.shape_nchw[x][1:], weight.shape[2:], stride), "conv"
+    if name == "DEPTHWISE_CONV_2D":
+        o = r.options(op, "DepthwiseConv2DOptions")
+        if o.DilationHFactor() != 1 or o.DilationWFactor() != 1 or o.StrideH() != o.StrideW():
+            raise ModelError(f"{where}: dilation and unequal strides are not supported")
+        weight = wq[0].transpose(2, 0, 1)[:, None]  # [1, kh, kw, C*M] -> [C*M, 1, kh, kw]
+        groups, stride, act = st.shape_nchw[x][0], o.StrideW(), o.FusedActivationFunction()
+        return weight, groups, stride, act, _pads(o.Padding(), st.shape_nchw[x][1:], weight.shape[2:], stride), "conv"
+    o = r.options(op, "FullyConnectedOptions")
+    weight = wq[:, :, None, None]
+    feat = st.shape_nchw[x]
+    if len(feat) == 3:  # flattened NHWC: reorder the columns to maxdnn's NCHW flattening
+        cc, hh, ww = feat
+        idx = np.arange(cc * hh * ww).reshape(hh, ww, cc).transpose(2, 0, 1).reshape(-1)
+        weight = weight[:, idx]
+    if weight.shape[1] != int(np.prod(feat)):
+        raise ModelError(f"{where}: weights expect {weight.shape[1]} inputs, the input has {int(np.prod(feat))}")
+    return weight, 1, 1, o.FusedActivationFunction(), (0, 0, 0, 0), "linear"
+
+
+def _multiplying(st: _State, op, name: str, i: int, ins: list, out: int, where: str) -> None:
+    r = st.r
+    x, wi = ins[0], ins[1]
+    bias = r.data(ins[2], np.int32) if len(ins) > 2 and ins[2] >= 0 else None
+    q_x, q_y = st.qp[x], r.qparams(out)
+    if r.tensor(wi).Type() != INT8:
+        raise ModelError(f"{where}: weights must be int8")
+    wq = r.data(wi, np.int8)
+    s_w = r.scales(wi)
+    weight, groups, stride, act, pads, op_kind = _conv_geometry(st, op, name, x, wq, where)
+    f = weight.shape[0]
+    s_w = np.broadcast_to(s_w, (f,)).astype(np.float32)
+    real = [float(np.float32(q_x.scale)) * float(sw) / float(np.float32(q_y.scale)) for sw in s_w]
+    lo, hi = _act_range(act, q_y, where)
+    in_hw = (1, 1) if op_kind == "linear" else st.shape_nchw[x][1:]
+    layer = MulLayer(_layer_name(r, wi, st.taken, f"layer{i}"), [st.value[x]], QParams(q_y.scale, q_y.zero_point, lo, hi),
+                     op=op_kind, weight=np.ascontiguousarray(weight), bias=np.zeros(f, np.int64) if bias is None else bias,
+                     w_scale=s_w.astype(np.float64),
+                     requant=Requant.tflite(real, "tflite-single" if op_kind == "linear" else "tflite"), in_q=q_x,
+                     stride=int(stride), pads=tuple(int(p) for p in pads), groups=int(groups), in_hw=tuple(in_hw))
+    ho, wo = layer.out_hw if op_kind == "conv" else (1, 1)
+    st.shape_nchw[out] = (f, ho, wo) if op_kind == "conv" else (f,)
+    _produced(st, out, layer)
+
+
+def _add(st: _State, op, name: str, i: int, ins: list, out: int, where: str) -> None:
+    if len(ins) != 2 or ins[1] not in st.value:
+        raise ModelError(f"{where}: only additions of two activations are supported")
+    if st.shape_nchw[ins[0]] != st.shape_nchw[ins[1]]:
+        raise ModelError(f"{where}: broadcasting additions are not supported")
+    q1, q2, q_y = st.qp[ins[0]], st.qp[ins[1]], st.r.qparams(out)
+    o = st.r.options(op, "AddOptions")
+    twice = 2.0 * max(q1.scale, q2.scale)
+    rq = [Requant.tflite([q1.scale / twice]), Requant.tflite([q2.scale / twice])]
+    out_rq = Requant.tflite([twice / ((1 << 20) * q_y.scale)])
+    lo, hi = _act_range(o.FusedActivationFunction(), q_y, where)
+    st.shape_nchw[out] = st.shape_nchw[ins[0]]
+    _produced(st, out, TfliteAdd(f"add{i}", [st.value[ins[0]], st.value[ins[1]]],
+                                 QParams(q_y.scale, q_y.zero_point, lo, hi), in_zps=[q1.zero_point, q2.zero_point],
+                                 requants=rq, left_shift=20, out_requant=out_rq))
+
+
+def _pool(st: _State, op, name: str, i: int, ins: list, out: int, where: str) -> None:
+    o = st.r.options(op, "Pool2DOptions")
+    q_x, q_y = st.qp[ins[0]], st.r.qparams(out)
+    if (q_x.scale, q_x.zero_point) != (q_y.scale, q_y.zero_point):
+        raise ModelError(f"{where}: input and output quantization differ")
+    if o.StrideH() != o.StrideW():
+        raise ModelError(f"{where}: unequal strides are not supported")
+    k = (o.FilterHeight(), o.FilterWidth())
+    c_, h_, w_ = st.shape_nchw[ins[0]]
+    pads = _pads(o.Padding(), (h_, w_), k, o.StrideW())
+    lo, hi = _act_range(o.FusedActivationFunction(), q_y, where)
+    st.shape_nchw[out] = (c_,) + conv_out_hw((h_, w_), k, o.StrideW(), pads)
+    _produced(st, out, Pool(f"pool{i}", [st.value[ins[0]]], QParams(q_y.scale, q_y.zero_point, lo, hi),
+                            op="avg" if name == "AVERAGE_POOL_2D" else "max", kernel=k, stride=o.StrideW(),
+                            pads=pads, count_include_pad=False, rounding="tflite"))
+
+
+def _reshape(st: _State, op, name: str, i: int, ins: list, out: int, where: str) -> None:
+    if len(st.r.shape(out)) != 2:
+        raise ModelError(f"{where}: only reshapes to [batch, features] are supported")
+    q_x = st.qp[ins[0]]
+    _produced(st, out, Flatten(f"flatten{i}", [st.value[ins[0]]], q_x))
+    st.shape_nchw[out] = st.shape_nchw[ins[0]]  # kept unflattened: a following FC reorders its columns
+
+
+OPERATORS = {"CONV_2D": _multiplying, "DEPTHWISE_CONV_2D": _multiplying, "FULLY_CONNECTED": _multiplying,
+             "ADD": _add, "AVERAGE_POOL_2D": _pool, "MAX_POOL_2D": _pool, "RESHAPE": _reshape}
