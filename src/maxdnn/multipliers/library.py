@@ -1,19 +1,8 @@
 """The user library: multipliers imported from Verilog or from a product table, usable by name.
 
-Location: ``$MAXDNN_MULTIPLIERS`` if set (``maxdnn --multiplier-dir DIR`` sets it),
-else ``$XDG_DATA_HOME/maxdnn/multipliers``, else ``~/.local/share/maxdnn/multipliers``.
-Each multiplier is a folder ``NAME/`` holding
-
-- ``table.npy``: the full product table, ``table[x - x_min, w - w_min]`` (int64,
-  2^bits x 2^bits), the same layout as ``Multiplier.lut()``;
-- ``meta.json``: operand formats, where it came from, its error metrics and,
-  when known, its energy relative to the exact radix-4 Booth design per operand
-  stream (``energy_rel``), or a relative energy the user stated (``energy_given``);
-- for Verilog imports, the source (``design.v``) and the synthesized netlist
-  (``netlist.json``, Yosys JSON).
-
-A folder appears whole or not at all (written beside, then renamed).
-Names may not take a built-in form (``exact``, ``mitchell``, ``roup-*``, ...).
+Importing writes an entry (its folder, table and metadata: the layout is ``maxdnn.multipliers.store``'s);
+a folder appears whole or not at all (written beside, then renamed). Names may not take a built-in form
+(``exact``, ``mitchell``, ``roup-*``, ...). The reading side is re-exported here from the store.
 """
 
 from __future__ import annotations
