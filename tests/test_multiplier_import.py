@@ -229,3 +229,19 @@ def test_table_file_that_is_not_npy(tmp_path, library):
     bad.write_text("not an array")
     one_line_error(runner.invoke(app, ["multipliers", "import", str(bad), "--name", "a", "--energy", "0.5"]),
                    "not a NumPy .npy array")
+
+
+def test_hardware_report_measures_an_imported_verilog_design(tmp_path, library):
+    """The report synthesizes an imported design again from its stored source: the same energy as at import."""
+    r = runner.invoke(app, ["multipliers", "import", str(write(tmp_path, "t.v", TRUNC_V)), "--name", "drop2"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((library / "drop2" / "meta.json").read_text())
+    r = runner.invoke(app, ["hardware", "report", "--spec", "drop2", "--json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.stdout)[0]
+    assert row["energy_rel"]["uniform"] == meta["energy_rel"]["uniform"] and row["area_nand2"] == meta["area_nand2"]
+    one_line_error(runner.invoke(app, ["hardware", "report", "--spec", "drop2", "--pe"]), "drop2", "--pe")
+    np.save(tmp_path / "t.npy", get_multiplier("roup-p1r2").lut())
+    assert runner.invoke(app, ["multipliers", "import", str(tmp_path / "t.npy"), "--name", "tab", "--energy",
+                               "0.5"]).exit_code == 0
+    one_line_error(runner.invoke(app, ["hardware", "report", "--spec", "tab"]), "tab", "imported as a product table")

@@ -653,7 +653,7 @@ def hardware_verilog(spec: str = typer.Argument(..., help="exact or roup-p{P}r{R
 
 @hardware_app.command("report")
 def hardware_report_cmd(
-    spec: Optional[list[str]] = typer.Option(None, "--spec", help="Designs (default: exact and every 8-bit ROUP)."),
+    spec: Optional[list[str]] = typer.Option(None, "--spec", help="Designs: exact, roup-p{P}r{R} or a multiplier imported from Verilog (default: exact and every 8-bit ROUP)."),
     stream: Optional[list[str]] = typer.Option(None, "--stream", help="uniform and/or model (repeatable; default uniform). "
                                                "'resnet8' is the model stream of the committed ResNet-8 under the name the energy table uses."),
     data: Optional[str] = typer.Option(None, envvar="MAXDNN_DATA", help="CIFAR-10 source for the model stream."),
@@ -674,7 +674,7 @@ def hardware_report_cmd(
 
     from tqdm import tqdm
 
-    from maxdnn.hardware.power import NoHardwareError, design_params, hardware_report, uniform_stream
+    from maxdnn.hardware.power import NoHardwareError, check_design, hardware_report, uniform_stream
     from maxdnn.hardware.synth import SynthesisError
     from maxdnn.multipliers.models import roup_specs
 
@@ -691,7 +691,7 @@ def hardware_report_cmd(
             fail("--stream resnet8 is the committed ResNet-8's stream; use --stream model with --model")
     try:
         for s in specs:
-            design_params(s)
+            check_design(s, pe=pe)
     except NoHardwareError as e:
         fail(str(e))
     lib = None

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,64 @@ def design_params(spec: str, bits: int = 8) -> tuple[int, int]:
     if isinstance(m, ROUP):
         return m.p, m.r
     raise NoHardwareError(f"multiplier '{spec}' has no hardware design (designs exist for exact and roup-p{{P}}r{{R}})")
+
+
+def imported_design(spec: str, bits: int = 8) -> dict | None:
+    """The library entry (``meta.json``) of a multiplier imported from Verilog under the name ``spec``, or None
+    when ``spec`` names no imported entry; an entry that has no design the report can measure (a product
+    table, other operand formats) is a one-line ``NoHardwareError``."""
+    from maxdnn.multipliers.models import is_builtin_name
+    from maxdnn.multipliers.store import LibraryError, entry_dir, read_meta
+
+    if is_builtin_name(spec):
+        return None
+    try:
+        meta = read_meta(spec)
+    except LibraryError as e:
+        raise NoHardwareError(str(e)) from None
+    if meta is None:
+        return None
+    if meta.get("source") != "verilog" or not (entry_dir(spec) / "design.v").is_file():
+        raise NoHardwareError(f"multiplier '{spec}' was imported as a product table: it has no hardware design "
+                              "(import its Verilog with 'maxdnn multipliers import FILE.v')")
+    if meta["bits"] != bits or meta["x_signed"]:
+        raise NoHardwareError(f"multiplier '{spec}' takes x {'s' if meta['x_signed'] else 'u'}{meta['bits']}: the "
+                              f"hardware report measures designs with x u{bits}, w s{bits}")
+    return meta
+
+
+def check_design(spec: str, bits: int = 8, pe: bool = False) -> None:
+    """A one-line ``NoHardwareError`` unless ``spec`` has a design to measure: exact, roup-p{P}r{R}, or a
+    multiplier imported from Verilog (whose processing element, ``pe``, is not modelled)."""
+    if imported_design(spec, bits) is None:
+        design_params(spec, bits)
+    elif pe:
+        raise NoHardwareError(f"multiplier '{spec}': the processing element (--pe) is modelled for the built-in "
+                              "Booth designs only")
+
+
+def _imported_netlist(spec: str, meta: dict, liberty) -> Netlist:
+    """An imported design synthesized again from its stored Verilog (generic gates, or mapped to ``liberty``),
+    its ports renamed x, w and p as at import."""
+    from maxdnn.multipliers.store import entry_dir
+
+    v = (entry_dir(spec) / "design.v").read_text()
+    top, ports = meta["top"], meta["ports"]
+    h = hashlib.sha256(v.encode() + top.encode())
+    if liberty is not None:
+        h.update(Path(liberty.path).read_bytes())
+    path = _hw_cache() / f"netlist-imported-{h.hexdigest()[:20]}.json"
+    net = None
+    if path.exists():
+        try:
+            net = Netlist.from_yosys_json(json.loads(path.read_text()), top, liberty=liberty)
+        except (ValueError, KeyError):
+            path.unlink(missing_ok=True)
+    if net is None:
+        net, doc = synthesize(v, top, liberty=liberty)
+        write_json(path, doc, indent=None)
+    return replace(net, inputs={"x": net.inputs[ports["x"]], "w": net.inputs[ports["w"]]},
+                   outputs={"p": net.outputs[ports["product"]]})
 
 
 def verilog_for(spec: str, bits: int = 8, x_signed: bool = False, rounding: str = "folded") -> str:
@@ -109,7 +167,14 @@ def _hw_cache() -> Path:
 
 def netlist_for(spec: str, bits: int = 8, rounding: str = "folded", liberty=None, unit: str = "mul") -> Netlist:
     """The synthesized netlist of ``spec`` (cached by Verilog hash), generic gates or mapped to ``liberty``;
-    ``unit`` "mul": the multiplier, "mac": the processing element's datapath (``mac_verilog``)."""
+    ``unit`` "mul": the multiplier, "mac": the processing element's datapath (``mac_verilog``). An imported
+    Verilog multiplier (``imported_design``) is synthesized from its stored source; its PE is not modelled."""
+    meta = imported_design(spec, bits)
+    if meta is not None:
+        if unit != "mul":
+            raise NoHardwareError(f"multiplier '{spec}': the processing element (--pe) is modelled for the built-in "
+                                  "Booth designs only")
+        return _imported_netlist(spec, meta, liberty)
     v = verilog_for(spec, bits, rounding=rounding) if unit == "mul" else mac_verilog(spec, bits, rounding)
     h = hashlib.sha256(v.encode())
     if liberty is not None:
