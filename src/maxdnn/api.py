@@ -46,20 +46,9 @@ def load_model(spec: str | os.PathLike | None = None) -> nn.Module | QuantizedGr
         model = maxdnn.load_model("resnet8")
         graph = maxdnn.load_model("pretrainedResnet_quant.tflite")   # already integer
     """
-    from maxdnn.zoo.models import ModelError, load_model as _load
+    from maxdnn.workload import load_any_model
 
-    if spec is not None and str(spec).lower().endswith(".tflite"):
-        from maxdnn.frontends.tflite import load_tflite
-
-        return load_tflite(spec)
-    if spec is not None and str(spec).lower().endswith(".npz"):
-        from maxdnn.ir.graph import GraphError
-
-        try:
-            return QuantizedGraph.load(spec)
-        except GraphError as e:
-            raise ModelError(str(e)) from None
-    return _load(spec)
+    return load_any_model(spec)
 
 
 def quantize(model: nn.Module | QuantizedGraph, calibration_images: np.ndarray,

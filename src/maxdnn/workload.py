@@ -41,21 +41,10 @@ class Workload:
     @classmethod
     def open(cls, model: str | None, data: str | None) -> "Workload":
         """``model``: a zoo name, .pt checkpoint, Keras .h5, torch.export .pt2 or int8 .tflite (default: resnet8)."""
-        if model is not None and str(model).lower().endswith(".tflite"):
-            from maxdnn.frontends.tflite import load_tflite
-
-            return cls(None, str(model), resolve_data(data), load_tflite(model))
-        if model is not None and str(model).lower().endswith(".npz"):  # a saved integer graph (maxdnn finetune)
-            from maxdnn.ir.graph import GraphError
-            from maxdnn.zoo.models import ModelError
-
-            if not Path(model).exists():
-                raise ModelError(f"{model}: no such model file")
-            try:
-                return cls(None, str(model), resolve_data(data), QuantizedGraph.load(model))
-            except GraphError as e:
-                raise ModelError(str(e)) from None
-        return cls(load_model(model), str(model or "resnet8"), resolve_data(data))
+        m = load_any_model(model)
+        if isinstance(m, QuantizedGraph):
+            return cls(None, str(model), resolve_data(data), m)
+        return cls(m, str(model or "resnet8"), resolve_data(data))
 
     def split(self, split: str, limit: int | None = None) -> Dataset:
         """The split, or a fixed seeded random sample of ``limit`` images of it."""
@@ -71,6 +60,26 @@ class Workload:
         q = quantize_module(self.model, calibration_images(train.images, calib), percentile)
         q.meta.update({"model": self.model_path, "calibration": f"{calib} images of {describe_data(train)}"})
         return q
+
+
+def load_any_model(spec: str | None) -> nn.Module | QuantizedGraph:
+    """A float network (zoo name, .pt, .h5, .pt2), or an already integer one: an int8 .tflite model (its own
+    quantization) or a saved integer graph (.npz, from maxdnn finetune)."""
+    if spec is not None and str(spec).lower().endswith(".tflite"):
+        from maxdnn.frontends.tflite import load_tflite
+
+        return load_tflite(spec)
+    if spec is not None and str(spec).lower().endswith(".npz"):
+        from maxdnn.ir.graph import GraphError
+        from maxdnn.zoo.models import ModelError
+
+        if not Path(spec).exists():
+            raise ModelError(f"{spec}: no such model file")
+        try:
+            return QuantizedGraph.load(spec)
+        except GraphError as e:
+            raise ModelError(str(e)) from None
+    return load_model(spec)
 
 
 def check_outputs(outs: np.ndarray, model: str, classes: int = 10) -> None:
