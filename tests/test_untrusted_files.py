@@ -180,3 +180,15 @@ def test_image_archives_are_checked_before_decoding(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"is 640x480, expected 32x32"):
         load_cifar10(wide, "test", use_cache=False)
     assert decoded == []  # refused from the header, before any pixel was decoded
+
+
+def test_pt2_with_a_corrupt_member_is_refused(tmp_path):
+    """torch's own archive reader does not check CRCs: a damaged weight would load silently."""
+    good = _saved_program(tmp_path)
+    raw = bytearray(good.read_bytes())
+    at = raw.index(b"data/weights/weight_0") + 200  # inside that member's data
+    raw[at] ^= 0xFF
+    bad = tmp_path / "crc.pt2"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ModelError, match=r"crc.pt2: corrupt archive member .*weight_0"):
+        load_model(bad)

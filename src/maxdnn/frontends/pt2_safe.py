@@ -20,6 +20,7 @@ import logging
 import threading
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from maxdnn.errors import MaxdnnError
 
@@ -76,13 +77,13 @@ def _check_archive(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
-            bad = zf.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+            if sum(i.file_size for i in infos) > MAX_PT2_BYTES:  # before any member is decompressed
+                raise ValueError(f"its members unpack to more than {MAX_PT2_BYTES:,} bytes")
+            bad = zf.testzip()  # every member's CRC (torch's own reader does not check them)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
         raise ValueError(f"not a readable torch.export program (not a zip archive: {e})") from None
     if bad is not None:
         raise ValueError(f"corrupt archive member {bad}")
-    if sum(i.file_size for i in infos) > MAX_PT2_BYTES:
-        raise ValueError(f"its members unpack to more than {MAX_PT2_BYTES:,} bytes")
     for i in infos:
         inner = i.filename.split("/", 1)[-1]
         if inner.startswith(AOTINDUCTOR_DIR):
