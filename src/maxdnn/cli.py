@@ -786,7 +786,9 @@ def _out_of_space(e: BaseException) -> str | None:
     """Why a write failed for lack of room (a full disk or quota, SQLite's 'disk is full'), or None."""
     import errno
 
-    while e is not None:
+    seen = set()
+    while e is not None and id(e) not in seen:  # a chain of causes can loop back
+        seen.add(id(e))
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             return os.strerror(e.errno)
         if "database or disk is full" in str(e):
