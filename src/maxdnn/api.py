@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from maxdnn.engine.approx import ApproxNetwork, Assignment, _check_layer_names
+from maxdnn.engine.approx import ApproxNetwork, Assignment, check_layer_names
 from maxdnn.engine.approx import filter_assignment as _filter_assignment
 from maxdnn.engine.approx import layer_assignment as _layer_assignment
 from maxdnn.data import Dataset, load_cifar10 as _load_cifar10
@@ -152,7 +152,7 @@ def kernel_assignment(graph: QuantizedGraph, per_kernel: Mapping[str, Sequence[S
     """
     specs: list[str] = []
     maps = {}
-    _check_layer_names(graph, per_kernel)
+    check_layer_names(graph, per_kernel)
     for name, grid in per_kernel.items():
         g = np.asarray(grid, dtype=object)
         idx = np.zeros(g.shape, dtype=np.int64)

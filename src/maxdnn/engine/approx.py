@@ -228,7 +228,7 @@ def assignment_key(a: Assignment) -> str:
 
 def layer_assignment(qnet, per_layer: dict[str, str], bits: int = 8) -> Assignment:
     """One multiplier per layer (layers not named are exact)."""
-    _check_layer_names(qnet, per_layer)
+    check_layer_names(qnet, per_layer)
     specs = sorted(set(per_layer.values()) | {"exact"})
     maps = {n: np.full(l.weight.shape[:2], specs.index(per_layer.get(n, "exact")), dtype=np.int64)
             for n, l in qnet.layers.items()}
@@ -237,7 +237,7 @@ def layer_assignment(qnet, per_layer: dict[str, str], bits: int = 8) -> Assignme
 
 def filter_assignment(qnet, per_filter: dict[str, Sequence[str]], bits: int = 8) -> Assignment:
     """A multiplier per output channel (constant rows)."""
-    _check_layer_names(qnet, per_filter)
+    check_layer_names(qnet, per_filter)
     specs = sorted({s for v in per_filter.values() for s in v} | {"exact"})
     maps = {}
     for n, l in qnet.layers.items():
@@ -249,7 +249,8 @@ def filter_assignment(qnet, per_filter: dict[str, Sequence[str]], bits: int = 8)
     return Assignment(specs, maps, bits)
 
 
-def _check_layer_names(qnet, names) -> None:
+def check_layer_names(qnet, names) -> None:
+    """``AssignmentError`` naming the first of ``names`` that is not a multiplying layer of ``qnet``."""
     unknown = [n for n in names if n not in qnet.layers]
     if unknown:
         raise AssignmentError(f"unknown layer '{unknown[0]}' (layers: {', '.join(qnet.layers)})")
