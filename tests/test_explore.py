@@ -13,7 +13,7 @@ from conftest import LOSSLESS_ZIP, need
 from maxdnn.engine.approx import Assignment, assignment_key
 from maxdnn.exploration.explorer import BUDGETS, Explorer, run_exploration
 from maxdnn.exploration.resilience import taylor_proxy
-from maxdnn.exploration.front import pareto_front, point_key
+from maxdnn.exploration.front import APPROACHES, pareto_front, point_key
 from maxdnn.exploration.report import best_at_thresholds, read_points, write_report
 from maxdnn.workload import Workload
 
@@ -55,21 +55,24 @@ def test_tiny_exploration_end_to_end(finished_run):
     for ap in ("layer", "filter", "kernel"):
         sums = [p["genome"] for p in pts if p["approach"] == ap and p["source"] == "sweep"]
         assert len(sums) == len(set(sums))
-    # front points have test numbers and a saved assignment
+    # every front point has a saved assignment; the chosen ones have confirmation and test numbers
     rows = read_points(run / "points.csv")
     front = [r for r in rows if r["on_front"]]
-    assert front and all(r["test_accuracy"] is not None for r in front)
     assert len(list((run / "pareto").glob("*.json"))) == len(front)
-    # each distinct assignment is measured on the test set once, however many approaches' points build it
-    units = ex.units.results(prefix="test|")
+    chosen = [r for per in best_at_thresholds(rows).values() for r in per.values() if r is not None]
+    assert chosen and all(r["test_accuracy"] is not None and r["confirm_accuracy"] is not None for r in chosen)
+    assert all(r["confirm_images"] == TINY.confirm_images and r["test_images"] == 1000 for r in chosen)
+    # each distinct assignment is measured on the confirmation images once, however many points build it
+    units = ex.units.results(prefix="confirm|")
     by_assignment = {}
     for f in (run / "pareto").glob("*.json"):
         by_assignment.setdefault(assignment_key(Assignment.load(f, ex.q)), []).append(f.stem)
-    assert set(units) == {f"test|{k}" for k in by_assignment}
+    assert "confirm|exact" in units and set(units) - {"confirm|exact"} <= {f"confirm|ptq|{k}" for k in by_assignment}
     assert any(len(v) > 1 for v in by_assignment.values())  # layer and ALWANN-style share points here
-    tests = json.loads((run / "test_eval.json").read_text())
-    for stems in by_assignment.values():  # points sharing an assignment share its test numbers
-        assert len({json.dumps(tests[point_key(_point(ex, s))]) for s in stems}) == 1
+    conf = json.loads((run / "confirm_eval.json").read_text())
+    for stems in by_assignment.values():  # points sharing an assignment share its measurements
+        got = {json.dumps(conf["points"].get(f"ptq|{point_key(_point(ex, s))}")) for s in stems}
+        assert len(got - {"null"}) <= 1
 
 
 def _point(ex, stem):
@@ -103,20 +106,41 @@ def test_an_assignment_is_measured_once_per_exploration(finished_run, monkeypatc
     assert resumed.evaluate(twin) == got[0] and len(measured) == 1  # kept in the storage, for resumes and workers
 
 
-def test_report_recomputable_from_points_csv(finished_run):
-    run, _ = finished_run
+def report_cells(text: str, level_col: int) -> dict:
+    """{(approach, threshold): cell} of report.md's per-threshold tables, column ``level_col``."""
+    out, t = {}, None
+    for line in text.splitlines():
+        m = re.match(r"\*\*<= ([\d.]+) points?\*\*", line)
+        if m:
+            t = float(m.group(1))
+        elif t is not None and line.startswith("| ") and not line.startswith("| approach"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            out[(cells[0], t)] = cells[1 + level_col]
+        elif line.startswith("## Against"):
+            break
+    return out
+
+
+def check_report_table(run, level: str, level_col: int) -> None:
     rows = read_points(run / "points.csv")
-    best = best_at_thresholds(rows)
-    text = (run / "report.md").read_text()
+    cells = report_cells((run / "report.md").read_text(), level_col)
+    best = best_at_thresholds(rows, level=level)
+    assert best
     for ap, per in best.items():
-        line = next(l for l in text.splitlines() if l.startswith(f"| {ap} |"))
-        cells = [c.strip() for c in line.strip("|").split("|")[1:]]
-        for cell, (t, r) in zip(cells, per.items()):
+        for t, r in per.items():
+            cell = cells[(ap, t)]
             if r is None:
                 assert cell == "-"
             else:
                 gain = float(re.match(r"([-\d.]+)%", cell).group(1))
                 assert gain == pytest.approx(100 * r["energy_gain"], abs=0.05)
+                assert f"/ {r['test_loss_pts']:.2f} +-{r['test_loss_ci95']:.2f}" in cell
+
+
+def test_report_recomputable_from_points_csv(finished_run):
+    run, _ = finished_run
+    check_report_table(run, "ptq", 0)
+    rows = read_points(run / "points.csv")
     # front flags agree with a recomputation from the csv
     for ap in {r["approach"] for r in rows}:
         mine = [r for r in rows if r["approach"] == ap]
@@ -224,7 +248,8 @@ def test_resume_after_kill_9(tmp_path):
     cmd, _, _ = _explore_until_trials(run, 2, signal.SIGKILL)
     r = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    ex = Explorer(run, Workload.open(None, LOSSLESS_ZIP), TINY, progress=False, log=lambda m: None)
+    ex = Explorer(run, Workload.open(None, LOSSLESS_ZIP), TINY, progress=False, log=lambda m: None,
+                  compensation="finetune")  # the command's default
     pts = ex.store.points(["filter"])
     assert counts(pts) == {("filter", "sweep"): len(ex.library) * len(TINY.sweep_fractions), ("filter", "nsga2"): TINY.nsga_trials}
     sweep = [p["genome"] for p in pts if p["source"] == "sweep"]
@@ -289,8 +314,8 @@ def test_wilson_interval_and_noise():
 def test_points_csv_has_intervals(finished_run):
     run, _ = finished_run
     rows = read_points(run / "points.csv")
-    front = [r for r in rows if r["on_front"]]
-    assert all(r["test_ci95_low"] <= r["test_accuracy"] <= r["test_ci95_high"] for r in front)
+    tested = [r for r in rows if r["test_accuracy"] is not None]
+    assert tested and all(r["test_ci95_low"] <= r["test_accuracy"] <= r["test_ci95_high"] for r in tested)
     assert "95% Wilson interval" in (run / "report.md").read_text()
 
 
@@ -316,56 +341,100 @@ def test_finetune_candidates_spread_over_the_front():
     assert [p["trial"] for p in finetune_candidates(pts, 0.84, FinetuneBudget(1, 10, 20, 6.0))] == list(range(1, 7))
 
 
-def test_explore_finetune_stage(finished_run, tmp_path, monkeypatch):
-    """Front points fine-tuned once per distinct assignment, measured through the integer engine, reported
-    before and after with the same columns, and resumed without training again."""
-    import shutil
+@pytest.fixture(scope="module")
+def compensated_run(tmp_path_factory):
+    """The default exploration: ranked bias-corrected, front points fine-tuned, chosen on confirmation images."""
+    run = tmp_path_factory.mktemp("comp")
+    ex = Explorer(run, Workload.open(None, need(LOSSLESS_ZIP)), TINY, progress=False, log=lambda m: None,
+                  compensation="finetune")
+    run_exploration(ex)
+    write_report(run, ex.store)
+    return run, ex
 
-    import maxdnn.exploration.finetune_stage as ef
+
+def test_compensated_exploration_reports_every_level(compensated_run):
+    """Points ranked bias-corrected keep their uncorrected numbers; fine-tuned points are measured through the
+    integer engine on the confirmation and test images; the report gives the three levels, recomputable
+    from points.csv."""
+    from maxdnn.compensate.bias_correction import bias_corrected
     from maxdnn.engine.approx import ApproxNetwork
+    from maxdnn.exploration.paired import paired_loss, unpack
     from maxdnn.ir.graph import QuantizedGraph
 
-    src, _ = finished_run
-    run = tmp_path / "run"
-    shutil.copytree(src, run)
-    ex = Explorer(run, Workload.open(None, LOSSLESS_ZIP), TINY, progress=False, log=lambda m: None)
-    res = ex.resilience()
-    fb = ef.FINETUNE_BUDGETS["tiny"]
-    done = ef.finetune_front(ex, ["layer", "kernel", "alwann"], res, fb)
-    assert done["exact"]["test_images"] == 1000 and done["settings"]["epochs"] == 1
-    assert 1 <= len(done["assignments"]) <= len(done["points"]) <= 3
-    # one fine-tuned point, measured again through the integer engine on test
+    run, ex = compensated_run
+    rows = read_points(run / "points.csv")
+    assert {r["compensation"] for r in rows} == {"ptq", "bias", "finetune"}
+    # a point's bias level is its corrected graph's accuracy, its ptq level the plain one's
+    p = max(ex.store.points(["kernel"]), key=lambda p: p["energy_gain"])
+    a = ex.build("kernel", {k: tuple(v) for k, v in json.loads(p["genome"]).items()}, ex.resilience())
+    assert p["ptq_val_accuracy"] == ex.val_metrics(a, ex.q)[0]
+    assert p["val_accuracy"] == ex.val_metrics(a, bias_corrected(ex.q, a, ex.correction_images))[0]
+    # one fine-tuned point, measured again: its bits are the integer engine's on confirmation and test images
+    done = json.loads((run / "finetune_eval.json").read_text())
+    assert done["exact"]["confirm"]["images"] == TINY.confirm_images and done["exact"]["test"]["images"] == 1000
     pk, key = next((pk, k) for pk, k in done["points"].items() if k != "exact")
     p = next(p for p in ex.store.points() if point_key(p) == pk)
-    a = ex.build(p["approach"], {k: tuple(v) for k, v in json.loads(p["genome"]).items()}, res)
+    a = ex.build(p["approach"], {k: tuple(v) for k, v in json.loads(p["genome"]).items()}, ex.resilience())
     g = QuantizedGraph.load(run / done["assignments"][key]["graph"])
-    acc = float((ApproxNetwork(g, a).predict(ex.test.images) == ex.test.labels).mean())
-    assert acc == done["assignments"][key]["test_accuracy"]
+    for split in ("confirm", "test"):
+        data = getattr(ex, split)
+        got = ApproxNetwork(g, a).predict(data.images) == data.labels
+        assert np.array_equal(got, unpack(done["assignments"][key][split]))
     assert any(not np.array_equal(l.weight, ex.q.layers[n].weight) or not np.array_equal(l.bias, ex.q.layers[n].bias)
                for n, l in g.layers.items())  # it was trained
-    # report: a fine-tuned row per fine-tuned point, with its own front, and a table after fine-tuning
-    write_report(run, ex.store)
-    rows = read_points(run / "points.csv")
-    ft_rows = [r for r in rows if r["finetuned"]]
-    # one row per evaluated point whose assignment was fine-tuned (points of one approach that share a genome,
-    # say a sweep point an NSGA-II trial found again, share its fine-tuning and each keep their row)
+    ft_rows = [r for r in rows if r["compensation"] == "finetune"]
     assert len(ft_rows) == sum(1 for p in ex.store.points() if done["points"].get(point_key(p), "exact") != "exact")
-    assert len(ft_rows) >= sum(1 for k in done["points"].values() if k != "exact")
-    assert all(r["test_accuracy"] is not None for r in ft_rows) and any(r["on_front"] for r in ft_rows)
+    assert all(r["test_accuracy"] is not None and r["confirm_accuracy"] is not None for r in ft_rows)
+    # paired losses against the level's reference (the better exact model on the confirmation images)
+    conf = json.loads((run / "confirm_eval.json").read_text())
+    ref = conf["reference"]["ptq"]
+    if done["exact"]["confirm"]["accuracy"] > ref["confirm"]["accuracy"]:
+        ref = done["exact"]
+    r = next(r for r in ft_rows if r["approach"] == p["approach"] and r["trial"] == str(p["trial"]))
+    assert (r["confirm_loss_pts"], r["confirm_loss_se"]) == paired_loss(ref["confirm"],
+                                                                        done["assignments"][key]["confirm"])
+    for col, level in enumerate(("ptq", "bias", "finetune")):
+        check_report_table(run, level, col)
     text = (run / "report.md").read_text()
-    assert "## After fine-tuning" in text and "Fair baseline" in text
-    after = text[text.index("## After fine-tuning"):]
-    for ap, per in best_at_thresholds(rows, finetuned=True).items():
-        line = next(l for l in after.splitlines() if l.startswith(f"| {ap} |"))
-        cells = [c.strip() for c in line.strip("|").split("|")[1:]]
-        assert cells == ["-" if r is None else cells[i] for i, r in enumerate(per.values())]
-        assert all(cells[i].startswith(f"{100 * r['energy_gain']:.1f}%") for i, r in enumerate(per.values()) if r)
-    # resumed: nothing trained again, same results
+    assert "fine-tuned: gain / test loss" in text and "The choice held on test" in text
+
+
+def test_finetune_stage_resumes_and_refuses_other_settings(compensated_run, monkeypatch):
+    import maxdnn.exploration.finetune_stage as ef
+
+    run, ex = compensated_run
+    res = ex.resilience()
+    fb = ef.FINETUNE_BUDGETS["tiny"]
+    done = json.loads((run / "finetune_eval.json").read_text())
     monkeypatch.setattr(ef, "finetune", lambda *a, **k: pytest.fail("trained again"))
-    assert ef.finetune_front(ex, ["layer", "kernel", "alwann"], res, fb) == done
-    # other settings on the same run directory are refused
+    assert ef.finetune_front(ex, APPROACHES, res, fb) == done
     with pytest.raises(ValueError, match="fine-tuning settings"):
         ef.finetune_front(ex, ["layer"], res, ef.FinetuneBudget(epochs=2, images=64, points=1))
+
+
+def test_choice_takes_the_largest_gain_within_the_upper_bound():
+    from maxdnn.exploration.confirm import choose
+
+    rows = [{"energy_gain": 0.5, "confirm_loss_pts": 0.4, "confirm_loss_se": 0.2},
+            {"energy_gain": 0.7, "confirm_loss_pts": 0.8, "confirm_loss_se": 0.3},
+            {"energy_gain": 0.9, "confirm_loss_pts": None, "confirm_loss_se": None}]
+    assert choose(rows, 1.0)["energy_gain"] == 0.5  # 0.8 + 0.3 > 1
+    assert choose(rows, 1.1)["energy_gain"] == 0.7
+    assert choose(rows, 0.5) is None and choose(rows, 1.1, z=2.0)["energy_gain"] == 0.5
+
+
+def test_paired_loss_is_the_mean_difference_per_image():
+    from maxdnn.exploration.paired import pack, paired_loss, unpack
+
+    rng = np.random.default_rng(0)
+    ref = rng.random(1001) < 0.84
+    cand = ref.copy()
+    cand[rng.choice(1001, 30, replace=False)] ^= True
+    assert np.array_equal(unpack(pack(cand)), cand)
+    d = ref.astype(float) - cand.astype(float)
+    loss, se = paired_loss(pack(ref), pack(cand))
+    assert loss == pytest.approx(100 * d.mean()) and se == pytest.approx(100 * d.std() / np.sqrt(1001))
+    assert paired_loss(pack(ref), pack(ref)) == (0.0, 0.0)
 
 
 def test_cli_explore_finetune_refuses_tflite_before_the_search(tmp_path):
@@ -376,7 +445,7 @@ def test_cli_explore_finetune_refuses_tflite_before_the_search(tmp_path):
 
     tfl = need(SHARED / "models" / "mlperf-tiny-resnet8" / "pretrainedResnet_quant.tflite")
     r = CliRunner().invoke(app, ["explore", "--out", str(tmp_path / "x"), "--model", str(tfl), "--data",
-                                 str(need(LOSSLESS_ZIP)), "--budget", "tiny", "--finetune"])
+                                 str(need(LOSSLESS_ZIP)), "--budget", "tiny"])
     assert r.exit_code == 2 and "TFLite" in r.output and not (tmp_path / "x").exists()
 
 
@@ -411,7 +480,8 @@ def test_rerun_of_a_finished_run_adds_to_its_wall_time(finished_run, tmp_path):
     info = json.loads((run / "run.json").read_text())
     info["wall_seconds"] = 1000.0
     (run / "run.json").write_text(json.dumps(info))
-    r = CliRunner().invoke(app, ["explore", "--out", str(run), "--data", str(LOSSLESS_ZIP), "--budget", "tiny"])
+    r = CliRunner().invoke(app, ["explore", "--out", str(run), "--data", str(LOSSLESS_ZIP), "--budget", "tiny",
+                                 "--compensation", "none"])
     assert r.exit_code == 0, r.output
     wall = json.loads((run / "run.json").read_text())["wall_seconds"]
     assert 1000 < wall < 1300 and f"exploration wall time: {wall:.0f} s" in (run / "report.md").read_text()
@@ -442,3 +512,61 @@ def test_test_selection_keeps_the_cited_points_and_spreads_the_rest():
         assert max(ok, key=lambda p: p["energy_gain"]) in chosen
     gains = sorted(p["energy_gain"] for p in chosen)
     assert gains[0] == 0.0 and gains[-1] == front[-1]["energy_gain"]  # the ends of the front, then between
+
+
+def test_default_library_reaches_high_gains_and_stays_on_the_front():
+    """The quick library spreads over the energy/error front down to roup-p3r4-like energies (> 90% gain
+    possible), and every pick is Pareto-optimal in (energy, NMED)."""
+    from maxdnn.energy import hardware_table
+    from maxdnn.exploration.explorer import MIN_SPREAD_ENERGY, roup_library
+    from maxdnn.multipliers.metrics import error_metrics
+    from maxdnn.multipliers.models import get_multiplier, roup_specs
+
+    hw = hardware_table()
+    lib = roup_library(BUDGETS["quick"].library_size)
+    assert len(lib) == len(set(lib)) == 8
+    energies = [hw[s] for s in lib]
+    assert energies == sorted(energies, reverse=True) and min(energies) < 0.1 and max(energies) > 0.9
+    assert min(energies) >= MIN_SPREAD_ENERGY
+    saving = [s for s in roup_specs(8) if hw.get(s, 1.0) < 1.0]
+    nmed = {s: error_metrics(get_multiplier(s)).nmed for s in saving}
+    for s in lib:
+        assert not any(hw[o] <= hw[s] and nmed[o] <= nmed[s] and (hw[o] < hw[s] or nmed[o] < nmed[s]) for o in saving)
+    assert sorted(roup_library(31)) == sorted(saving)  # the full budget takes them all
+
+
+def test_cli_explore_unknown_compensation_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import one_line_error
+    from maxdnn.cli import app
+
+    r = CliRunner().invoke(app, ["explore", "--out", str(tmp_path / "x"), "--data", str(need(LOSSLESS_ZIP)),
+                                 "--budget", "tiny", "--compensation", "some"])
+    one_line_error(r, "--compensation some: expected none, bias or finetune")
+    assert not (tmp_path / "x").exists()
+
+
+def test_kill_9_during_fine_tuning_resumes_to_the_same_result(tmp_path):
+    """A run killed once the fine-tuning stage has begun resumes it and ends exactly as an uninterrupted run."""
+    cmd = [sys.executable, "-m", "maxdnn", "explore", "--data", str(need(LOSSLESS_ZIP)), "--budget", "tiny",
+           "--approach", "kernel"]
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    p = subprocess.Popen(cmd + ["--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and not (killed / "finetuned").exists():
+        time.sleep(0.02)
+    assert p.poll() is None, "finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (killed / "report.md").exists()
+    for out in (killed, whole):
+        r = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("finetune_eval.json", "confirm_eval.json"):
+        a, b = (json.loads((d / name).read_text()) for d in (killed, whole))
+        if name == "finetune_eval.json":  # timing and worker names differ; results do not
+            for doc in (a, b):
+                for e in [doc["exact"], *doc["assignments"].values()]:
+                    e.pop("seconds"), e.pop("worker")
+        assert a == b, name

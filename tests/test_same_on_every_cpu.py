@@ -62,3 +62,30 @@ def test_exploration_points_are_identical_on_every_isa(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         digests[name] = _digest(out / "points.csv")
     assert len(set(digests.values())) == 1, digests
+
+
+@pytest.mark.slow
+def test_finetuned_graph_is_byte_identical_on_every_isa_and_thread_count(tmp_path):
+    """Fine-tuning is float training, but its forward pass is exact integer arithmetic and its rounding back to
+    integers happens once: the fine-tuned graph is the same on every ISA and thread count."""
+    from maxdnn.engine.approx import Assignment
+    from maxdnn.frontends.pytorch import quantize_module
+    from maxdnn.data import load_cifar10
+    from maxdnn.ir.quant import calibration_images
+    from maxdnn.zoo.models import load_model
+
+    train = load_cifar10(need(LOSSLESS_ZIP), "train")
+    q = quantize_module(load_model("resnet8"), calibration_images(train.images, 100))
+    q.save(tmp_path / "q.npz")
+    names = list(q.layers)
+    Assignment(["exact", "roup-p2r4"], {n: (q.layers[n].weight[:, :, 0, 0] * 0 + (i % 2)).astype(int)
+                                        for i, n in enumerate(names)}).save(tmp_path / "a.json")
+    digests = {}
+    for name, extra, threads in [(n, e, 2) for n, e in NARROWED.items()] + [("default ISA", {}, 1)]:
+        out = tmp_path / f"{name.replace(' ', '_')}-{threads}.npz"
+        r = subprocess.run([sys.executable, "-m", "maxdnn", "finetune", "--model", str(tmp_path / "q.npz"), "--assign",
+                            str(tmp_path / "a.json"), "--data", str(need(LOSSLESS_ZIP)), "--epochs", "1", "--images",
+                            "640", "--out", str(out)], env=_env(extra, threads), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        digests[f"{name}, {threads} thread(s)"] = _digest(out)
+    assert len(set(digests.values())) == 1, digests

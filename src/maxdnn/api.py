@@ -324,28 +324,50 @@ class Run:
         return cls(folder, info, read_points(folder / "points.csv"))
 
     @property
+    def search_level(self) -> str:
+        """The compensation level the search ranked points by: ``bias`` when the run corrects biases, else
+        ``ptq``."""
+        return "bias" if any(p["compensation"] == "bias" for p in self.points) else "ptq"
+
+    @property
     def fronts(self) -> dict[str, list[dict]]:
-        """Each approach's validation-Pareto points (as searched), by increasing gain."""
+        """Each approach's validation-Pareto points as the search ranked them, by increasing gain."""
         out: dict[str, list[dict]] = {}
         for p in self.points:
-            if p["on_front"] and not p["finetuned"]:
+            if p["on_front"] and p["compensation"] == self.search_level:
                 out.setdefault(p["approach"], []).append(p)
         return {k: sorted(v, key=lambda p: p["energy_gain"]) for k, v in out.items()}
 
     @property
     def best(self) -> dict:
-        """{approach: {threshold in points: best point or None}}, chosen on validation."""
+        """{approach: {threshold in points: chosen point or None}} at the level the search ranked by (see
+        ``best_at``)."""
+        return self.best_at(self.search_level)
+
+    def best_at(self, level: str) -> dict:
+        """{approach: {threshold in points: chosen point or None}} of one compensation level (``ptq``,
+        ``bias``, ``finetune``), as in report.md: the largest gain whose paired loss on the confirmation
+        images, plus one standard error, is within the threshold.
+
+        Example::
+
+            run = maxdnn.Run.open("runs/quick")
+            p = run.best_at("finetune")["kernel"][1.0]
+            p and (p["energy_gain"], p["test_loss_pts"])
+        """
         from maxdnn.exploration.report import best_at_thresholds
 
-        return best_at_thresholds(self.points)
+        return best_at_thresholds(self.points, level=level)
 
 
 def explore(out: str | os.PathLike, data: str | os.PathLike, model: str | None = None, budget: str = "quick",
-            approaches: Sequence[str] | None = None, progress: bool = True, **options) -> Run:
+            approaches: Sequence[str] | None = None, progress: bool = True, compensation: str = "finetune",
+            **options) -> Run:
     """The MAx-DNN exploration (``maxdnn explore``): resilience, layer / filter / kernel sweeps and NSGA-II, the
     ALWANN-style search, test-set numbers and the report, in the run folder ``out`` (rerun to resume).
-    ``options`` go to ``maxdnn.exploration.explorer.Explorer`` (``library``, ``bias_correction``, ``energy``, ``seed``,
-    ``storage``).
+    ``compensation``: ``finetune`` (default: the search ranks points bias-corrected, then front points and the
+    exact model are fine-tuned), ``bias`` or ``none``. ``options`` go to ``maxdnn.exploration.explorer.Explorer``
+    (``library``, ``energy``, ``seed``, ``storage``).
 
     Example::
 
@@ -361,8 +383,13 @@ def explore(out: str | os.PathLike, data: str | os.PathLike, model: str | None =
     if budget not in BUDGETS:
         raise MaxdnnError(f"budget {budget!r}: expected one of {', '.join(BUDGETS)}")
     aps = list(approaches or APPROACHES)
-    ex = Explorer(out, Workload.open(model, data), BUDGETS[budget], progress=progress,
-                  log=print if progress else (lambda m: None), **options)
+    try:
+        ex = Explorer(out, Workload.open(model, data), BUDGETS[budget], progress=progress,
+                      log=print if progress else (lambda m: None), compensation=compensation, **options)
+    except ValueError as e:
+        if isinstance(e, MaxdnnError):
+            raise
+        raise MaxdnnError(str(e)) from None
     run_exploration(ex, aps)
     write_report(out, ex.store)
     return Run.open(out)

@@ -428,12 +428,14 @@ def explore(
     library: Optional[str] = typer.Option(None, help="Comma-separated multiplier specs the approaches choose from "
                                           "(imported ones included; default: ROUP configurations that save energy)."),
     library_file: Optional[Path] = typer.Option(None, help="The same as a file: one spec per line ('#' comments)."),
-    bias_correction: bool = typer.Option(False, "--bias-correction", help="Evaluate every point with its biases "
-                                         "corrected for the mean accumulator error of its multipliers."),
+    compensation: str = typer.Option("finetune", help="finetune: the search ranks points bias-corrected, then "
+                                     "fine-tunes a spread of front points and the exact model (the fair baseline; "
+                                     "epochs and points set by the budget); bias: bias correction only; none: "
+                                     "points as quantized. The report gives every level the run has."),
+    bias_correction: bool = typer.Option(False, "--bias-correction", hidden=True, help="Old name of "
+                                         "--compensation bias."),
     energy: str = typer.Option("average", help=ENERGY_HELP),
-    finetune: bool = typer.Option(False, "--finetune", help="Then fine-tune validation-Pareto points with their "
-                                  "assignment fixed (and the exact model, the fair baseline), epochs and points "
-                                  "set by the budget, and report the front before and after."),
+    finetune: bool = typer.Option(False, "--finetune", hidden=True, help="Old name of --compensation finetune."),
     workers: int = typer.Option(1, help="Worker processes on this machine sharing the exploration through the "
                                 "storage (each extra one runs in OUT/workers/wK)."),
 ):
@@ -442,7 +444,6 @@ def explore(
 
     from maxdnn.data import DataError
     from maxdnn.exploration.explorer import APPROACHES, BUDGETS, Explorer, run_exploration
-    from maxdnn.exploration.finetune_stage import FINETUNE_BUDGETS
     from maxdnn.compensate.finetune import check_finetunable
     from maxdnn.zoo.models import ModelError
     from maxdnn.exploration.report import write_report
@@ -456,6 +457,10 @@ def explore(
     if budget not in BUDGETS:
         fail(f"--budget {budget}: expected quick or full")
     specs = _library_specs(library, library_file)
+    if bias_correction or finetune:  # the old flags: --finetune wins, as the stronger level
+        compensation = "finetune" if finetune else "bias"
+    if compensation not in ("none", "bias", "finetune"):
+        fail(f"--compensation {compensation}: expected none, bias or finetune")
     if workers < 1:
         fail(f"--workers {workers}: expected at least 1")
     t0 = time.time()
@@ -468,8 +473,8 @@ def explore(
         storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     try:
         ex = Explorer(out, wl, BUDGETS[budget], storage, seed, log=lambda m: typer.echo(m, err=True), library=specs,
-                      bias_correction=bias_correction, energy=energy)
-        if finetune:  # before any search: a graph the fine-tuning cannot take is refused now
+                      compensation=compensation, energy=energy)
+        if compensation == "finetune":  # before any search: a graph the fine-tuning cannot take is refused now
             check_finetunable(ex.q)
     except (DataError, ModelError, ValueError) as e:
         if created:  # nothing of this run is kept: no half-made run directory
@@ -481,8 +486,7 @@ def explore(
     if workers > 1:
         args = ["--approach", approach, "--budget", budget, "--storage", storage, "--seed", str(seed), "--energy",
                 energy] + (["--data", data] if data else []) + (["--model", model] if model else []) \
-            + (["--library", ",".join(specs)] if specs else []) + (["--bias-correction"] if bias_correction else []) \
-            + (["--finetune"] if finetune else [])
+            + (["--library", ",".join(specs)] if specs else []) + ["--compensation", compensation]
         threads = threads_per_worker(workers)
         helpers = start_workers(out, workers - 1, args, threads)
         import torch
@@ -490,7 +494,7 @@ def explore(
         torch.set_num_threads(threads)
     try:
         with sigterm_interrupts():  # terminated = interrupted: its claims are released
-            run_exploration(ex, aps, finetune=FINETUNE_BUDGETS[budget] if finetune else None)
+            run_exploration(ex, aps)
             wait_for_workers(helpers)
     except KeyboardInterrupt:  # the time spent counts towards the run's wall time; a rerun resumes
         for _, p in helpers:

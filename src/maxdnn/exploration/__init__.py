@@ -1,2 +1,2 @@
 """The MAx-DNN exploration: the explorer and its budgets (``explorer``), its stages (``resilience``, ``search``,
-``testset``, ``finetune_stage``), fronts (``front``), its storage (``storage``) and the report (``report``)."""
+``finetune_stage``, ``confirm``), per-image comparisons (``paired``), fronts (``front``), its storage (``storage``) and the report (``report``)."""

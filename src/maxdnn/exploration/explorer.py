@@ -21,8 +21,9 @@ energy table, storage, the evaluation of assignments); the stages are their
 own units, run in order by ``run_exploration``:
 - resilience (``maxdnn.exploration.resilience``);
 - per approach, a sweep and an NSGA-II search (``maxdnn.exploration.search``);
-- test-set numbers of the validation-Pareto points (``maxdnn.exploration.testset``);
-- optionally, fine-tuning of front points (``maxdnn.exploration.finetune_stage``).
+- with ``compensation="finetune"``, fine-tuning of front points (``maxdnn.exploration.finetune_stage``);
+- the choice of each threshold's point on a larger held-out split, and its test-set numbers
+  (``maxdnn.exploration.confirm``).
 
 Every evaluated point is stored as it completes (``maxdnn.exploration.storage``:
 Optuna studies and work units, SQLite in RUN_DIR by default); rerunning
@@ -50,7 +51,7 @@ from maxdnn.energy import energy_table, hardware_table, network_energy, with_per
 from maxdnn.multipliers.metrics import error_metrics
 from maxdnn.exploration.resilience import resilience
 from maxdnn.exploration.search import nsga, sweep
-from maxdnn.exploration.testset import evaluate_front
+from maxdnn.exploration.confirm import confirm_and_test
 from maxdnn.exploration.front import APPROACHES
 from maxdnn.multipliers.models import get_multiplier, roup_specs
 from maxdnn.ir.graph import QuantizedGraph
@@ -68,18 +69,23 @@ class Budget:
     nsga_trials: int
     population: int
     validation_sample: int  # filters / kernels per proxy-validation sample
-    test_points: int = 0  # front points per approach measured on the test set (0: all)
+    confirm_images: int  # held-out training images the candidates near each threshold are measured on again
+    confirm_points: int  # candidates per approach and compensation level measured on them
 
 
 BUDGETS = {
-    "quick": Budget("quick", 1000, 128, (0.25, 0.5, 0.75, 1.0), 8, 36, 12, 8, test_points=4),
-    "full": Budget("full", 5000, 512, tuple(np.arange(1, 9) / 8), 31, 300, 40, 16),
-    "tiny": Budget("tiny", 64, 16, (0.5, 1.0), 3, 6, 4, 3),  # for tests
+    "quick": Budget("quick", 1000, 128, (0.25, 0.5, 0.75, 1.0), 8, 36, 12, 8, 5000, 6),
+    "full": Budget("full", 5000, 512, tuple(np.arange(1, 9) / 8), 31, 300, 40, 16, 5000, 12),
+    "tiny": Budget("tiny", 64, 16, (0.5, 1.0), 3, 6, 4, 3, 96, 2),  # for tests
 }
+COMPENSATIONS = ("none", "bias", "finetune")
+MIN_SPREAD_ENERGY = 0.04  # a spread library reaches down to this relative energy (roup-p3r4 on the folded table)
 
 
 def roup_library(size: int) -> list[str]:
-    """ROUP configurations that save energy, Pareto-optimal in (energy, NMED) first."""
+    """``size`` ROUP configurations that save energy, by decreasing energy: the configurations Pareto-optimal
+    in (energy, NMED) spread evenly in log energy from the mildest down to ``MIN_SPREAD_ENERGY`` (so that a
+    small library reaches gains above 90%); a size beyond that front adds the others, mildest first."""
     hw = hardware_table() or {}
     cands = []
     for s in roup_specs(8):
@@ -88,9 +94,17 @@ def roup_library(size: int) -> list[str]:
             continue
         cands.append((s, e, error_metrics(get_multiplier(s)).nmed))
     front = [c for c in cands if not any(o[1] <= c[1] and o[2] <= c[2] and (o[1] < c[1] or o[2] < c[2]) for o in cands)]
-    rest = [c for c in cands if c not in front]
-    ordered = sorted(front, key=lambda c: -c[1]) + sorted(rest, key=lambda c: -c[1])
-    chosen = ordered[:size]
+    span = sorted([c for c in front if c[1] >= MIN_SPREAD_ENERGY], key=lambda c: -c[1])
+    if size < len(span):
+        lo, hi = np.log(span[-1][1]), np.log(span[0][1])
+        chosen: list = []
+        for t in np.linspace(hi, lo, size):  # nearest free front configuration to each target
+            free = [c for c in span if c not in chosen]
+            chosen.append(min(free, key=lambda c: (abs(np.log(c[1]) - t), -c[1])))
+    else:
+        rest = sorted([c for c in front if c not in span], key=lambda c: -c[1]) + \
+            sorted([c for c in cands if c not in front], key=lambda c: -c[1])
+        chosen = (span + rest)[:size]
     return [c[0] for c in sorted(chosen, key=lambda c: -c[1])]
 
 
@@ -99,14 +113,19 @@ class Explorer:
 
     def __init__(self, run_dir: str | os.PathLike, workload: Workload, budget: Budget, storage: str | None = None,
                  seed: int = 0, log=print, progress: bool = True, library: list[str] | None = None,
-                 bias_correction: bool = False, energy: str = "average"):
+                 compensation: str = "none", energy: str = "average"):
         """``library``: the multipliers the approaches choose from (any specs, imported ones included);
-        default: the budget's share of the ROUP configurations that save energy. ``bias_correction``:
-        every point is evaluated with its biases corrected (``maxdnn.compensate.bias_correction``). ``energy``: average,
-        per-layer or a per-layer table file (``maxdnn.energy.with_per_layer``)."""
+        default: the budget's share of the ROUP configurations that save energy. ``compensation``: ``none``
+        (the search ranks points as quantized), ``bias`` (it ranks them with their biases corrected,
+        ``maxdnn.compensate.bias_correction``, and keeps their uncorrected numbers beside) or ``finetune``
+        (as ``bias``, then front points and the exact model are fine-tuned: ``run_exploration``). ``energy``:
+        average, per-layer or a per-layer table file (``maxdnn.energy.with_per_layer``)."""
+        if compensation not in COMPENSATIONS:
+            raise ValueError(f"compensation {compensation!r}: expected one of {', '.join(COMPENSATIONS)}")
         self.energy = energy
         self.user_library = list(dict.fromkeys(library)) if library else None
-        self.bias_correction = bias_correction
+        self.compensation = compensation
+        self.bias_correction = compensation != "none"
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.wl = workload
@@ -127,6 +146,7 @@ class Explorer:
         val_idx = np.sort(val_idx[: b.val_images])  # a random sample of the hold-out (class mix kept)
         self.val = train.subset(val_idx)
         self.train = train
+        self.confirm = train.subset(np.sort(validation_split(len(train), 5000, seed=0)[1][: b.confirm_images]))
         self.test = self.wl.split("test")
         self.correction_images = correction_images(train.images) if self.bias_correction else None
         qpath = self.run_dir / "quantized.npz"
@@ -144,16 +164,16 @@ class Explorer:
         run_json = self.run_dir / "run.json"
         info = {"model": self.wl.model_path, "data": str(self.wl.data_path), "budget": json.loads(json.dumps(asdict(b))), "seed": self.seed,
                 "storage": self.storage_arg or "study.db", "library": self.library,
-                "bias_correction": self.bias_correction, "energy": self.energy,
+                "compensation": self.compensation, "energy": self.energy,
                 "validation": f"{len(self.val)} held-out training images of {describe_data(train)}",
+                "confirmation": f"{len(self.confirm)} held-out training images of {describe_data(train)} "
+                                f"(the validation images among them)",
                 "test": describe_data(self.test), "energy_source": self.table.source}
         if run_json.exists():
             old = read_run_info(self.run_dir)
-            old.setdefault("bias_correction", False)
+            old.setdefault("compensation", "bias" if old.get("bias_correction") else "none")  # older runs
             old.setdefault("energy", "average")
-            if isinstance(old.get("budget"), dict):
-                old["budget"].setdefault("test_points", 0)  # runs made before the field: every front point
-            for k in ("model", "data", "budget", "seed", "library", "bias_correction", "energy"):
+            for k in ("model", "data", "budget", "seed", "library", "compensation", "energy"):
                 if old.get(k) != info[k]:
                     was = old.get(k)["name"] if k == "budget" and isinstance(old.get(k), dict) else old.get(k)
                     raise ValueError(f"{run_json}: this run was made with {k} {was!r}; rerun with it or use another RUN_DIR")
@@ -166,7 +186,7 @@ class Explorer:
             info["baseline"] = {"val_accuracy": val_acc, "val_loss": val_loss, "test_accuracy": test_acc,
                                 "val_images": len(self.val), "test_images": len(self.test)}
         # a shared server may hold several explorations: this one's studies and units carry its scope
-        ident = {k: info[k] for k in ("budget", "seed", "library", "bias_correction", "energy")}
+        ident = {k: info[k] for k in ("budget", "seed", "library", "compensation", "energy")}
         ident.update(model=Path(str(info["model"])).name, data=Path(str(info["data"])).name)
         info["scope"] = "" if self.storage_arg is None else hashlib.sha256(
             json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
@@ -209,6 +229,8 @@ class Explorer:
         graph share their common layers: ``approx.logits_shared``)."""
         graphs = graphs or [None] * len(assignments)
         nets = [ApproxNetwork(g if g is not None else self.graph_for(a), a) for a, g in zip(assignments, graphs)]
+        if not nets:
+            return []
         correct, loss = np.zeros(len(nets), dtype=np.int64), np.zeros(len(nets))
         for i in range(0, len(self.val), 250):
             x = torch.as_tensor(self.val.images[i:i + 250])
@@ -223,19 +245,27 @@ class Explorer:
         return self.evaluate_many([a])[0]
 
     def evaluate_many(self, assignments: list[Assignment]) -> list[dict]:
-        """Validation accuracy and loss, energy and gain of each assignment. An assignment measured before in
-        this exploration (by any stage, approach or worker: approaches often build the same one) is read back
-        from the storage; the others are measured in one pass and kept there."""
-        keys = [f"val|{assignment_key(a)}" for a in assignments]
-        known = self.units.results(keys)
-        todo = {k: a for k, a in zip(keys, assignments) if k not in known}
-        for k, m in zip(todo, self.val_metrics_many(list(todo.values()))):
+        """Validation accuracy and loss, energy and gain of each assignment: ``val_accuracy`` / ``val_loss`` as
+        the search ranks it (bias-corrected when the exploration compensates), ``ptq_val_accuracy`` /
+        ``ptq_val_loss`` as quantized. An assignment measured before in this exploration (by any stage,
+        approach or worker: approaches often build the same one) is read back from the storage; the others
+        are measured in one pass and kept there."""
+        ptq = [f"val|{assignment_key(a)}" for a in assignments]
+        bias = [f"valbc|{assignment_key(a)}" for a in assignments] if self.bias_correction else []
+        known = self.units.results(ptq + bias)
+        todo = [(k, a, None) for k, a in zip(ptq, assignments) if k not in known]
+        todo += [(k, a, "bias") for k, a in zip(bias, assignments) if k not in known]
+        todo = list({k: (k, a, c) for k, a, c in todo}.values())
+        graphs = [self.graph_for(a) if c else self.q for _, a, c in todo]
+        for (k, _, _), m in zip(todo, self.val_metrics_many([a for _, a, _ in todo], graphs)):
             known[k] = self.units.store(k, list(m))
         out = []
-        for a, k in zip(assignments, keys):
-            acc, loss = known[k]
+        for i, a in enumerate(assignments):
+            acc, loss = known[ptq[i]]
+            ranked = known[bias[i]] if bias else (acc, loss)
             en = network_energy(self.q, a, self.table)
-            out.append({"val_accuracy": acc, "val_loss": loss, "energy": en["energy"], "energy_gain": en["energy_gain"]})
+            out.append({"val_accuracy": ranked[0], "val_loss": ranked[1], "ptq_val_accuracy": acc,
+                        "ptq_val_loss": loss, "energy": en["energy"], "energy_gain": en["energy_gain"]})
         return out
 
     # ------------------------------------------------------------------ resilience
@@ -283,13 +313,23 @@ class Explorer:
 
 
 def run_exploration(explorer: Explorer, approaches=APPROACHES, finetune=None) -> dict:
-    """Resilience, then per approach its sweep (not for alwann) and NSGA-II, then test-set numbers; with a
-    ``finetune`` budget (``maxdnn.exploration.finetune_stage.FinetuneBudget``), then the fine-tuning of front points."""
+    """Resilience, then per approach its sweep (not for alwann) and NSGA-II; when the exploration fine-tunes
+    (``compensation`` ``finetune``), the fine-tuning of front points (``finetune``: a
+    ``maxdnn.exploration.finetune_stage.FinetuneBudget``, default the budget's own); then the choice on the
+    confirmation images and the test-set numbers (``maxdnn.exploration.confirm``)."""
+    from maxdnn.exploration.finetune_stage import FINETUNE_BUDGETS, finetune_front
+
     t0 = time.time()
+    if explorer.compensation == "finetune" and finetune is None:
+        finetune = FINETUNE_BUDGETS[explorer.budget.name] if explorer.budget.name in FINETUNE_BUDGETS \
+            else FINETUNE_BUDGETS["quick"]
+    elif explorer.compensation != "finetune":
+        finetune = None
     steps = [("resilience", None)] + [(kind, ap) for ap in approaches
-                                      for kind in (("nsga",) if ap == "alwann" else ("sweep", "nsga"))] + [("test", None)]
+                                      for kind in (("nsga",) if ap == "alwann" else ("sweep", "nsga"))]
     steps += [("finetune", None)] if finetune is not None else []
-    res = None
+    steps += [("confirm", None)]
+    res, tuned = None, None
     for k, (kind, ap) in enumerate(steps, 1):
         explorer.phase = f"[phase {k}/{len(steps)}] "
         if kind == "resilience":
@@ -298,11 +338,9 @@ def run_exploration(explorer: Explorer, approaches=APPROACHES, finetune=None) ->
             sweep(explorer, ap, res)
         elif kind == "nsga":
             nsga(explorer, ap, res)
-        elif kind == "test":
-            evaluate_front(explorer, approaches, res)
+        elif kind == "finetune":
+            tuned = finetune_front(explorer, approaches, res, finetune)
         else:
-            from maxdnn.exploration.finetune_stage import finetune_front
-
-            finetune_front(explorer, approaches, res, finetune)
+            confirm_and_test(explorer, approaches, res, tuned)
     explorer.phase = ""
     return {"seconds": time.time() - t0}

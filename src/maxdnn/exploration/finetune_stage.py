@@ -1,11 +1,13 @@
-"""The fine-tuning stage of an exploration (``maxdnn explore --finetune``).
+"""The fine-tuning stage of an exploration (``maxdnn explore``, ``--compensation finetune``: the default).
 
 After the search, some of each approach's validation-Pareto points are
 fine-tuned with their assignment fixed (``maxdnn.compensate.finetune``) and measured
-again, on validation and on test, through the integer engine. Which points:
+again, on validation, on the confirmation images and on test, through the
+integer engine (``maxdnn.exploration.confirm`` chooses among them). Which points:
 per approach, up to ``points`` of the validation front within
 ``max_val_loss_pts`` of the exact baseline (fine-tuning recovers several
-points, not tens), spread in gain as the test-set stage spreads its picks
+points, not tens) and of at least the gain of the point of largest gain within
+1 validation point (below it, training has little to win), spread in gain
 (``maxdnn.exploration.front.spread_in_gain``): both ends, then halving the largest gaps.
 Everything is chosen on validation, as in the search. Identical assignments
 (layer-level and ALWANN-style often share points) are fine-tuned once. The
@@ -34,7 +36,8 @@ from maxdnn.engine.approx import ApproxNetwork, Assignment, assignment_key
 from maxdnn.atomic import write_json
 from maxdnn.data import training_sample
 from maxdnn.compensate.finetune import check_finetunable, finetune
-from maxdnn.exploration.front import pareto_front, point_key, spread_in_gain
+from maxdnn.exploration.front import largest_gain_within, pareto_front, point_key, spread_in_gain
+from maxdnn.exploration.paired import correctness
 from maxdnn.ir.graph import QuantizedGraph
 
 
@@ -49,27 +52,27 @@ class FinetuneBudget:
 
 
 FINETUNE_BUDGETS = {
-    "quick": FinetuneBudget(epochs=1, images=20000, points=4, max_val_loss_pts=12.0),
-    "full": FinetuneBudget(epochs=2, images=None, points=8, max_val_loss_pts=12.0),
+    "quick": FinetuneBudget(epochs=2, images=10000, points=3, max_val_loss_pts=12.0),
+    "full": FinetuneBudget(epochs=2, images=20000, points=6, max_val_loss_pts=12.0),
     "tiny": FinetuneBudget(epochs=1, images=64, points=1, max_val_loss_pts=100.0),  # for tests
 }
 
 
 def finetune_candidates(points: list[dict], base_val_accuracy: float, fb: FinetuneBudget) -> list[dict]:
     """The validation-Pareto points of one approach to fine-tune (module docstring), by increasing gain."""
-    front = [p for p in pareto_front(points) if p["energy_gain"] > 0
-             and 100 * (base_val_accuracy - p["val_accuracy"]) <= fb.max_val_loss_pts + 1e-9]
+    loss = lambda p: 100 * (base_val_accuracy - p["val_accuracy"])  # noqa: E731
+    front = [p for p in pareto_front(points) if p["energy_gain"] > 0 and loss(p) <= fb.max_val_loss_pts + 1e-9]
+    low = largest_gain_within(front, loss, 1.0)  # below its gain, training has little to win
+    if low is not None:
+        front = [p for p in front if p["energy_gain"] >= low["energy_gain"]]
     return spread_in_gain(front, fb.points)
-
-
-def _accuracy(g: QuantizedGraph, a: Assignment, split) -> float:
-    return float((ApproxNetwork(g, a).predict(split.images) == split.labels).mean())
 
 
 def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
     """Fine-tune the chosen validation-Pareto points and the exact model; returns finetune_eval.json's content:
     {"settings", "exact": entry, "assignments": {key: entry}, "points": {point key: assignment key}}, each entry
-    {val_accuracy, val_loss, test_accuracy, test_images, seconds}."""
+    {val_accuracy, val_loss, confirm, test (``maxdnn.exploration.paired.pack``ed correctness on the
+    confirmation and test images), test_accuracy, test_images, seconds, graph, worker}."""
     check_finetunable(explorer.q)
     run_dir = Path(explorer.run_dir)
     path = run_dir / "finetune_eval.json"
@@ -111,8 +114,11 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
             g = finetune(explorer.q, a, images, labels, npz, epochs=fb.epochs, batch_size=fb.batch_size, lr=fb.lr,
                          seed=explorer.seed, log=lambda m: None, progress=False)
         val_acc, val_loss = explorer.val_metrics(a, g)
-        return {"val_accuracy": val_acc, "val_loss": val_loss, "test_accuracy": _accuracy(g, a, explorer.test),
-                "test_images": int(len(explorer.test)), "seconds": time.time() - t0,
+        net = [ApproxNetwork(g, a)]
+        confirm = correctness(net, explorer.confirm.images, explorer.confirm.labels)[0]
+        test = correctness(net, explorer.test.images, explorer.test.labels)[0]
+        return {"val_accuracy": val_acc, "val_loss": val_loss, "confirm": confirm, "test": test,
+                "test_accuracy": test["accuracy"], "test_images": test["images"], "seconds": time.time() - t0,
                 "graph": f"finetuned/{key}.npz", "worker": explorer.units.worker}
 
     units = [f"finetune|{json.dumps(settings, sort_keys=True)}|{key}" for key in by_key]

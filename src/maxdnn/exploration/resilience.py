@@ -9,7 +9,9 @@ Cached in RUN_DIR/resilience.npz (and, with several workers, in the storage):
   with dL/dy the gradient of the float model's loss at the layer's
   pre-activation output y and the accumulator change computed exactly from
   the integer operands (R_R(x) R_2P(w) - x w) over the kernel's (or the
-  filter's) products. Non-separable multipliers (lookup tables) sum the
+  filter's) products; when the exploration compensates, minus the mean of
+  that change, which bias correction removes (what is tolerable changes
+  once the mean error is gone). Non-separable multipliers (lookup tables) sum the
   gradient times each product's exact error (a compiled gather).
 - validation: the proxy against direct measurements (every layer; bins of
   filters and of kernels sorted by proxy, each bin approximated alone) as
@@ -76,7 +78,8 @@ def measure_resilience(explorer) -> dict:
         direct_acc[li, si] = exact["val_accuracy"] - measured[key][1]
     res["direct_loss"], res["direct_acc"] = direct_loss, direct_acc
     proxy = taylor_proxy(explorer.q, explorer.val.images[: explorer.budget.proxy_images],
-                         explorer.val.labels[: explorer.budget.proxy_images], specs)
+                         explorer.val.labels[: explorer.budget.proxy_images], specs,
+                         compensated=explorer.bias_correction)
     for name in layers:
         res[f"kernel/{name}"] = proxy[name]["kernel"]  # [S, F, C]
         res[f"filter/{name}"] = proxy[name]["filter"]  # [S, F]
@@ -158,11 +161,15 @@ def proxy_validation_layers(q: QuantizedGraph) -> tuple[str, str]:
     return fl, kl
 
 
-def taylor_proxy(q: QuantizedGraph, images: np.ndarray, labels: np.ndarray, specs: list[str]) -> dict:
+def taylor_proxy(q: QuantizedGraph, images: np.ndarray, labels: np.ndarray, specs: list[str],
+                 compensated: bool = False) -> dict:
     """First-order Taylor sensitivity of every layer, filter and kernel to each spec (see module docstring).
 
     The gradient is that of the loss of the graph's real-valued twin (``QuantizedGraph.float_forward``)
-    at each multiplying layer's real pre-activation output."""
+    at each multiplying layer's real pre-activation output. ``compensated``: the error a unit leaves once
+    bias correction has removed its mean (over the images and output positions), i.e. each kernel's
+    accumulator change minus its mean, for operand-separable multipliers (lookup tables keep the plain
+    error)."""
     outs: dict = {}
     x = torch.as_tensor(images)
     logits = q.float_forward(x, outputs=outs)
@@ -183,12 +190,17 @@ def taylor_proxy(q: QuantizedGraph, images: np.ndarray, labels: np.ndarray, spec
         w = torch.as_tensor(layer.weight, dtype=torch.float64).reshape(f, -1)  # [F, C/G*K]
         scale = torch.as_tensor(layer.acc_scale)[None, :, None]  # [1, F, 1]
 
+        per_group = f // groups
+        g_sum = g.reshape(n, f, -1).sum(2)  # [N, F]: the gradient summed over output positions
+
         def a_for(xt):
             cols = F.unfold(F.pad(xt, layer.pads), (kh, kw), stride=layer.stride)  # [N, C*K, L]
             cols = cols.reshape(n, groups, cg * kh * kw, -1)
-            return torch.einsum("ngfl,ngkl->ngfk", g, cols).reshape(n, f, -1)  # [N, F, C/G*K]
+            mean = cols.mean((0, 3)).repeat_interleave(per_group, 0)  # [F, C/G*K]: each filter's group
+            return torch.einsum("ngfl,ngkl->ngfk", g, cols).reshape(n, f, -1), mean  # [N, F, C/G*K]
 
-        a0 = a_for(xin) * w[None]
+        a0, mean0 = a_for(xin)
+        a0 = a0 * w[None]
         by_r = {}
         kern, filt, lay = [], [], []
         lut_cols = None
@@ -209,7 +221,11 @@ def taylor_proxy(q: QuantizedGraph, images: np.ndarray, labels: np.ndarray, spec
                 if key not in by_r:
                     by_r[key] = a_for(torch.as_tensor(m.x_transform(xin.long().numpy()), dtype=torch.float64))
                 wt = torch.as_tensor(m.w_transform(layer.weight).reshape(f, -1), dtype=torch.float64)
-                d = (by_r[key] * wt[None] - a0) * scale  # [N, F, C/G*K]
+                a_r, mean_r = by_r[key]
+                d = a_r * wt[None] - a0  # [N, F, C/G*K]
+                if compensated:  # minus the mean error of each product position, which the bias takes
+                    d = d - (wt * mean_r - w * mean0)[None] * g_sum[:, :, None]
+                d = d * scale
             dk = d.reshape(n, f, cg, kh * kw).sum(3)  # [N, F, C/G]
             kern.append(dk.abs().mean(0).numpy())
             filt.append(dk.sum(2).abs().mean(0).numpy())

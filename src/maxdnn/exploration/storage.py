@@ -119,6 +119,8 @@ class RunStorage:
                     out.append({"approach": ap, "source": kind, "trial": t.number, "summary": u["summary"],
                                 "genome": u["genome"], "granularity": u.get("granularity", ""),
                                 "val_accuracy": u["val_accuracy"], "val_loss": u["val_loss"],
+                                "ptq_val_accuracy": u.get("ptq_val_accuracy", u["val_accuracy"]),
+                                "ptq_val_loss": u.get("ptq_val_loss", u["val_loss"]),
                                 "energy": u["energy"], "energy_gain": u["energy_gain"]})
         return out
 
