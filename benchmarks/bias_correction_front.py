@@ -2,7 +2,7 @@
 
     python benchmarks/bias_correction_front.py RUN_DIR --data cifar10-jpeg.zip
 
-For each approach and loss threshold of the report, the point chosen on validation is measured on the
+For each approach and loss threshold of the report, the point chosen as quantized (PTQ) is measured on the
 whole test split as it is and with its biases corrected (maxdnn.compensate.bias_correction, 256 training images
 outside the validation hold-out). The run must have been made on the committed ResNet-8.
 """
@@ -27,7 +27,7 @@ print(f"exact int8 test {100 * base:.2f}% ({len(test)} images)")
 print("| approach | validation loss <= | energy gain | test loss | test loss, bias-corrected | assignment |")
 print("|---|---|---|---|---|---|")
 rows = read_points(run / "points.csv")
-best = best_at_thresholds(rows)
+best = best_at_thresholds(rows, level="ptq")  # the points as quantized (a compensated run: its PTQ choices)
 seen = {}
 for ap in ("layer", "filter", "kernel"):
     for t in THRESHOLDS:

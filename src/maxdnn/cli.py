@@ -113,6 +113,10 @@ def multipliers(
     Console(width=120).print(t)
 
 
+PUBLISHED_LABELS = {"pdk45_pwr_mw": "PDK45 power (mW)", "pdk45_area_um2": "PDK45 area (um2)",
+                    "pdk45_delay_ns": "PDK45 delay (ns)"}
+
+
 @multipliers_app.command("import")
 def multipliers_import(
     file: Path = typer.Argument(..., help="A Verilog design (.v, .sv) or a product table (.npy)."),
@@ -120,6 +124,11 @@ def multipliers_import(
     top: Optional[str] = typer.Option(None, help="Verilog top module (default: the file's only module)."),
     bits: int = typer.Option(8, help="Operand width."),
     x_signed: bool = typer.Option(False, "--x-signed", help="Signed activation operand x (default unsigned)."),
+    w_format: str = typer.Option("signed", help="How the circuit serves maxdnn's signed weights: signed (its weight "
+                                 "port takes two's complement, e.g. EvoApprox mul8s_*) or sign-magnitude "
+                                 "(p = sign(w) * M(x, |w|): an unsigned circuit, e.g. EvoApprox mul8u_*)."),
+    force: bool = typer.Option(False, "--force", help="Import a Verilog design even when its product has the wrong "
+                               "sign on over 5% of the operand pairs (the mark of a wrong operand mapping)."),
     x_port: Optional[str] = typer.Option(None, help="Activation input port (default: the first input)."),
     w_port: Optional[str] = typer.Option(None, help="Weight input port (default: the second input)."),
     product_port: Optional[str] = typer.Option(None, help="Product output port (default: the only output)."),
@@ -144,7 +153,8 @@ def multipliers_import(
             streams = [uniform_stream()]
             if data is not None:
                 streams.append(_model_stream_or_fail(None, data, "resnet8"))
-            meta = import_verilog(file, top, name, bits, x_signed, streams, x_port, w_port, product_port, replace)
+            meta = import_verilog(file, top, name, bits, x_signed, streams, x_port, w_port, product_port, replace,
+                                  w_format, force)
         elif suffix == ".npy":
             if data is not None or top is not None:
                 fail("--data and --top are for Verilog designs; a table gets energy only from --energy")
@@ -154,10 +164,14 @@ def multipliers_import(
     except LibraryError as e:
         fail(str(e))
     m = meta["metrics"]
-    typer.echo(f"imported '{name}' into {library_dir() / name}: x {'s' if x_signed else 'u'}{bits}, w s{bits}; "
+    typer.echo(f"imported '{name}' into {library_dir() / name}: x {'s' if x_signed else 'u'}{bits}, w s{bits}"
+               f"{' (sign-magnitude)' if meta.get('w_format') == 'sign-magnitude' else ''}; "
                f"error rate {m['error_rate']:.4f}, bias {m['bias']:.2f}, NMED {m['nmed']:.2e}, MRED {m['mred']:.2e}, WCE {m['wce']}")
     if meta.get("gates"):
         typer.echo(f"netlist: {meta['gates']} gates, {meta['area_nand2']:.1f} NAND2 eq., depth {meta['depth']}")
+    if meta.get("published"):
+        typer.echo("published in the file: " + ", ".join(f"{PUBLISHED_LABELS.get(k, k)} {v:g}"
+                                                          for k, v in meta["published"].items()))
     if meta["energy_rel"]:
         typer.echo("energy / exact Booth: " + ", ".join(f"{k} {v:.3f}" for k, v in meta["energy_rel"].items()))
     elif meta.get("energy_given") is not None:
@@ -746,7 +760,8 @@ def hardware_report_cmd(
     keys = ("spec", "area_nand2", "depth", "energy", "energy_rel", "gates") + (("area_lib", "leakage_nw") if lib else ()) \
         + (("pe_energy", "pe_energy_rel") if pe else ())
     if as_json:
-        typer.echo(json.dumps([{k: r[k] for k in keys} for r in rows], indent=1))
+        typer.echo(json.dumps([{**{k: r[k] for k in keys}, **{k: r[k] for k in ("w_format", "published") if k in r}}
+                               for r in rows], indent=1))
         return
     _print_hardware_tables(rows, streams, rounding, elapsed, lib, liberty, pe, layer_q)
 
@@ -782,6 +797,11 @@ def _print_hardware_tables(rows, streams, rounding, elapsed, lib, liberty, pe, l
                   *[f"{r['energy'][s]:.1f}" for s in streams], *[f"{r['energy_rel'][s]:.3f}" for s in streams],
                   *([f"{r['pe_energy_rel'][s]:.3f}" for s in streams] if pe else []))
     Console(width=240).print(t)
+    for r in rows:
+        if r.get("published"):  # an imported design whose file publishes its own synthesis figures
+            pub = r["published"]
+            typer.echo(f"{r['spec']}: its file publishes " + ", ".join(
+                f"{PUBLISHED_LABELS.get(k, k)} {v:g}" for k, v in pub.items()))
     if lib and not any(r["area_lib"] for r in rows):
         typer.echo(f"{liberty}: its cells have no area; the area column is the NAND2-equivalent model", err=True)
 

@@ -2,14 +2,44 @@
 
 Verilog: the module has two operand input ports (activation x, weight w; by
 default the first and second input in declaration order) and one product
-output port, read as a two's-complement number of its width (at least
-2 x bits). It is synthesized with the same flow as the built-in designs
+output port (at least 2 x bits wide). The module is the file's only one, or,
+in a file with helper modules (EvoApproxLib's PDKGEN* cells), the module named
+as the file (``mul8u_1JFF.v``: ``mul8u_1JFF``); ``--top`` names another.
+
+How the circuit serves maxdnn's operands (x: the activation, unsigned or with
+``x_signed`` two's complement; w: the weight, always signed) is the
+``w_format``, recorded in the library:
+
+- ``signed``: the weight port takes w's two's-complement bits (a signed
+  circuit such as EvoApprox's ``mul8s_*``); the product is read as a
+  two's-complement number of its width;
+- ``sign-magnitude``: the wrapper p = M(x, |w|) for w >= 0 and -M(x, |w|) for
+  w < 0 (sign(w) * M(x, |w|), except that an approximate M(x, 0) is kept),
+  which lets an unsigned-weight circuit (EvoApprox's ``mul8u_*``) serve signed weights:
+  the weight port takes |w| (at most 2^(bits-1), which fits an unsigned
+  port), and the product is read unsigned (two's complement with
+  ``x_signed``) and negated for negative w. In hardware the sign costs an
+  XOR of the two signs and a conditional negation after the circuit (not in
+  the energy here: the energy is the circuit's, on |w|).
+
+An unsigned weight port fed w's bits as they are (``unsigned``) is refused:
+maxdnn's weights are signed, and that mapping multiplies negative weights by
+w + 2^bits. A table whose product has the opposite sign of x * w on more than
+``MAX_SIGN_FLIPS`` of the operand pairs is refused as the mark of a wrong
+mapping (a weight or activation port of the wrong signedness flips the sign
+of a quarter to a half of all products; an approximate circuit, however
+inexact, keeps the sign), unless ``force``.
+
+It is synthesized with the same flow as the built-in designs
 (``maxdnn.hardware.synth``), simulated on every operand pair into the table,
 and its energy per multiplication is simulated (unit delay, glitches counted)
-on the uniform stream and, when a model stream is given, on that stream; each
-energy is divided by the exact radix-4 Booth design's energy on the same
-stream. The energy streams and the reference design take unsigned x, so
-x-signed imports get no energy.
+on the uniform stream and, when a model stream is given, on that stream (the
+weights as the circuit's port sees them); each energy is divided by the exact
+radix-4 Booth design's energy on the same stream. The energy streams and the
+reference design take unsigned x, so x-signed imports get no energy. A file's
+header may carry published figures (EvoApproxLib: ``// PDK45_PWR = 0.391 mW``,
+``// PDK45_AREA = 709.6 um2``, ``// PDK45_DELAY = 1.43 ns``): they are kept
+as ``published`` beside maxdnn's own numbers.
 """
 
 from __future__ import annotations
@@ -56,10 +86,39 @@ def _ports(net: Netlist, path: Path, top: str, bits: int, x_port, w_port, p_port
     return x_port, w_port, p_port
 
 
+W_FORMATS = ("signed", "sign-magnitude")
+MAX_SIGN_FLIPS = 0.05  # a table whose sign disagrees with x * w on more pairs than this has a wrong operand mapping
+
+
+def published_figures(text: str) -> dict:
+    """The synthesis figures a design file's header publishes (EvoApproxLib's PDK45_PWR / AREA / DELAY)."""
+    out = {}
+    for key, unit in (("PDK45_PWR", "mW"), ("PDK45_AREA", "um2"), ("PDK45_DELAY", "ns")):
+        m = re.search(rf"//\s*{key}\s*=\s*([0-9.eE+-]+)\s*{unit}", text)
+        if m:
+            out[f"{key.lower()}_{unit.lower()}"] = float(m[1])
+    return out
+
+
+def port_weights(w: np.ndarray, w_format: str) -> np.ndarray:
+    """The weight values the circuit's port sees for maxdnn's signed weights ``w``."""
+    return np.abs(w) if w_format == "sign-magnitude" else w
+
+
+def check_w_format(w_format: str) -> str:
+    if w_format == "unsigned":
+        raise LibraryError("--w-format unsigned: maxdnn's weights are signed, and an unsigned weight port fed their "
+                           "bits multiplies a negative w by w + 2^bits; serve signed weights with an unsigned "
+                           "circuit through --w-format sign-magnitude (p = sign(w) * M(x, |w|))")
+    if w_format not in W_FORMATS:
+        raise LibraryError(f"--w-format {w_format}: expected signed or sign-magnitude")
+    return w_format
+
+
 def synthesize_design(path: Path, top: str | None, bits: int = 8, x_port=None, w_port=None,
                       p_port=None) -> tuple[Netlist, dict]:
-    """The user's module (``top``; None: the file's only module) as a netlist with ports renamed x, w and p;
-    one-line errors."""
+    """The user's module (``top``; None: the file's only module, or the one named as the file) as a netlist
+    with ports renamed x, w and p; one-line errors."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -68,10 +127,13 @@ def synthesize_design(path: Path, top: str | None, bits: int = 8, x_port=None, w
         raise LibraryError(f"{path}: cannot read ({e})") from None
     modules = re.findall(r"^\s*module\s+([A-Za-z_][A-Za-z0-9_$]*)", text, flags=re.M)
     if top is None:
-        if len(modules) != 1:
-            raise LibraryError(f"{path}: {len(modules)} modules ({', '.join(modules) or 'none'}); "
-                               f"name the multiplier with --top")
-        top = modules[0]
+        if len(modules) == 1:
+            top = modules[0]
+        elif path.stem in modules:  # a design with helper cells (EvoApproxLib): the module the file is named after
+            top = path.stem
+        else:
+            raise LibraryError(f"{path}: {len(modules)} modules ({', '.join(modules) or 'none'}), none named as "
+                               f"the file; name the multiplier with --top")
     if top not in modules:
         raise LibraryError(f"{path}: no module '{top}' (modules: {', '.join(modules) or 'none'})")
     try:
@@ -85,42 +147,65 @@ def synthesize_design(path: Path, top: str | None, bits: int = 8, x_port=None, w
     return net, {"top": top, "x": x_port, "w": w_port, "product": p_port, "modules": doc}
 
 
-def netlist_table(net: Netlist, bits: int, x_signed: bool) -> np.ndarray:
-    """Exhaustive product table of a netlist with ports x, w, p (``table[x - x_min, w - w_min]``)."""
+def netlist_table(net: Netlist, bits: int, x_signed: bool, w_format: str = "signed") -> np.ndarray:
+    """Exhaustive product table of a netlist with ports x, w, p (``table[x - x_min, w - w_min]``, w signed),
+    the circuit serving the weights as ``w_format`` says (module docstring)."""
     xs = OperandFormat(bits, x_signed).values()
     ws = OperandFormat(bits, True).values()
     x, w = np.meshgrid(xs, ws, indexing="ij")
-    return net.simulate(x=x.reshape(-1), w=w.reshape(-1))["p"].reshape(len(xs), len(ws))
+    x, w = x.reshape(-1), w.reshape(-1)
+    p = net.simulate(x=x, w=port_weights(w, w_format))["p"]
+    if w_format == "sign-magnitude":
+        if not x_signed:  # an unsigned circuit's product is unsigned
+            width = len(net.outputs["p"])
+            p = np.where(p < 0, p + (1 << width), p)
+        p = np.where(w < 0, -p, p)
+    return p.reshape(len(xs), len(ws))
 
 
-def design_energy(net: Netlist, streams: list[Stream], bits: int = 8) -> tuple[dict, dict]:
-    """(energy per multiplication, energy relative to the exact Booth design) per stream name."""
+def design_energy(net: Netlist, streams: list[Stream], bits: int = 8,
+                  w_format: str = "signed") -> tuple[dict, dict]:
+    """(energy per multiplication, energy relative to the exact Booth design) per stream name, the circuit's
+    weight port fed as ``w_format`` says."""
     exact = netlist_for("exact", bits)
     energy, rel = {}, {}
     for s in streams:
-        e = stream_energy(net, s)["energy"]
+        e = stream_energy(net, Stream(s.name, s.x, port_weights(s.w, w_format)))["energy"]
         energy[s.name] = round(e, 3)
         rel[s.name] = round(e / stream_energy(exact, s)["energy"], 4)
     return energy, rel
 
 
 def import_verilog(path: Path, top: str | None, name: str, bits: int = 8, x_signed: bool = False, streams=(),
-                   x_port=None, w_port=None, p_port=None, replace_existing: bool = False) -> dict:
+                   x_port=None, w_port=None, p_port=None, replace_existing: bool = False, w_format: str = "signed",
+                   force: bool = False) -> dict:
     """Synthesize, tabulate, measure and register a Verilog multiplier; returns its metadata."""
     check_name(name)
+    check_w_format(w_format)
     path = Path(path)
     net, info = synthesize_design(path, top, bits, x_port, w_port, p_port)
-    table = netlist_table(net, bits, x_signed)
+    table = netlist_table(net, bits, x_signed, w_format)
     mult = TableMultiplier(name, bits, x_signed, table)
-    meta = {"bits": bits, "x_signed": x_signed, "source": "verilog", "source_file": str(path.resolve()), "top": info["top"],
+    metrics = error_metrics(mult)
+    xs, ws = OperandFormat(bits, x_signed).values(), OperandFormat(bits, True).values()
+    flips = float(np.mean(table * (xs[:, None] * ws[None, :]) < 0))
+    if flips > MAX_SIGN_FLIPS and not force:
+        raise LibraryError(f"{path}: with x {'s' if x_signed else 'u'}{bits} and --w-format {w_format}, module "
+                           f"'{info['top']}' gives the wrong sign on {100 * flips:.1f}% of the operand pairs (NMED "
+                           f"{metrics.nmed:.3f}): check --x-signed, --w-format and the ports (an unsigned circuit "
+                           "such as EvoApprox's mul8u_*: --w-format sign-magnitude; a signed one, mul8s_*: "
+                           "--x-signed); --force imports it anyway")
+    meta = {"bits": bits, "x_signed": x_signed, "w_format": w_format, "source": "verilog",
+            "source_file": str(path.resolve()), "top": info["top"],
             "ports": {k: info[k] for k in ("x", "w", "product")},
-            "metrics": error_metrics(mult).as_dict(), "gates": len(net.gate_type), "area_nand2": round(net.area_nand2(), 2),
-            "depth": net.depth(), "cells": net.cell_counts(), "energy_given": None}
+            "metrics": metrics.as_dict(), "gates": len(net.gate_type), "area_nand2": round(net.area_nand2(), 2),
+            "depth": net.depth(), "cells": net.cell_counts(), "energy_given": None,
+            "published": published_figures(path.read_text())}
     if x_signed:
         meta["energy"], meta["energy_rel"] = {}, {}
         meta["energy_note"] = "none: the energy streams and the reference Booth design take unsigned x"
     else:
-        meta["energy"], meta["energy_rel"] = design_energy(net, list(streams), bits)
+        meta["energy"], meta["energy_rel"] = design_energy(net, list(streams), bits, w_format)
     register(name, table, meta, {"design.v": path.read_text(), "netlist.json": json.dumps(info["modules"])},
              replace=replace_existing)
     return meta

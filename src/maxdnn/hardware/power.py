@@ -334,11 +334,18 @@ def hardware_report(specs: list[str], streams: list[Stream], bits: int = 8, prog
         row = {"spec": spec, "area_nand2": round(generic.area_nand2(), 2), "depth": net.depth(),
                "cells": net.cell_counts(), "gates": len(net.gate_type), "energy": {}, "energy_rel": {},
                "energy_zero_delay": {}}
+        imported = imported_design(spec, bits)
+        w_format = (imported or {}).get("w_format", "signed")
+        if imported is not None:
+            row["w_format"] = w_format
+            if imported.get("published"):  # the figures the design's own file publishes, beside maxdnn's
+                row["published"] = imported["published"]
         if liberty is not None:
             row["area_lib"] = round(net.cell_area, 3) if net.cell_area else None
             row["leakage_nw"] = round(net.leakage_nw, 2)
         for s in streams:
-            e = stream_energy(net, s)
+            seen = s if w_format == "signed" else Stream(s.name, s.x, np.abs(s.w))  # what the weight port sees
+            e = stream_energy(net, seen)
             row["energy"][s.name] = round(e["energy"], 3)
             row["energy_zero_delay"][s.name] = round(e["energy_zero_delay"], 3)
             row["energy_rel"][s.name] = round(e["energy"] / exact_e[s.name]["energy"], 4)
