@@ -18,7 +18,7 @@ _API = {
     "layers": "maxdnn.api", "LayerInfo": "maxdnn.api", "layer_assignment": "maxdnn.api",
     "filter_assignment": "maxdnn.api", "kernel_assignment": "maxdnn.api", "evaluate": "maxdnn.api",
     "Evaluation": "maxdnn.api", "approximate": "maxdnn.api", "ApproximateModule": "maxdnn.api",
-    "explore": "maxdnn.api", "Run": "maxdnn.api",
+    "explore": "maxdnn.api", "Run": "maxdnn.api", "accelerator_energy": "maxdnn.accelerator",
     "Assignment": "maxdnn.engine.approx", "QuantizedGraph": "maxdnn.ir.graph", "Dataset": "maxdnn.data",
     "Multiplier": "maxdnn.multipliers.models", "MaxdnnError": "maxdnn.errors",
 }

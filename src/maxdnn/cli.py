@@ -356,8 +356,11 @@ def evaluate(
                                          "assignment's mean accumulator error (measured on 256 training images "
                                          "outside the validation hold-out)."),
     energy: str = typer.Option("average", help=ENERGY_HELP),
+    accelerator: Optional[str] = typer.Option(None, help="With --assign: also the network's energy on a DNN "
+                                              "accelerator through ZigZag: a ZigZag template (tpu_like, "
+                                              "edge_tpu_like, ...) or HW.yaml:MAPPING.yaml (needs maxdnn[accelerator])."),
 ):
-    """Accuracy (and, with --assign, multiplication energy) of a model on CIFAR-10."""
+    """Accuracy (and, with --assign, multiplication, PE and accelerator energy) of a model on CIFAR-10."""
     from maxdnn.api import evaluate as maxdnn_evaluate
     from maxdnn.compensate.bias_correction import BiasCorrectionError, correction_images
     from maxdnn.engine.approx import Assignment, AssignmentError
@@ -380,6 +383,15 @@ def evaluate(
             fail("--device cuda: no CUDA device available")
     if bias_correction and assign is None:
         fail("--bias-correction needs --assign (an all-exact network has nothing to correct)")
+    if accelerator is not None:
+        if assign is None:
+            fail("--accelerator needs --assign (give an all-exact assignment for the exact network)")
+        from maxdnn.accelerator import AcceleratorError, resolve
+
+        try:
+            resolve(accelerator)  # before the data is read
+        except AcceleratorError as e:
+            fail(str(e))
     try:
         wl = Workload.open(model, _data_or_fail(data))
         ds = wl.split(split)
@@ -411,6 +423,8 @@ def evaluate(
                 if en_out.get("pe_energy_gain") is None:
                     en_out.pop("pe_energy_gain", None)
                 result.update(assignment=str(assign), granularity=a.granularity(), **en_out)
+                if accelerator is not None:
+                    result.update(_accelerator_fields(q, a, accelerator))
         check_outputs(outs, wl.model_path)
     except (DataError, ModelError, AssignmentError, SpecError, EnergyModelError) as e:
         fail(str(e))
@@ -523,6 +537,22 @@ def explore(
         f"{k} {v:.2f}" for k, v in zip(["layers", "filter bins", "kernel bins"], res["validation"])))
     path = write_report(out, ex.store)
     typer.echo(path.read_text())
+
+
+def _accelerator_fields(q, a, accelerator: str) -> dict:
+    """``evaluate``'s accelerator numbers (``maxdnn.accelerator``), or one line."""
+    from maxdnn.accelerator import AcceleratorError, accelerator_energy
+
+    try:
+        r = accelerator_energy(q, a, accelerator)
+    except AcceleratorError as e:
+        fail(str(e))
+    t = r["total"]
+    return {"accelerator": r["accelerator"], "accelerator_energy_gain": t["gain"],
+            "accelerator_energy_pj": t["total_pj"], "accelerator_energy_exact_pj": t["total_exact_pj"],
+            "accelerator_mac_share_exact": t["mac_share_exact"],
+            "accelerator_memory_pj": {k: round(v, 3) for k, v in t["memory_pj"].items()},
+            "accelerator_energy_unit": r["unit"], "accelerator_energy_source": r["source"]}
 
 
 def _library_specs(library: str | None, library_file: Path | None) -> list[str] | None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import re
 import shutil
 from pathlib import Path
 
