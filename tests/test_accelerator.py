@@ -131,3 +131,26 @@ def test_evaluate_json_gives_the_three_levels(graph, tmp_path):
     assert d["accelerator_energy_exact_pj"] == pytest.approx(sum(d["accelerator_memory_pj"].values())
                                                              + d["accelerator_mac_share_exact"]
                                                              * d["accelerator_energy_exact_pj"], rel=1e-6)
+
+
+def test_exploration_report_gives_the_chip_gain_of_front_points(graph, tmp_path):
+    """explore --accelerator: every front point with a saved assignment gets its accelerator gain in points.csv,
+    and the report's cells show it beside the PE gain."""
+    from conftest import LOSSLESS_ZIP, need
+
+    from maxdnn.exploration.report import read_points
+
+    run = tmp_path / "run"
+    graph.save(tmp_path / "small.npz")
+    r = CliRunner().invoke(app, ["explore", "--out", str(run), "--data", str(need(LOSSLESS_ZIP)), "--budget", "tiny",
+                                 "--model", str(tmp_path / "small.npz"), "--approach", "layer", "--compensation",
+                                 "none", "--accelerator", "tpu_like"])
+    assert r.exit_code == 0, r.output
+    rows = [r for r in read_points(run / "points.csv") if r["on_front"]]
+    assert rows and all(r["accelerator_energy_gain"] is not None for r in rows)
+    assert all(0 <= r["accelerator_energy_gain"] < r["pe_energy_gain"] + 1e-12 for r in rows if r["energy_gain"] > 0)
+    text = (run / "report.md").read_text()
+    assert "accelerator: tpu_like" in text and "chip " in text
+    r = CliRunner().invoke(app, ["explore", "--out", str(tmp_path / "x"), "--data", str(LOSSLESS_ZIP), "--budget",
+                                 "tiny", "--accelerator", "nope"])
+    one_line_error(r, "nope", "not a ZigZag template")

@@ -362,12 +362,13 @@ class Run:
 
 def explore(out: str | os.PathLike, data: str | os.PathLike, model: str | None = None, budget: str = "quick",
             approaches: Sequence[str] | None = None, progress: bool = True, compensation: str = "finetune",
-            **options) -> Run:
+            accelerator: str | None = None, **options) -> Run:
     """The MAx-DNN exploration (``maxdnn explore``): resilience, layer / filter / kernel sweeps and NSGA-II, the
     ALWANN-style search, test-set numbers and the report, in the run folder ``out`` (rerun to resume).
     ``compensation``: ``finetune`` (default: the search ranks points bias-corrected, then front points and the
-    exact model are fine-tuned), ``bias`` or ``none``. ``options`` go to ``maxdnn.exploration.explorer.Explorer``
-    (``library``, ``energy``, ``seed``, ``storage``).
+    exact model are fine-tuned), ``bias`` or ``none``. ``accelerator``: also each front point's energy gain on
+    that accelerator (``maxdnn.accelerator_energy``; column ``accelerator_energy_gain``). ``options`` go to
+    ``maxdnn.exploration.explorer.Explorer`` (``library``, ``energy``, ``seed``, ``storage``).
 
     Example::
 
@@ -391,5 +392,9 @@ def explore(out: str | os.PathLike, data: str | os.PathLike, model: str | None =
             raise
         raise MaxdnnError(str(e)) from None
     run_exploration(ex, aps)
+    if accelerator:
+        from maxdnn.exploration.storage import add_wall_seconds
+
+        add_wall_seconds(out, 0.0, accelerator=accelerator)
     write_report(out, ex.store)
     return Run.open(out)

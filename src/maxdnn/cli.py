@@ -386,12 +386,7 @@ def evaluate(
     if accelerator is not None:
         if assign is None:
             fail("--accelerator needs --assign (give an all-exact assignment for the exact network)")
-        from maxdnn.accelerator import AcceleratorError, resolve
-
-        try:
-            resolve(accelerator)  # before the data is read
-        except AcceleratorError as e:
-            fail(str(e))
+        _check_accelerator(accelerator)
     try:
         wl = Workload.open(model, _data_or_fail(data))
         ds = wl.split(split)
@@ -464,6 +459,9 @@ def explore(
                                          "--compensation bias."),
     energy: str = typer.Option("average", help=ENERGY_HELP),
     finetune: bool = typer.Option(False, "--finetune", hidden=True, help="Old name of --compensation finetune."),
+    accelerator: Optional[str] = typer.Option(None, help="Also report each front point's energy gain on this "
+                                              "accelerator (ZigZag template or HW.yaml:MAPPING.yaml; needs "
+                                              "maxdnn[accelerator]); kept for 'maxdnn report'."),
     workers: int = typer.Option(1, help="Worker processes on this machine sharing the exploration through the "
                                 "storage (each extra one runs in OUT/workers/wK)."),
 ):
@@ -475,6 +473,7 @@ def explore(
     from maxdnn.compensate.finetune import check_finetunable
     from maxdnn.zoo.models import ModelError
     from maxdnn.exploration.report import write_report
+    from maxdnn.accelerator import AcceleratorError
     from maxdnn.exploration.storage import add_wall_seconds
     from maxdnn.runs.workers import WorkerError, sigterm_interrupts, start_workers, threads_per_worker, wait_for_workers
     from maxdnn.workload import Workload
@@ -489,6 +488,8 @@ def explore(
         compensation = "finetune" if finetune else "bias"
     if compensation not in ("none", "bias", "finetune"):
         fail(f"--compensation {compensation}: expected none, bias or finetune")
+    if accelerator is not None:
+        _check_accelerator(accelerator)
     if workers < 1:
         fail(f"--workers {workers}: expected at least 1")
     t0 = time.time()
@@ -533,10 +534,24 @@ def explore(
     except WorkerError as e:
         fail(str(e))
     res = ex.resilience()
+    extra = {"accelerator": accelerator} if accelerator else {}
     add_wall_seconds(out, time.time() - t0, resilience=", ".join(
-        f"{k} {v:.2f}" for k, v in zip(["layers", "filter bins", "kernel bins"], res["validation"])))
-    path = write_report(out, ex.store)
+        f"{k} {v:.2f}" for k, v in zip(["layers", "filter bins", "kernel bins"], res["validation"])), **extra)
+    try:
+        path = write_report(out, ex.store)
+    except AcceleratorError as e:
+        fail(str(e))
     typer.echo(path.read_text())
+
+
+def _check_accelerator(accelerator: str) -> None:
+    """``--accelerator`` refused in one line before any data is read."""
+    from maxdnn.accelerator import AcceleratorError, resolve
+
+    try:
+        resolve(accelerator)
+    except AcceleratorError as e:
+        fail(str(e))
 
 
 def _accelerator_fields(q, a, accelerator: str) -> dict:

@@ -87,22 +87,17 @@ def with_confirmation(p: dict, entry: dict | None, ref: dict) -> dict:
     return {**p, "confirm_loss_pts": loss, "confirm_loss_se": se}
 
 
-def confirm_and_test(explorer, approaches, res: dict, finetuned: dict | None = None) -> dict:
-    """Steps 1-4 of the module docstring; returns confirm_eval.json's content: {"reference": {"ptq": m,
-    "finetune": m}, "points": {"LEVEL|POINT_KEY": m}, "chosen": {"LEVEL|APPROACH|T": POINT_KEY}}, each
-    measurement m {"confirm": packed, "test": packed (chosen points and references only)}. ``finetuned``:
-    the fine-tuning stage's result (``finetune_front``), whose entries carry their own measurements."""
-    path = explorer.run_dir / "confirm_eval.json"
-    local = json.loads(path.read_text()) if path.exists() else {}
+def _front_candidates(explorer, approaches, res: dict, levels: list[str]) -> tuple[dict, dict]:
+    """(point key -> assignment of every validation-front point, saved to RUN_DIR/pareto/; "LEVEL|APPROACH" ->
+    its candidates, step 1)."""
+    from maxdnn.exploration.report import noise_pts
+
     front_dir = explorer.run_dir / "pareto"
     front_dir.mkdir(exist_ok=True)
     base_val = explorer.info["baseline"]["val_accuracy"]
-    from maxdnn.exploration.report import noise_pts
-
     val_noise = noise_pts(base_val, len(explorer.val))
-    levels = [lv for lv in levels_of(explorer.compensation) if lv != "finetune"]
-    built: dict[str, Assignment] = {}  # point key -> assignment
-    cands: dict[str, list[dict]] = {}  # level|approach -> candidate points
+    built: dict[str, Assignment] = {}
+    cands: dict[str, list[dict]] = {}
     for ap in approaches:
         pts = explorer.store.points([ap])
         fronts = {lv: pareto_front(level_points(pts, lv)) for lv in levels}
@@ -113,28 +108,53 @@ def confirm_and_test(explorer, approaches, res: dict, finetuned: dict | None = N
             built[point_key(p)] = a
         for lv in levels:
             cands[f"{lv}|{ap}"] = candidates(fronts[lv], base_val, val_noise, explorer.budget.confirm_points)
+    return built, cands
 
-    def graph(level, a):
-        return explorer.graph_for(a) if level == "bias" else explorer.q
 
-    def measure(split_name, jobs):  # jobs: (unit, level, assignment), one pass over the split
-        split = getattr(explorer, split_name)
+def _measure(explorer, split_name: str, jobs: dict) -> dict:
+    """Packed correctness on a split of each job (unit -> (level, assignment)): work units, a pass per batch."""
+    split = getattr(explorer, split_name)
 
-        def run(units):
-            nets = [ApproxNetwork(graph(jobs[u][0], jobs[u][1]), jobs[u][1]) for u in units]
-            return correctness(nets, split.images, split.labels)
+    def run(units):
+        nets = [ApproxNetwork(explorer.graph_for(a) if lv == "bias" else explorer.q, a)
+                for lv, a in (jobs[u] for u in units)]
+        return correctness(nets, split.images, split.labels)
 
-        with explorer.progress_bar(f"{split_name}: {len(jobs)} assignments", total=len(jobs)) as bar:
-            return explorer.units.map(list(jobs), run, bar, batch=explorer.eval_batch)
+    with explorer.progress_bar(f"{split_name}: {len(jobs)} assignments", total=len(jobs)) as bar:
+        return explorer.units.map(list(jobs), run, bar, batch=explorer.eval_batch)
 
+
+def _choose_finetuned(explorer, approaches, finetuned: dict, refs: dict, chosen: dict) -> None:
+    """Step 3 for the fine-tuned points, which their stage measured: into ``chosen``."""
+    _, ref = reference_for("finetune", refs)
+    for ap in approaches:
+        rows = []
+        for p in explorer.store.points([ap]):
+            entry = finetuned["assignments"].get(finetuned["points"].get(point_key(p), ""))
+            if entry:
+                rows.append(with_confirmation(p, entry, ref))
+        for t in THRESHOLDS:
+            r = choose(rows, t)
+            if r is not None:
+                chosen[f"finetune|{ap}|{t:g}"] = point_key(r)
+
+
+def confirm_and_test(explorer, approaches, res: dict, finetuned: dict | None = None) -> dict:
+    """Steps 1-4 of the module docstring; returns confirm_eval.json's content: {"reference": {"ptq": m,
+    "finetune": m}, "points": {"LEVEL|POINT_KEY": m}, "chosen": {"LEVEL|APPROACH|T": POINT_KEY}}, each
+    measurement m {"confirm": packed, "test": packed (chosen points and references only)}. ``finetuned``:
+    the fine-tuning stage's result (``finetune_front``), whose entries carry their own measurements."""
+    path = explorer.run_dir / "confirm_eval.json"
+    local = json.loads(path.read_text()) if path.exists() else {}
+    levels = [lv for lv in levels_of(explorer.compensation) if lv != "finetune"]
+    built, cands = _front_candidates(explorer, approaches, res, levels)
     exact = Assignment.uniform(explorer.q, "exact")
     jobs = {"confirm|exact": ("ptq", exact)}
     for key, pts in cands.items():
-        lv = key.split("|")[0]
         for p in pts:
             a = built[point_key(p)]
-            jobs.setdefault(f"confirm|{lv}|{assignment_key(a)}", (lv, a))
-    confirmed = measure("confirm", jobs)
+            jobs.setdefault(f"confirm|{key.split('|')[0]}|{assignment_key(a)}", (key.split("|")[0], a))
+    confirmed = _measure(explorer, "confirm", jobs)
     refs = {"ptq": {"confirm": confirmed["confirm|exact"]}}
     if finetuned and finetuned.get("exact"):
         refs["finetune"] = {k: finetuned["exact"][k] for k in ("confirm", "test")}
@@ -152,9 +172,8 @@ def confirm_and_test(explorer, approaches, res: dict, finetuned: dict | None = N
             r = choose(rows, t)
             if r is not None:
                 chosen[f"{lv}|{ap}|{t:g}"] = point_key(r)
-                a = built[point_key(r)]
-                test_jobs.setdefault(f"test|{lv}|{assignment_key(a)}", (lv, a))
-    tested = measure("test", test_jobs)
+                test_jobs.setdefault(f"test|{lv}|{assignment_key(built[point_key(r)])}", (lv, built[point_key(r)]))
+    tested = _measure(explorer, "test", test_jobs)
     refs["ptq"]["test"] = tested["test|exact"]
     for pk_full, m in points.items():
         lv, pk = pk_full.split("|")
@@ -162,17 +181,7 @@ def confirm_and_test(explorer, approaches, res: dict, finetuned: dict | None = N
         if unit in tested:
             m["test"] = tested[unit]
     if finetuned:  # fine-tuned points: measured by their stage; chosen here on the confirmation images
-        name, ref = reference_for("finetune", refs)
-        for ap in approaches:
-            rows = []
-            for p in explorer.store.points([ap]):
-                entry = finetuned["assignments"].get(finetuned["points"].get(point_key(p), ""))
-                if entry:
-                    rows.append(with_confirmation(p, entry, ref))
-            for t in THRESHOLDS:
-                r = choose(rows, t)
-                if r is not None:
-                    chosen[f"finetune|{ap}|{t:g}"] = point_key(r)
+        _choose_finetuned(explorer, approaches, finetuned, refs, chosen)
     out = {"z": Z_CHOICE, "confirm_images": len(explorer.confirm), "test_images": len(explorer.test),
            "reference": refs, "points": points, "chosen": chosen}
     if local != out:

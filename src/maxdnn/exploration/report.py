@@ -41,7 +41,7 @@ COLUMNS = ["approach", "source", "trial", "compensation", "finetuned", "on_front
            "val_accuracy", "val_images", "val_loss_pts", "val_loss_below_noise", "reference",
            "confirm_accuracy", "confirm_images", "confirm_loss_pts", "confirm_loss_se",
            "test_accuracy", "test_images", "test_ci95_low", "test_ci95_high", "test_loss_pts", "test_loss_ci95",
-           "energy", "energy_gain", "pe_energy_gain"]
+           "energy", "energy_gain", "pe_energy_gain", "accelerator_energy_gain"]
 LEVEL_NAMES = {"ptq": "as quantized (PTQ)", "bias": "bias-corrected", "finetune": "fine-tuned"}
 
 
@@ -123,8 +123,10 @@ def write_points(run_dir: Path, store) -> Path:
                 r["on_front"] = 1
             rows += group
     pe = _pe_gains(run_dir, [r for r in rows if r["on_front"]])
+    chip = _accelerator_gains(run_dir, [r for r in rows if r["on_front"]], info.get("accelerator"))
     for r in rows:
         r["pe_energy_gain"] = pe.get((r["approach"], r["source"], r["trial"]), "")
+        r["accelerator_energy_gain"] = chip.get((r["approach"], r["source"], r["trial"]), "")
     path = run_dir / "points.csv"
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, COLUMNS)
@@ -158,6 +160,26 @@ def _pe_gains(run_dir: Path, rows: list[dict]) -> dict:
     return out
 
 
+def _accelerator_gains(run_dir: Path, rows: list[dict], accelerator: str | None) -> dict:
+    """Accelerator-level energy gain (``maxdnn.accelerator``, ZigZag) of the front points whose assignment is
+    saved in RUN_DIR/pareto, when the run names an accelerator (``explore --accelerator``); ZigZag maps the
+    network once (cached), every point then costs a sum over its layers."""
+    if not accelerator or not rows or not (run_dir / "quantized.npz").exists():
+        return {}
+    from maxdnn.accelerator import accelerator_energy
+    from maxdnn.engine.approx import Assignment
+    from maxdnn.ir.graph import QuantizedGraph
+
+    q = QuantizedGraph.load(run_dir / "quantized.npz")
+    out = {}
+    for r in rows:
+        key = (r["approach"], r["source"], r["trial"])
+        path = run_dir / "pareto" / f"{r['approach']}-{r['source']}-{r['trial']}.json"
+        if key not in out and path.exists():
+            out[key] = accelerator_energy(q, Assignment.load(path, q), accelerator)["total"]["gain"]
+    return out
+
+
 def read_finetune(run_dir: Path) -> dict:
     """finetune_eval.json of the fine-tuning stage (empty entries when the run has none)."""
     path = run_dir / "finetune_eval.json"
@@ -181,6 +203,7 @@ def read_points(path: Path) -> list[dict]:
         for k in ("val_accuracy", "energy", "energy_gain", "val_loss_pts"):
             r[k] = float(r[k])
         for k in ("test_accuracy", "test_loss_pts", "test_ci95_low", "test_ci95_high", "pe_energy_gain",
+                  "accelerator_energy_gain",
                   "confirm_accuracy", "confirm_loss_pts", "confirm_loss_se", "test_loss_ci95"):
             r[k] = float(r[k]) if r.get(k, "") != "" else None
         for k in ("confirm_images", "test_images"):
@@ -280,7 +303,10 @@ def plot(rows: list[dict], baseline_label: str, run_dir: Path) -> None:
 def _cell(r: dict | None) -> str:
     if r is None:
         return "-"
-    pe = f" (PE {100 * r['pe_energy_gain']:.1f}%)" if r.get("pe_energy_gain") is not None else ""
+    parts = [f"PE {100 * r['pe_energy_gain']:.1f}%"] if r.get("pe_energy_gain") is not None else []
+    if r.get("accelerator_energy_gain") is not None:
+        parts.append(f"chip {100 * r['accelerator_energy_gain']:.2f}%")
+    pe = f" ({', '.join(parts)})" if parts else ""
     if r["test_loss_pts"] is None:
         return f"{100 * r['energy_gain']:.1f}%{pe} / n/a"
     ci = f" +-{r['test_loss_ci95']:.2f}" if r.get("test_loss_ci95") is not None else ""
@@ -374,6 +400,9 @@ def write_report(run_dir: str | os.PathLike, store=None) -> Path:
                      f"points): validation {100 * ex['val_accuracy']:.2f}%, "
                      + (f"confirmation {100 * ex['confirm']['accuracy']:.2f}%, " if "confirm" in ex else "")
                      + f"test {100 * ex['test_accuracy']:.2f}%")
+    if info.get("accelerator"):
+        lines.append(f"- accelerator: {info['accelerator']} (ZigZag, `maxdnn.accelerator`): `chip` is the gain of the "
+                     "whole accelerator's energy per image, MACs scaled by each point's PE energy, memories as mapped")
     if "resilience" in info:
         lines.append(f"- resilience proxy vs direct (Spearman): {info['resilience']}")
     if not rows:
