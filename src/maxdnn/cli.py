@@ -372,21 +372,7 @@ def evaluate(
     from maxdnn.zoo.models import ModelError, float_outputs
     from maxdnn.workload import Workload, accuracy, check_outputs, describe_data
 
-    if precision not in ("float", "int8"):
-        fail(f"--precision {precision}: expected float or int8")
-    if limit is not None and limit <= 0:
-        fail(f"--limit {limit}: expected a positive number of images")
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            fail("--device cuda: no CUDA device available")
-    if bias_correction and assign is None:
-        fail("--bias-correction needs --assign (an all-exact network has nothing to correct)")
-    if accelerator is not None:
-        if assign is None:
-            fail("--accelerator needs --assign (give an all-exact assignment for the exact network)")
-        _check_accelerator(accelerator)
+    _check_evaluate_options(precision, limit, device, assign, bias_correction, accelerator)
     try:
         wl = Workload.open(model, _data_or_fail(data))
         ds = wl.split(split)
@@ -413,13 +399,7 @@ def evaluate(
             if a is not None:
                 if bias_correction:
                     result.update(bias_correction=f"{len(images)} training images")
-                en_out = {k: r.energy[k] for k in ("energy", "energy_gain", "pe_energy_gain", "energy_unit",
-                                                   "energy_source", "multiplications") if k in r.energy}
-                if en_out.get("pe_energy_gain") is None:
-                    en_out.pop("pe_energy_gain", None)
-                result.update(assignment=str(assign), granularity=a.granularity(), **en_out)
-                if accelerator is not None:
-                    result.update(_accelerator_fields(q, a, accelerator))
+                result.update(_energy_fields(q, a, r, assign, accelerator))
         check_outputs(outs, wl.model_path)
     except (DataError, ModelError, AssignmentError, SpecError, EnergyModelError) as e:
         fail(str(e))
@@ -472,8 +452,6 @@ def explore(
     from maxdnn.exploration.explorer import APPROACHES, BUDGETS, Explorer, run_exploration
     from maxdnn.compensate.finetune import check_finetunable
     from maxdnn.zoo.models import ModelError
-    from maxdnn.exploration.report import write_report
-    from maxdnn.accelerator import AcceleratorError
     from maxdnn.exploration.storage import add_wall_seconds
     from maxdnn.runs.workers import WorkerError, sigterm_interrupts, start_workers, threads_per_worker, wait_for_workers
     from maxdnn.workload import Workload
@@ -484,10 +462,7 @@ def explore(
     if budget not in BUDGETS:
         fail(f"--budget {budget}: expected quick or full")
     specs = _library_specs(library, library_file)
-    if bias_correction or finetune:  # the old flags: --finetune wins, as the stronger level
-        compensation = "finetune" if finetune else "bias"
-    if compensation not in ("none", "bias", "finetune"):
-        fail(f"--compensation {compensation}: expected none, bias or finetune")
+    compensation = _compensation_option(compensation, bias_correction, finetune)
     if accelerator is not None:
         _check_accelerator(accelerator)
     if workers < 1:
@@ -533,15 +508,56 @@ def explore(
         raise typer.Exit(130)
     except WorkerError as e:
         fail(str(e))
+    _finish_exploration(out, ex, time.time() - t0, accelerator)
+
+
+def _finish_exploration(out: Path, ex, seconds: float, accelerator: str | None) -> None:
+    """The run's wall time and resilience summary into run.json, then the report, printed."""
+    from maxdnn.accelerator import AcceleratorError
+    from maxdnn.exploration.report import write_report
+    from maxdnn.exploration.storage import add_wall_seconds
+
     res = ex.resilience()
     extra = {"accelerator": accelerator} if accelerator else {}
-    add_wall_seconds(out, time.time() - t0, resilience=", ".join(
+    add_wall_seconds(out, seconds, resilience=", ".join(
         f"{k} {v:.2f}" for k, v in zip(["layers", "filter bins", "kernel bins"], res["validation"])), **extra)
     try:
         path = write_report(out, ex.store)
     except AcceleratorError as e:
         fail(str(e))
     typer.echo(path.read_text())
+
+
+def _check_evaluate_options(precision, limit, device, assign, bias_correction, accelerator) -> None:
+    """``evaluate``'s options refused in one line before any data is read."""
+    if precision not in ("float", "int8"):
+        fail(f"--precision {precision}: expected float or int8")
+    if limit is not None and limit <= 0:
+        fail(f"--limit {limit}: expected a positive number of images")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            fail("--device cuda: no CUDA device available")
+    if bias_correction and assign is None:
+        fail("--bias-correction needs --assign (an all-exact network has nothing to correct)")
+    if accelerator is not None:
+        if assign is None:
+            fail("--accelerator needs --assign (give an all-exact assignment for the exact network)")
+        _check_accelerator(accelerator)
+
+
+def _energy_fields(q, a, r, assign, accelerator) -> dict:
+    """``evaluate``'s assignment and energy fields: multiplication and PE energy from the evaluation ``r``, and
+    with ``accelerator`` the accelerator's."""
+    out = {k: r.energy[k] for k in ("energy", "energy_gain", "pe_energy_gain", "energy_unit", "energy_source",
+                                    "multiplications") if k in r.energy}
+    if out.get("pe_energy_gain") is None:
+        out.pop("pe_energy_gain", None)
+    out = {"assignment": str(assign), "granularity": a.granularity(), **out}
+    if accelerator is not None:
+        out.update(_accelerator_fields(q, a, accelerator))
+    return out
 
 
 def _check_accelerator(accelerator: str) -> None:
@@ -568,6 +584,15 @@ def _accelerator_fields(q, a, accelerator: str) -> dict:
             "accelerator_mac_share_exact": t["mac_share_exact"],
             "accelerator_memory_pj": {k: round(v, 3) for k, v in t["memory_pj"].items()},
             "accelerator_energy_unit": r["unit"], "accelerator_energy_source": r["source"]}
+
+
+def _compensation_option(compensation: str, bias_correction: bool, finetune: bool) -> str:
+    """``explore --compensation``, with its old flags (``--finetune`` wins, as the stronger level); one line."""
+    if bias_correction or finetune:
+        compensation = "finetune" if finetune else "bias"
+    if compensation not in ("none", "bias", "finetune"):
+        fail(f"--compensation {compensation}: expected none, bias or finetune")
+    return compensation
 
 
 def _library_specs(library: str | None, library_file: Path | None) -> list[str] | None:
