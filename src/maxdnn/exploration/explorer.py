@@ -125,7 +125,6 @@ class Explorer:
         self.energy = energy
         self.user_library = list(dict.fromkeys(library)) if library else None
         self.compensation = compensation
-        self.bias_correction = compensation != "none"
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.wl = workload
@@ -136,6 +135,11 @@ class Explorer:
         self.storage_arg = storage  # None: SQLite in RUN_DIR, recorded relative so that the folder can move
         self.store = RunStorage.for_run(self.run_dir, storage)  # its scope is set once the run is known
         self._setup()
+
+    @property
+    def bias_correction(self) -> bool:
+        """Whether points are ranked bias-corrected (every compensation but ``none``)."""
+        return self.compensation != "none"
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:

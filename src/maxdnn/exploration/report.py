@@ -122,8 +122,7 @@ def write_points(run_dir: Path, store) -> Path:
             for r in pareto_front(group):
                 r["on_front"] = 1
             rows += group
-    pe = _pe_gains(run_dir, [r for r in rows if r["on_front"]])
-    chip = _accelerator_gains(run_dir, [r for r in rows if r["on_front"]], info.get("accelerator"))
+    pe, chip = _front_gains(run_dir, [r for r in rows if r["on_front"]], info.get("accelerator"))
     for r in rows:
         r["pe_energy_gain"] = pe.get((r["approach"], r["source"], r["trial"]), "")
         r["accelerator_energy_gain"] = chip.get((r["approach"], r["source"], r["trial"]), "")
@@ -135,19 +134,22 @@ def write_points(run_dir: Path, store) -> Path:
     return path
 
 
-def _pe_gains(run_dir: Path, rows: list[dict]) -> dict:
-    """Processing-element energy gain (multiplier + accumulator, ``maxdnn.energy``) of the front points whose
-    assignment is saved in RUN_DIR/pareto; empty when the energy table has no PE energies for their specs."""
+def _front_gains(run_dir: Path, rows: list[dict], accelerator: str | None) -> tuple[dict, dict]:
+    """(processing-element gains, accelerator gains) by (approach, source, trial) of the front points whose
+    assignment is saved in RUN_DIR/pareto, each assignment loaded once however many levels' rows share it.
+    PE: multiplier + accumulator (``maxdnn.energy``), none where the energy table has no PE energies for its
+    specs. Accelerator (``maxdnn.accelerator``, ZigZag), when the run names one (``explore --accelerator``):
+    ZigZag maps the network once (cached), every point then costs a sum over its layers."""
     from maxdnn.engine.approx import Assignment
     from maxdnn.energy import EnergyModelError, energy_table, network_energy
     from maxdnn.ir.graph import QuantizedGraph
 
+    pe, chip = {}, {}
     if not rows or not (run_dir / "quantized.npz").exists():
-        return {}
+        return pe, chip
     q = QuantizedGraph.load(run_dir / "quantized.npz")
-    out = {}
-    for r in rows:
-        path = run_dir / "pareto" / f"{r['approach']}-{r['source']}-{r['trial']}.json"
+    for key in dict.fromkeys((r["approach"], r["source"], r["trial"]) for r in rows):
+        path = run_dir / "pareto" / f"{key[0]}-{key[1]}-{key[2]}.json"
         if not path.exists():
             continue
         a = Assignment.load(path, q)
@@ -156,28 +158,12 @@ def _pe_gains(run_dir: Path, rows: list[dict]) -> dict:
         except EnergyModelError:
             gain = None
         if gain is not None:
-            out[(r["approach"], r["source"], r["trial"])] = gain
-    return out
+            pe[key] = gain
+        if accelerator:
+            from maxdnn.accelerator import accelerator_energy
 
-
-def _accelerator_gains(run_dir: Path, rows: list[dict], accelerator: str | None) -> dict:
-    """Accelerator-level energy gain (``maxdnn.accelerator``, ZigZag) of the front points whose assignment is
-    saved in RUN_DIR/pareto, when the run names an accelerator (``explore --accelerator``); ZigZag maps the
-    network once (cached), every point then costs a sum over its layers."""
-    if not accelerator or not rows or not (run_dir / "quantized.npz").exists():
-        return {}
-    from maxdnn.accelerator import accelerator_energy
-    from maxdnn.engine.approx import Assignment
-    from maxdnn.ir.graph import QuantizedGraph
-
-    q = QuantizedGraph.load(run_dir / "quantized.npz")
-    out = {}
-    for r in rows:
-        key = (r["approach"], r["source"], r["trial"])
-        path = run_dir / "pareto" / f"{r['approach']}-{r['source']}-{r['trial']}.json"
-        if key not in out and path.exists():
-            out[key] = accelerator_energy(q, Assignment.load(path, q), accelerator)["total"]["gain"]
-    return out
+            chip[key] = accelerator_energy(q, a, accelerator)["total"]["gain"]
+    return pe, chip
 
 
 def read_finetune(run_dir: Path) -> dict:
