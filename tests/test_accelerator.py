@@ -154,3 +154,41 @@ def test_exploration_report_gives_the_chip_gain_of_front_points(graph, tmp_path)
     r = CliRunner().invoke(app, ["explore", "--out", str(tmp_path / "x"), "--data", str(LOSSLESS_ZIP), "--budget",
                                  "tiny", "--accelerator", "nope"])
     one_line_error(r, "nope", "not a ZigZag template")
+
+
+def test_exploration_can_minimise_the_accelerator_energy(graph, tmp_path):
+    """explore --energy accelerator:tpu_like: the objective (energy, energy_gain) is the accelerator's energy per
+    image, each point keeps its multiplication gain beside it, and the report says so."""
+    from conftest import LOSSLESS_ZIP, need
+
+    from maxdnn.accelerator import AcceleratorModel
+    from maxdnn.exploration.report import read_points
+
+    run = tmp_path / "run"
+    graph.save(tmp_path / "small.npz")
+    r = CliRunner().invoke(app, ["explore", "--out", str(run), "--data", str(need(LOSSLESS_ZIP)), "--budget", "tiny",
+                                 "--model", str(tmp_path / "small.npz"), "--approach", "layer", "--compensation",
+                                 "none", "--energy", "accelerator:tpu_like"])
+    assert r.exit_code == 0, r.output
+    rows = read_points(run / "points.csv")
+    chip = AcceleratorModel(graph, "tpu_like")
+    exact_pj = chip.energy(Assignment.uniform(graph, "exact"))["total"]["total_exact_pj"]
+    approx = [r for r in rows if r["energy_gain"] > 0]
+    assert approx
+    for r in approx:
+        assert r["energy"] == pytest.approx(exact_pj * (1 - r["energy_gain"]), rel=1e-9)  # pJ per image
+        assert 0 < r["energy_gain"] < r["multiplication_energy_gain"]  # memories dilute the gain
+    for r in (r for r in rows if r["on_front"]):  # the chip column is the objective itself
+        assert r["accelerator_energy_gain"] == pytest.approx(r["energy_gain"], rel=1e-9)
+    text = (run / "report.md").read_text()
+    assert "objective: the accelerator" in text and "(mult " in text
+    r = CliRunner().invoke(app, ["explore", "--out", str(tmp_path / "x"), "--data", str(LOSSLESS_ZIP), "--budget",
+                                 "tiny", "--energy", "accelerator:nope"])
+    one_line_error(r, "nope", "not a ZigZag template")
+    r = CliRunner().invoke(app, ["explore", "--out", str(tmp_path / "x"), "--data", str(LOSSLESS_ZIP), "--budget",
+                                 "tiny", "--energy", "accelerator:tpu_like", "--accelerator", "edge_tpu_like"])
+    one_line_error(r, "give one of them")
+    r = CliRunner().invoke(app, ["evaluate", "--data", str(LOSSLESS_ZIP), "--limit", "4", "--assign",
+                                 str(run / "pareto" / next(p.name for p in (run / "pareto").iterdir())),
+                                 "--model", str(tmp_path / "small.npz"), "--energy", "accelerator:tpu_like"])
+    one_line_error(r, "objective of explore", "--accelerator tpu_like")

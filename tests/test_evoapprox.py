@@ -144,3 +144,35 @@ def test_kernel_level_exploration_with_an_evoapprox_library(tmp_path, library):
     assert r.exit_code == 0, r.output
     row = json.loads(r.output[r.output.index("["):])[-1]
     assert row["spec"] == names[0] and row["w_format"] == "sign-magnitude" and row["published"]["pdk45_pwr_mw"] > 0
+
+
+def test_signed_reference_booth_design_is_exact_on_every_pair():
+    from maxdnn.hardware.power import netlist_for
+
+    net = netlist_for("exact", x_signed=True)
+    x, w = np.meshgrid(np.arange(-128, 128), np.arange(-128, 128), indexing="ij")
+    assert np.array_equal(net.simulate(x=x.reshape(-1), w=w.reshape(-1))["p"], (x * w).reshape(-1))
+
+
+def test_signed_designs_get_energy_on_the_signed_stream(library):
+    """An x-signed import is measured on the uniform stream with signed x against the signed-x exact Booth
+    design; an approximate design costs less than EvoApprox's exact one, as its published power says; the
+    hardware report lists it with the model stream n/a; energy accounting takes its figure."""
+    runner = CliRunner()
+    d = need(EVO / "8x8_signed" / "pareto_pwr_mae")
+    for stem, name in (("mul8s_1KV8", "s-exact"), ("mul8s_1KR3", "s-approx")):
+        r = runner.invoke(app, ["multipliers", "import", str(d / f"{stem}.v"), "--name", name, "--x-signed"])
+        assert r.exit_code == 0, r.output
+        assert "energy / exact Booth: uniform" in r.output
+    exact, approx = (json.loads((library / n / "meta.json").read_text()) for n in ("s-exact", "s-approx"))
+    assert 0.5 < exact["energy_rel"]["uniform"] < 1.5 and set(exact["energy_rel"]) == {"uniform"}
+    assert approx["energy_rel"]["uniform"] < 0.5 * exact["energy_rel"]["uniform"]  # published: 0.052 vs 0.425 mW
+    r = runner.invoke(app, ["hardware", "report", "--spec", "exact", "--spec", "s-approx", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {row["spec"]: row for row in json.loads(r.stdout)}
+    assert rows["s-approx"]["energy_rel"]["uniform"] == approx["energy_rel"]["uniform"]
+    assert "NAND2-toggle" in rows["s-approx"]["energy_unit"] and rows["exact"]["energy_zero_delay"]["uniform"] > 0
+    from maxdnn.energy import energy_table
+
+    t = energy_table(["exact", "s-approx"])
+    assert t["s-approx"] == approx["energy_rel"]["uniform"] and "x-signed s-approx" in t.source

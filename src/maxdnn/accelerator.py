@@ -229,12 +229,60 @@ def energy_per_layer(q, assignment, table) -> dict[str, float]:
     return out
 
 
+class AcceleratorModel:
+    """The accelerator energy of graph ``q`` on ``accelerator`` for any assignment: ZigZag's mapping search
+    runs (or is read from the cache) once, at construction; each ``energy(assignment)`` then costs a sum over
+    the layers (microseconds), which is what lets an exploration take the accelerator energy as its objective
+    (``explore --energy accelerator:NAME``). ``table``: the energy table of the relative MAC energies
+    (default: maxdnn's hardware table for each assignment's specs).
+
+    Example::
+
+        chip = AcceleratorModel(graph, "tpu_like")
+        chip.energy(assignment)["total"]["gain"]
+    """
+
+    def __init__(self, q, accelerator: str = "tpu_like", table=None):
+        self.q, self.table = q, table
+        self.zz = zigzag_layers(q, accelerator)
+        self.name = self.zz["accelerator"]
+
+    def energy(self, assignment) -> dict:
+        """``accelerator_energy`` of ``assignment`` (same keys)."""
+        from maxdnn.energy import energy_table
+
+        a = assignment.bind(self.q)
+        table = self.table or energy_table(a.specs, a.bits)
+        zz = self.zz
+        rel = energy_per_layer(self.q, a, table)
+        layers, tot = {}, {"mac_exact_pj": 0.0, "mac_pj": 0.0, "memory_pj": {}}
+        for name, z in zz["layers"].items():
+            mac = z["mac_pj"] * rel[name]
+            layers[name] = {"macs": z["macs"], "mac_exact_pj": z["mac_pj"], "mac_pj": mac,
+                            "memory_pj": z["memory_pj"], "total_exact_pj": z["total_pj"],
+                            "total_pj": z["total_pj"] - z["mac_pj"] + mac}
+            tot["mac_exact_pj"] += z["mac_pj"]
+            tot["mac_pj"] += mac
+            for lvl, v in z["memory_pj"].items():
+                tot["memory_pj"][lvl] = tot["memory_pj"].get(lvl, 0.0) + v
+        mem = sum(tot["memory_pj"].values())
+        tot["total_exact_pj"], tot["total_pj"] = tot["mac_exact_pj"] + mem, tot["mac_pj"] + mem
+        tot["gain"] = 1.0 - tot["total_pj"] / tot["total_exact_pj"]
+        tot["mac_share_exact"] = tot["mac_exact_pj"] / tot["total_exact_pj"]
+        return {"accelerator": zz["accelerator"], "unit": "pJ per image",
+                "source": f"ZigZag ({zz['accelerator']}: {zz['hardware']}); MAC energy scaled per layer by the "
+                          f"{'PE' if table.pe is not None else 'multiplication'} energy of the assignment "
+                          f"({table.source}), unit_energy {zz['unit_energy_pj']:g} pJ as the exact MAC",
+                "layers": layers, "total": tot}
+
+
 def accelerator_energy(q, assignment, accelerator: str = "tpu_like", table=None) -> dict:
     """The network's energy per image on ``accelerator`` (a ZigZag template name or ``HW.yaml:MAPPING.yaml``),
     exact and under ``assignment``: per layer and in total, MAC energy, each memory level's and the sum, in pJ
     per image, with the gain and the MAC share of the exact network (module docstring). ``table``: the energy
     table of the relative MAC energies (default: maxdnn's hardware table). ZigZag's mapping search runs once
-    per (graph shapes, accelerator) and is cached: later calls, any assignment, take milliseconds.
+    per (graph shapes, accelerator) and is cached: later calls, any assignment, take milliseconds
+    (``AcceleratorModel`` skips even the cache lookup).
 
     Example::
 
@@ -242,27 +290,4 @@ def accelerator_energy(q, assignment, accelerator: str = "tpu_like", table=None)
         print(f"{100 * r['total']['gain']:.2f}% of {r['total']['total_exact_pj']:.3g} pJ per image; "
               f"MACs are {100 * r['total']['mac_share_exact']:.1f}% of it")
     """
-    from maxdnn.energy import energy_table
-
-    a = assignment.bind(q)
-    table = table or energy_table(a.specs, a.bits)
-    zz = zigzag_layers(q, accelerator)
-    rel = energy_per_layer(q, a, table)
-    layers, tot = {}, {"mac_exact_pj": 0.0, "mac_pj": 0.0, "memory_pj": {}}
-    for name, z in zz["layers"].items():
-        mac = z["mac_pj"] * rel[name]
-        layers[name] = {"macs": z["macs"], "mac_exact_pj": z["mac_pj"], "mac_pj": mac, "memory_pj": z["memory_pj"],
-                        "total_exact_pj": z["total_pj"], "total_pj": z["total_pj"] - z["mac_pj"] + mac}
-        tot["mac_exact_pj"] += z["mac_pj"]
-        tot["mac_pj"] += mac
-        for lvl, v in z["memory_pj"].items():
-            tot["memory_pj"][lvl] = tot["memory_pj"].get(lvl, 0.0) + v
-    mem = sum(tot["memory_pj"].values())
-    tot["total_exact_pj"], tot["total_pj"] = tot["mac_exact_pj"] + mem, tot["mac_pj"] + mem
-    tot["gain"] = 1.0 - tot["total_pj"] / tot["total_exact_pj"]
-    tot["mac_share_exact"] = tot["mac_exact_pj"] / tot["total_exact_pj"]
-    return {"accelerator": zz["accelerator"], "unit": "pJ per image",
-            "source": f"ZigZag ({zz['accelerator']}: {zz['hardware']}); MAC energy scaled per layer by the "
-                      f"{'PE' if table.pe is not None else 'multiplication'} energy of the assignment "
-                      f"({table.source}), unit_energy {zz['unit_energy_pj']:g} pJ as the exact MAC",
-            "layers": layers, "total": tot}
+    return AcceleratorModel(q, accelerator, table).energy(assignment)

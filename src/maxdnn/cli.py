@@ -182,6 +182,10 @@ def multipliers_import(
 
 ENERGY_HELP = ("Energy per multiplication: average (one operand stream for every layer), per-layer (each layer's "
                "own stream; the committed ResNet-8's table) or a table FILE.json saved by hardware report --per-layer.")
+EXPLORE_ENERGY_HELP = ("The energy the search minimises: multiplication energy, average, per-layer or a table FILE.json "
+                       "(as evaluate's --energy), or accelerator:NAME, the network's energy per image on an "
+                       "accelerator through ZigZag (a template such as tpu_like, or accelerator:HW.yaml:MAPPING.yaml; "
+                       "needs maxdnn[accelerator]; the multiplication gain is reported beside it).")
 
 
 def _model_stream_or_fail(model, data, name, per_layer: bool = False):
@@ -437,7 +441,7 @@ def explore(
                                      "points as quantized. The report gives every level the run has."),
     bias_correction: bool = typer.Option(False, "--bias-correction", hidden=True, help="Old name of "
                                          "--compensation bias."),
-    energy: str = typer.Option("average", help=ENERGY_HELP),
+    energy: str = typer.Option("average", help=EXPLORE_ENERGY_HELP),
     finetune: bool = typer.Option(False, "--finetune", hidden=True, help="Old name of --compensation finetune."),
     accelerator: Optional[str] = typer.Option(None, help="Also report each front point's energy gain on this "
                                               "accelerator (ZigZag template or HW.yaml:MAPPING.yaml; needs "
@@ -463,6 +467,11 @@ def explore(
         fail(f"--budget {budget}: expected quick or full")
     specs = _library_specs(library, library_file)
     compensation = _compensation_option(compensation, bias_correction, finetune)
+    if energy.startswith("accelerator:"):
+        _check_accelerator(energy[len("accelerator:"):])
+        if accelerator is not None and accelerator != energy[len("accelerator:"):]:
+            fail(f"--accelerator {accelerator} and --energy {energy}: the report's accelerator is the objective's; "
+                 "give one of them")
     if accelerator is not None:
         _check_accelerator(accelerator)
     if workers < 1:
@@ -827,11 +836,17 @@ def hardware_report_cmd(
             write_json(save_table, doc)
         except OSError as e:
             fail(f"{save_table}: cannot write ({e.strerror})")
-    keys = ("spec", "area_nand2", "depth", "energy", "energy_rel", "gates") + (("area_lib", "leakage_nw") if lib else ()) \
-        + (("pe_energy", "pe_energy_rel") if pe else ())
+    keys = ("spec", "area_nand2", "depth", "energy", "energy_zero_delay", "energy_rel", "gates") \
+        + (("area_lib", "leakage_nw") if lib else ()) + (("pe_energy", "pe_energy_rel") if pe else ())
     if as_json:
-        typer.echo(json.dumps([{**{k: r[k] for k in keys}, **{k: r[k] for k in ("w_format", "published") if k in r}}
-                               for r in rows], indent=1))
+        from maxdnn.hardware.power import units_of
+
+        units = units_of(lib, pe)
+        if lib and not any(r["area_lib"] for r in rows):
+            units["area_lib_unit"] = "none: the library's cells have no area; area_nand2 (the NAND2 model) stands in"
+        typer.echo(json.dumps([{**{k: r[k] for k in keys}, **units,
+                                **{k: r[k] for k in ("w_format", "x_signed", "reference", "published") if k in r}} for r in rows],
+                               indent=1))
         return
     _print_hardware_tables(rows, streams, rounding, elapsed, lib, liberty, pe, layer_q)
 
@@ -859,12 +874,14 @@ def _print_hardware_tables(rows, streams, rounding, elapsed, lib, liberty, pe, l
         for n in names:
             tl.add_column(n, justify="right")
         for r in rows:
-            tl.add_row(r["spec"], *[f"{table_pl[n][r['spec']]:.3f}" for n in names])
+            tl.add_row(r["spec"], *[f"{table_pl[n][r['spec']]:.3f}" if r["spec"] in table_pl[n] else "n/a"
+                                    for n in names])
         Console(width=200).print(tl)
     for r in rows:
         extra = [f"{r['area_lib']:.1f}" if r["area_lib"] else "n/a", f"{r['leakage_nw']:.0f}"] if lib else []
         t.add_row(r["spec"], str(r["gates"]), f"{r['area_nand2']:.1f}", *extra, str(r["depth"]),
-                  *[f"{r['energy'][s]:.1f}" for s in streams], *[f"{r['energy_rel'][s]:.3f}" for s in streams],
+                  *[f"{r['energy'][s]:.1f}" if s in r["energy"] else "n/a" for s in streams],
+                  *[f"{r['energy_rel'][s]:.3f}" if s in r["energy_rel"] else "n/a" for s in streams],
                   *([f"{r['pe_energy_rel'][s]:.3f}" for s in streams] if pe else []))
     Console(width=240).print(t)
     for r in rows:
@@ -872,6 +889,10 @@ def _print_hardware_tables(rows, streams, rounding, elapsed, lib, liberty, pe, l
             pub = r["published"]
             typer.echo(f"{r['spec']}: its file publishes " + ", ".join(
                 f"{PUBLISHED_LABELS.get(k, k)} {v:g}" for k, v in pub.items()))
+    if any(r.get("x_signed") for r in rows):
+        typer.echo("x-signed designs (" + ", ".join(r["spec"] for r in rows if r.get("x_signed")) + "): measured on "
+                   "the uniform stream with signed x, relative to the exact Booth design with signed x; the model "
+                   "streams have unsigned activations (n/a)", err=True)
     if lib and not any(r["area_lib"] for r in rows):
         typer.echo(f"{liberty}: its cells have no area; the area column is the NAND2-equivalent model", err=True)
 

@@ -94,6 +94,9 @@ def with_per_layer(table: EnergyTable, energy: str | None, qnet) -> EnergyTable:
     graph with unsigned inputs must be in it, and every spec of ``table`` (one line otherwise)."""
     if energy in (None, "average"):
         return table
+    if energy.startswith("accelerator:"):
+        raise EnergyModelError(f"--energy {energy}: the accelerator's energy is an objective of explore; elsewhere "
+                               f"give --accelerator {energy[len('accelerator:'):]}")
     if energy == "per-layer":
         where = f"the committed per-layer table ({PER_LAYER_TABLE}, the committed ResNet-8's layers)"
         doc = json.loads((resources.files("maxdnn") / "data_files" / PER_LAYER_TABLE).read_text())
@@ -132,7 +135,11 @@ def energy_table(specs, bits: int = 8, stream: str = "resnet8") -> EnergyTable:
     if hw is not None and all(s in known for s in specs):
         source = f"hardware: unit-delay gate-level simulation of Yosys netlists, {stream} operand stream"
         if imported:
+            from maxdnn.multipliers.store import read_meta
+
             source += f"; imported: {', '.join(imported)} (own netlist or stated energy)"
+            if signed := [s for s in imported if (read_meta(s) or {}).get("x_signed")]:
+                source += f"; x-signed {', '.join(signed)}: the uniform stream with signed x on every stream"
         pe = hardware_table(bits, stream, "pe_energy_rel") or {}
         pe_rel = {s: pe[s] for s in specs} if all(s in pe for s in specs) else None
         return EnergyTable({s: known[s] for s in specs}, source, pe=pe_rel)

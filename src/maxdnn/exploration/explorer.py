@@ -119,7 +119,10 @@ class Explorer:
         (the search ranks points as quantized), ``bias`` (it ranks them with their biases corrected,
         ``maxdnn.compensate.bias_correction``, and keeps their uncorrected numbers beside) or ``finetune``
         (as ``bias``, then front points and the exact model are fine-tuned: ``run_exploration``). ``energy``:
-        average, per-layer or a per-layer table file (``maxdnn.energy.with_per_layer``)."""
+        the objective's energy: multiplication energy, average, per-layer or a per-layer table file
+        (``maxdnn.energy.with_per_layer``), or ``accelerator:NAME`` (a ZigZag template or
+        ``HW.yaml:MAPPING.yaml``): the accelerator's energy per image (``maxdnn.accelerator.AcceleratorModel``;
+        each point then also keeps its multiplication-energy gain, ``mult_energy_gain``)."""
         if compensation not in COMPENSATIONS:
             raise ValueError(f"compensation {compensation!r}: expected one of {', '.join(COMPENSATIONS)}")
         self.energy = energy
@@ -163,8 +166,16 @@ class Explorer:
         check_outputs(self.q.outputs(self.test.images[:2]), self.wl.model_path)
         self.library = self.user_library or roup_library(b.library_size)
         self._check_library()
-        self.table = with_per_layer(energy_table(list(dict.fromkeys(["exact"] + roup_specs(8) + self.library))),
-                                    self.energy, self.q)
+        table = energy_table(list(dict.fromkeys(["exact"] + roup_specs(8) + self.library)))
+        self.chip = None
+        if self.energy.startswith("accelerator:"):
+            from maxdnn.accelerator import AcceleratorModel
+
+            self.log(f"mapping the network onto {self.energy[len('accelerator:'):]} (ZigZag; cached after the first run)")
+            self.table = table
+            self.chip = AcceleratorModel(self.q, self.energy[len("accelerator:"):], table)
+        else:
+            self.table = with_per_layer(table, self.energy, self.q)
         run_json = self.run_dir / "run.json"
         info = {"model": self.wl.model_path, "data": str(self.wl.data_path), "budget": json.loads(json.dumps(asdict(b))), "seed": self.seed,
                 "storage": self.storage_arg or "study.db", "library": self.library,
@@ -172,7 +183,11 @@ class Explorer:
                 "validation": f"{len(self.val)} held-out training images of {describe_data(train)}",
                 "confirmation": f"{len(self.confirm)} held-out training images of {describe_data(train)} "
                                 f"(the validation images among them)",
-                "test": describe_data(self.test), "energy_source": self.table.source}
+                "test": describe_data(self.test),
+                "energy_source": self.chip.energy(Assignment.uniform(self.q, "exact"))["source"] if self.chip
+                else self.table.source}
+        if self.chip:
+            info["accelerator"] = self.energy[len("accelerator:"):]  # also the report's chip column
         if run_json.exists():
             old = read_run_info(self.run_dir)
             old.setdefault("compensation", "bias" if old.get("bias_correction") else "none")  # older runs
@@ -268,8 +283,12 @@ class Explorer:
             acc, loss = known[ptq[i]]
             ranked = known[bias[i]] if bias else (acc, loss)
             en = network_energy(self.q, a, self.table)
-            out.append({"val_accuracy": ranked[0], "val_loss": ranked[1], "ptq_val_accuracy": acc,
-                        "ptq_val_loss": loss, "energy": en["energy"], "energy_gain": en["energy_gain"]})
+            r = {"val_accuracy": ranked[0], "val_loss": ranked[1], "ptq_val_accuracy": acc, "ptq_val_loss": loss,
+                 "energy": en["energy"], "energy_gain": en["energy_gain"]}
+            if self.chip:  # the objective is the accelerator's energy (pJ per image)
+                t = self.chip.energy(a)["total"]
+                r.update(energy=t["total_pj"], energy_gain=t["gain"], mult_energy_gain=en["energy_gain"])
+            out.append(r)
         return out
 
     # ------------------------------------------------------------------ resilience

@@ -121,7 +121,8 @@ class RunStorage:
                                 "val_accuracy": u["val_accuracy"], "val_loss": u["val_loss"],
                                 "ptq_val_accuracy": u.get("ptq_val_accuracy", u["val_accuracy"]),
                                 "ptq_val_loss": u.get("ptq_val_loss", u["val_loss"]),
-                                "energy": u["energy"], "energy_gain": u["energy_gain"]})
+                                "energy": u["energy"], "energy_gain": u["energy_gain"],
+                                "mult_energy_gain": u.get("mult_energy_gain", u["energy_gain"])})
         return out
 
 

@@ -35,8 +35,12 @@ It is synthesized with the same flow as the built-in designs
 and its energy per multiplication is simulated (unit delay, glitches counted)
 on the uniform stream and, when a model stream is given, on that stream (the
 weights as the circuit's port sees them); each energy is divided by the exact
-radix-4 Booth design's energy on the same stream. The energy streams and the
-reference design take unsigned x, so x-signed imports get no energy. A file's
+radix-4 Booth design's energy on the same stream. An x-signed import is
+measured on the uniform stream with signed x (x uniform in -2^(B-1)..2^(B-1)-1)
+against the exact Booth design with a signed multiplicand; the model streams
+have unsigned activations, so it has no model-stream energy, and energy
+accounting takes its uniform figure on every stream (said in the energy
+source). A file's
 header may carry published figures (EvoApproxLib: ``// PDK45_PWR = 0.391 mW``,
 ``// PDK45_AREA = 709.6 um2``, ``// PDK45_DELAY = 1.43 ns``): they are kept
 as ``published`` beside maxdnn's own numbers.
@@ -55,7 +59,7 @@ from maxdnn.multipliers.metrics import error_metrics
 from maxdnn.multipliers.library import LibraryError, check_name, load_table_file, register
 from maxdnn.multipliers.models import OperandFormat, TableMultiplier
 from maxdnn.hardware.netlist import Netlist, NetlistError
-from maxdnn.hardware.power import Stream, netlist_for, stream_energy
+from maxdnn.hardware.power import Stream, netlist_for, signed_view, stream_energy
 from maxdnn.hardware.synth import SynthesisError, synthesize
 
 
@@ -164,11 +168,14 @@ def netlist_table(net: Netlist, bits: int, x_signed: bool, w_format: str = "sign
 
 
 def design_energy(net: Netlist, streams: list[Stream], bits: int = 8,
-                  w_format: str = "signed") -> tuple[dict, dict]:
+                  w_format: str = "signed", x_signed: bool = False) -> tuple[dict, dict]:
     """(energy per multiplication, energy relative to the exact Booth design) per stream name, the circuit's
-    weight port fed as ``w_format`` says."""
-    exact = netlist_for("exact", bits)
+    weight port fed as ``w_format`` says; ``x_signed``: on the signed views of the streams (the uniform one)
+    against the exact Booth design with signed x (module docstring)."""
+    exact = netlist_for("exact", bits, x_signed=x_signed)
     energy, rel = {}, {}
+    if x_signed:
+        streams = [v for v in (signed_view(s, bits) for s in streams) if v is not None]
     for s in streams:
         e = stream_energy(net, Stream(s.name, s.x, port_weights(s.w, w_format)))["energy"]
         energy[s.name] = round(e, 3)
@@ -201,11 +208,10 @@ def import_verilog(path: Path, top: str | None, name: str, bits: int = 8, x_sign
             "metrics": metrics.as_dict(), "gates": len(net.gate_type), "area_nand2": round(net.area_nand2(), 2),
             "depth": net.depth(), "cells": net.cell_counts(), "energy_given": None,
             "published": published_figures(path.read_text())}
+    meta["energy"], meta["energy_rel"] = design_energy(net, list(streams), bits, w_format, x_signed)
     if x_signed:
-        meta["energy"], meta["energy_rel"] = {}, {}
-        meta["energy_note"] = "none: the energy streams and the reference Booth design take unsigned x"
-    else:
-        meta["energy"], meta["energy_rel"] = design_energy(net, list(streams), bits, w_format)
+        meta["energy_note"] = ("uniform stream with signed x, relative to the exact Booth design with signed x "
+                               "(the model streams have unsigned activations)")
     register(name, table, meta, {"design.v": path.read_text(), "netlist.json": json.dumps(info["modules"])},
              replace=replace_existing)
     return meta

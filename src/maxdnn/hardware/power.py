@@ -78,9 +78,9 @@ def imported_design(spec: str, bits: int = 8) -> dict | None:
     if meta.get("source") != "verilog" or not (entry_dir(spec) / "design.v").is_file():
         raise NoHardwareError(f"multiplier '{spec}' was imported as a product table: it has no hardware design "
                               "(import its Verilog with 'maxdnn multipliers import FILE.v')")
-    if meta["bits"] != bits or meta["x_signed"]:
-        raise NoHardwareError(f"multiplier '{spec}' takes x {'s' if meta['x_signed'] else 'u'}{meta['bits']}: the "
-                              f"hardware report measures designs with x u{bits}, w s{bits}")
+    if meta["bits"] != bits:
+        raise NoHardwareError(f"multiplier '{spec}' takes {meta['bits']}-bit operands: the hardware report "
+                              f"measures {bits}-bit designs")
     return meta
 
 
@@ -165,17 +165,20 @@ def _hw_cache() -> Path:
     return d
 
 
-def netlist_for(spec: str, bits: int = 8, rounding: str = "folded", liberty=None, unit: str = "mul") -> Netlist:
+def netlist_for(spec: str, bits: int = 8, rounding: str = "folded", liberty=None, unit: str = "mul",
+                x_signed: bool = False) -> Netlist:
     """The synthesized netlist of ``spec`` (cached by Verilog hash), generic gates or mapped to ``liberty``;
     ``unit`` "mul": the multiplier, "mac": the processing element's datapath (``mac_verilog``). An imported
-    Verilog multiplier (``imported_design``) is synthesized from its stored source; its PE is not modelled."""
+    Verilog multiplier (``imported_design``) is synthesized from its stored source; its PE is not modelled.
+    ``x_signed``: the built-in design with a two's-complement multiplicand (the reference of x-signed
+    imports; the PE is modelled for unsigned x)."""
     meta = imported_design(spec, bits)
     if meta is not None:
         if unit != "mul":
             raise NoHardwareError(f"multiplier '{spec}': the processing element (--pe) is modelled for the built-in "
                                   "Booth designs only")
         return _imported_netlist(spec, meta, liberty)
-    v = verilog_for(spec, bits, rounding=rounding) if unit == "mul" else mac_verilog(spec, bits, rounding)
+    v = verilog_for(spec, bits, x_signed, rounding) if unit == "mul" else mac_verilog(spec, bits, rounding)
     h = hashlib.sha256(v.encode())
     if liberty is not None:
         h.update(Path(liberty.path).read_bytes())
@@ -200,9 +203,21 @@ class Stream:
         return hashlib.sha256(self.x.astype(np.int64).tobytes() + self.w.astype(np.int64).tobytes()).hexdigest()[:20]
 
 
-def uniform_stream(n: int = UNIFORM_PAIRS, seed: int = 0, bits: int = 8) -> Stream:
+def uniform_stream(n: int = UNIFORM_PAIRS, seed: int = 0, bits: int = 8, x_signed: bool = False) -> Stream:
+    """``n`` seeded uniform (x, w) pairs: x unsigned (or, ``x_signed``, two's complement), w signed. The signed
+    stream is the unsigned one's x shifted by -2^(bits-1) (the same draws, so the same w)."""
     r = np.random.default_rng(seed)
-    return Stream("uniform", r.integers(0, 1 << bits, n), r.integers(-(1 << (bits - 1)), 1 << (bits - 1), n))
+    x = r.integers(0, 1 << bits, n)
+    w = r.integers(-(1 << (bits - 1)), 1 << (bits - 1), n)
+    return Stream("uniform", x - (1 << (bits - 1)) if x_signed else x, w)
+
+
+def signed_view(stream: Stream, bits: int = 8) -> Stream | None:
+    """What an x-signed design is measured on in place of ``stream``: the signed uniform stream for the
+    uniform one; None for a model stream (the models' streams feed layers with unsigned inputs)."""
+    if stream.name != "uniform":
+        return None
+    return uniform_stream(len(stream.x), bits=bits, x_signed=True)
 
 
 def _unsigned_layers(qnet) -> list[str]:
@@ -326,6 +341,7 @@ def hardware_report(specs: list[str], streams: list[Stream], bits: int = 8, prog
     energy per operation (``pe_energy``), absolute and relative to the exact PE's."""
     exact_net = netlist_for("exact", bits, liberty=liberty)
     exact_e = {s.name: stream_energy(exact_net, s) for s in streams}
+    signed_ref = None  # the x-signed exact Booth design on the signed streams, when an x-signed import is measured
     exact_pe = {s.name: pe_energy("exact", s, bits, rounding, liberty)["energy"] for s in streams} if pe else {}
     rows = []
     for spec in specs:
@@ -343,12 +359,24 @@ def hardware_report(specs: list[str], streams: list[Stream], bits: int = 8, prog
         if liberty is not None:
             row["area_lib"] = round(net.cell_area, 3) if net.cell_area else None
             row["leakage_nw"] = round(net.leakage_nw, 2)
+        x_signed = bool((imported or {}).get("x_signed"))
+        if x_signed:
+            row["x_signed"] = True
+            row["reference"] = "exact radix-4 Booth design with signed x, on signed-x streams"
+            if signed_ref is None:
+                signed_ref = netlist_for("exact", bits, liberty=liberty, x_signed=True)
         for s in streams:
+            ref = exact_e[s.name]["energy"]
+            if x_signed:
+                s = signed_view(s, bits)
+                if s is None:  # no signed model stream: the row has the uniform stream only
+                    continue
+                ref = stream_energy(signed_ref, s)["energy"]
             seen = s if w_format == "signed" else Stream(s.name, s.x, np.abs(s.w))  # what the weight port sees
             e = stream_energy(net, seen)
             row["energy"][s.name] = round(e["energy"], 3)
             row["energy_zero_delay"][s.name] = round(e["energy_zero_delay"], 3)
-            row["energy_rel"][s.name] = round(e["energy"] / exact_e[s.name]["energy"], 4)
+            row["energy_rel"][s.name] = round(e["energy"] / ref, 4)
             if pe:
                 e_pe = pe_energy(spec, s, bits, rounding, liberty)["energy"]
                 row.setdefault("pe_energy", {})[s.name] = round(e_pe, 3)
@@ -370,16 +398,36 @@ def per_layer_relative(rows: list[dict], qnet) -> dict[str, dict[str, float]]:
     layers = [n for n in qnet.layers if f"layer:{n}" in exact]
     mults = np.array([counts[n] * np.prod(qnet.layers[n].weight.shape[:2]) for n in layers], float)
     e_avg = float(np.dot(mults, [exact[f"layer:{n}"] for n in layers]) / mults.sum())
-    return {n: {r["spec"]: round(r["energy"][f"layer:{n}"] / e_avg, 5) for r in rows} for n in layers}
+    return {n: {r["spec"]: round(r["energy"][f"layer:{n}"] / e_avg, 5) for r in rows if f"layer:{n}" in r["energy"]}
+            for n in layers}  # x-signed designs have no layer streams
+
+
+AREA_NAND2_UNIT = "NAND2 equivalents (NanGate 45nm X1 areas)"
+
+
+def energy_unit(lib=None) -> str:
+    """The unit (and model) of the energies of ``hardware_report``, with a liberty ``lib`` or without."""
+    if lib is not None:
+        return (f"fJ per multiplication ({lib.name} cells at {lib.voltage:g} V, internal energy + 1/2 C V^2 of the "
+                "driven pins, unit-delay, glitches counted)")
+    return "NAND2-toggle equivalents per multiplication (unit-delay, glitches counted)"
+
+
+def units_of(lib=None, pe: bool = False) -> dict:
+    """The unit fields ``hardware report --json`` gives every row."""
+    out = {"energy_unit": energy_unit(lib), "energy_zero_delay_unit": energy_unit(lib).replace(
+        "unit-delay, glitches counted", "zero-delay, no glitches"), "area_nand2_unit": AREA_NAND2_UNIT}
+    if pe:
+        out["pe_energy_unit"] = energy_unit(lib).replace("per multiplication", "per multiply-accumulate")
+    if lib is not None:
+        out.update(leakage_unit="nW", area_lib_unit="the library's area unit (um^2)")
+    return out
 
 
 def energy_table_doc(rows: list[dict], streams, rounding: str, lib, liberty_path, pe: bool, layer_q, model) -> dict:
     """The table ``hardware report --save-table`` writes (and energy accounting reads): every design's row with
     the units, streams, rounding and, where measured, the PE and per-layer figures."""
-    unit = (f"fJ per multiplication ({lib.name} cells, internal energy + 1/2 C V^2 of the driven pins, "
-            "unit-delay, glitches counted)" if lib else "NAND2-toggle equivalents per multiplication (unit-delay, "
-            "glitches counted)")
-    doc = {"unit": unit, "rounding": rounding, "area_unit": "NAND2 equivalents (NanGate 45nm X1 areas)",
+    doc = {"unit": energy_unit(lib), "rounding": rounding, "area_unit": AREA_NAND2_UNIT,
            "streams": {s.name: len(s.x) for s in streams}, "designs": rows}
     if lib:
         doc.update({"liberty": str(liberty_path), "leakage_unit": "nW", "area_lib_unit": "library area unit (um^2)"})

@@ -95,6 +95,8 @@ def user_energy(stream: str, bits: int) -> dict[str, float]:
             out[name] = float(meta["energy_given"])
         elif stream in (meta.get("energy_rel") or {}):
             out[name] = float(meta["energy_rel"][stream])
+        elif meta.get("x_signed") and "uniform" in (meta.get("energy_rel") or {}):
+            out[name] = float(meta["energy_rel"]["uniform"])  # x-signed designs have the signed uniform stream only
     return out
 
 
@@ -103,6 +105,8 @@ def energy_status(name: str, stream: str) -> str | None:
     meta = read_meta(name)
     if meta is None or meta.get("energy_given") is not None or stream in (meta.get("energy_rel") or {}):
         return None
+    if meta.get("x_signed") and "uniform" in (meta.get("energy_rel") or {}):
+        return None  # the signed uniform stream stands for every stream (``user_energy``)
     known = sorted(meta.get("energy_rel") or {})
     if known:
         return (f"multiplier '{name}' has energy on the {', '.join(known)} stream(s) only; re-import it with "
