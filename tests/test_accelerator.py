@@ -192,3 +192,15 @@ def test_exploration_can_minimise_the_accelerator_energy(graph, tmp_path):
                                  str(run / "pareto" / next(p.name for p in (run / "pareto").iterdir())),
                                  "--model", str(tmp_path / "small.npz"), "--energy", "accelerator:tpu_like"])
     one_line_error(r, "objective of explore", "--accelerator tpu_like")
+
+
+def test_api_evaluate_gives_the_three_levels(graph):
+    imgs = np.random.default_rng(1).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
+    a = maxdnn.layer_assignment(graph, {n: "roup-p2r2" for n in graph.layers})
+    r = maxdnn.evaluate(graph, imgs, np.zeros(6, dtype=np.int64), a, accelerator="tpu_like")
+    assert r.accelerator_energy_gain == accelerator_energy(graph, a, "tpu_like")["total"]["gain"]
+    assert 0 < r.accelerator_energy_gain < r.pe_energy_gain < r.energy_gain
+    assert r.accelerator["unit"] == "pJ per image" and set(r.accelerator["layers"]) == set(graph.layers)
+    assert maxdnn.evaluate(graph, imgs, np.zeros(6, dtype=np.int64), a).accelerator_energy_gain is None
+    with pytest.raises(maxdnn.MaxdnnError, match="give an assignment"):
+        maxdnn.evaluate(graph, imgs, np.zeros(6, dtype=np.int64), accelerator="tpu_like")

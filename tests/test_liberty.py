@@ -172,6 +172,9 @@ def test_flexlib_report_end_to_end(flexlib, tmp_path):
     assert 0.1 < rows["roup-p2r2"]["energy_rel"]["uniform"] < 0.6
     assert rows["exact"]["leakage_nw"] > rows["roup-p2r2"]["leakage_nw"] > 0
     assert rows["exact"]["area_lib"] is None  # FlexLib's cells have area 0: the NAND2 model stands in
+    assert rows["exact"]["energy_unit"].startswith("fJ per multiplication") and rows["exact"]["leakage_unit"] == "nW"
+    assert "zero-delay" in rows["exact"]["energy_zero_delay_unit"] and "NAND2 model" in rows["exact"]["area_lib_unit"]
+    assert 0 < rows["exact"]["energy_zero_delay"]["uniform"] < rows["exact"]["energy"]["uniform"]  # glitches cost
     doc = json.loads(table.read_text())
     assert doc["unit"].startswith("fJ per multiplication") and doc["liberty"] == str(flexlib)
 

@@ -168,13 +168,15 @@ def kernel_assignment(graph: QuantizedGraph, per_kernel: Mapping[str, Sequence[S
 class Evaluation:
     """What ``evaluate`` measured: ``accuracy`` (fraction), ``correct``, ``images``; with an assignment
     ``energy_gain`` (multiplication energy) and ``pe_energy_gain`` (processing element: multiplier +
-    accumulator), None where the energy table has no such figure; ``outputs``: the integer output tensor per
-    image (int64 [N, classes]); ``energy``: the full ``maxdnn.energy.network_energy`` breakdown.
+    accumulator), None where the energy table has no such figure; with ``accelerator``,
+    ``accelerator_energy_gain`` (the network's energy per image on it) and ``accelerator``, the full
+    ``maxdnn.accelerator_energy`` breakdown (pJ per image); ``outputs``: the integer output tensor per image
+    (int64 [N, classes]); ``energy``: the full ``maxdnn.energy.network_energy`` breakdown.
 
     Example::
 
-        r = maxdnn.evaluate(graph, test.images, test.labels, a)
-        r.accuracy, r.energy_gain, r.outputs.shape
+        r = maxdnn.evaluate(graph, test.images, test.labels, a, accelerator="tpu_like")
+        r.accuracy, r.energy_gain, r.pe_energy_gain, r.accelerator_energy_gain, r.outputs.shape
     """
 
     accuracy: float
@@ -184,25 +186,32 @@ class Evaluation:
     energy_gain: float | None = None
     pe_energy_gain: float | None = None
     energy: dict = field(default_factory=dict)
+    accelerator_energy_gain: float | None = None
+    accelerator: dict = field(default_factory=dict)
 
 
 def evaluate(graph: QuantizedGraph, images: np.ndarray, labels: np.ndarray, assignment: Assignment | None = None,
              bias_correction: bool | np.ndarray = False, batch_size: int = 100, device: str = "cpu",
-             energy: str = "average") -> Evaluation:
+             energy: str = "average", accelerator: str | None = None) -> Evaluation:
     """Accuracy of the integer graph on ``images`` (uint8 NCHW) and ``labels``, exact or with ``assignment``'s
     multipliers; with ``bias_correction`` an array of uint8 training images (outside your validation data),
     the biases first cancel the assignment's mean accumulator error on them. ``energy``: ``"average"`` (one
     energy per multiplier), ``"per-layer"`` or a per-layer table file (``maxdnn.energy.with_per_layer``).
+    ``accelerator`` (with an assignment): also the energy on that accelerator, a ZigZag template name or
+    ``HW.yaml:MAPPING.yaml`` (``maxdnn.accelerator_energy``; needs ``maxdnn[accelerator]``).
 
     Example::
 
-        r = maxdnn.evaluate(graph, test.images, test.labels, a)
-        print(f"{100 * r.accuracy:.2f}% at {100 * r.energy_gain:.1f}% multiplication energy gain")
+        r = maxdnn.evaluate(graph, test.images, test.labels, a, accelerator="tpu_like")
+        print(f"{100 * r.accuracy:.2f}% at {100 * r.energy_gain:.1f}% multiplication energy gain "
+              f"(PE {100 * r.pe_energy_gain:.1f}%, chip {100 * r.accelerator_energy_gain:.2f}%)")
     """
     from .workload import check_outputs
 
     images, labels = np.asarray(images), np.asarray(labels)
     breakdown: dict = {}
+    if accelerator is not None and assignment is None:
+        raise MaxdnnError("accelerator: give an assignment (an all-exact one for the exact network)")
     if assignment is None:
         outs = graph.outputs(images, batch_size, device)
     else:
@@ -217,8 +226,14 @@ def evaluate(graph: QuantizedGraph, images: np.ndarray, labels: np.ndarray, assi
         outs = ApproxNetwork(graph, a, device=device).outputs(images, batch_size)
     check_outputs(outs, str(graph.meta.get("model") or graph.meta.get("source") or "the graph"))
     correct = int((outs.argmax(1) == labels).sum()) if len(outs) else 0
+    chip = {}
+    if accelerator is not None:
+        from .accelerator import accelerator_energy
+
+        chip = accelerator_energy(graph, a, accelerator)
     return Evaluation(correct / max(len(labels), 1), correct, int(len(labels)), outs,
-                      breakdown.get("energy_gain"), breakdown.get("pe_energy_gain"), breakdown)
+                      breakdown.get("energy_gain"), breakdown.get("pe_energy_gain"), breakdown,
+                      chip["total"]["gain"] if chip else None, chip)
 
 
 def _energy(graph: QuantizedGraph, a: Assignment, energy: str) -> dict:

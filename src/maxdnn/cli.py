@@ -836,19 +836,24 @@ def hardware_report_cmd(
             write_json(save_table, doc)
         except OSError as e:
             fail(f"{save_table}: cannot write ({e.strerror})")
-    keys = ("spec", "area_nand2", "depth", "energy", "energy_zero_delay", "energy_rel", "gates") \
-        + (("area_lib", "leakage_nw") if lib else ()) + (("pe_energy", "pe_energy_rel") if pe else ())
     if as_json:
-        from maxdnn.hardware.power import units_of
-
-        units = units_of(lib, pe)
-        if lib and not any(r["area_lib"] for r in rows):
-            units["area_lib_unit"] = "none: the library's cells have no area; area_nand2 (the NAND2 model) stands in"
-        typer.echo(json.dumps([{**{k: r[k] for k in keys}, **units,
-                                **{k: r[k] for k in ("w_format", "x_signed", "reference", "published") if k in r}} for r in rows],
-                               indent=1))
+        _print_hardware_json(rows, lib, pe)
         return
     _print_hardware_tables(rows, streams, rounding, elapsed, lib, liberty, pe, layer_q)
+
+
+def _print_hardware_json(rows, lib, pe) -> None:
+    """``hardware report --json``: one object per design, each with the units of its figures."""
+    from maxdnn.hardware.power import units_of
+
+    keys = ("spec", "area_nand2", "depth", "energy", "energy_zero_delay", "energy_rel", "gates") \
+        + (("area_lib", "leakage_nw") if lib else ()) + (("pe_energy", "pe_energy_rel") if pe else ())
+    units = units_of(lib, pe)
+    if lib and not any(r["area_lib"] for r in rows):
+        units["area_lib_unit"] = "none: the library's cells have no area; area_nand2 (the NAND2 model) stands in"
+    optional = ("w_format", "x_signed", "reference", "published")
+    typer.echo(json.dumps([{**{k: r[k] for k in keys}, **units, **{k: r[k] for k in optional if k in r}}
+                           for r in rows], indent=1))
 
 
 def _print_hardware_tables(rows, streams, rounding, elapsed, lib, liberty, pe, layer_q) -> None:
