@@ -383,7 +383,9 @@ def explore(out: str | os.PathLike, data: str | os.PathLike, model: str | None =
     ``compensation``: ``finetune`` (default: the search ranks points bias-corrected, then front points and the
     exact model are fine-tuned), ``bias`` or ``none``. ``accelerator``: also each front point's energy gain on
     that accelerator (``maxdnn.accelerator_energy``; column ``accelerator_energy_gain``). ``options`` go to
-    ``maxdnn.exploration.explorer.Explorer`` (``library``, ``energy``, ``seed``, ``storage``).
+    ``maxdnn.exploration.explorer.Explorer`` (``library``, ``energy``, ``seed``, ``storage``);
+    ``energy="accelerator:tpu_like"`` makes the accelerator's energy per image the objective (``energy_gain``
+    is then the chip's gain, ``multiplication_energy_gain`` the multiplication gain beside it).
 
     Example::
 
