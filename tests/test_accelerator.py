@@ -38,9 +38,16 @@ def graph(tmp_path_factory):
     return maxdnn.quantize(Small().eval(), imgs)
 
 
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MAXDNN_CACHE", str(tmp_path / "cache"))
+def own_cache(module_cache, monkeypatch):
+    """One cache for the module, not the user's: ZigZag maps the small network once (about 10 s), and every
+    test after the first that needs it reads it back, as an exploration does."""
+    monkeypatch.setenv("MAXDNN_CACHE", str(module_cache))
 
 
 def test_exact_network_is_zigzags_own_run_to_the_pj(graph, tmp_path):
