@@ -140,19 +140,27 @@ def test_evaluate_json_gives_the_three_levels(graph, tmp_path):
                                                              * d["accelerator_energy_exact_pj"], rel=1e-6)
 
 
-def test_exploration_report_gives_the_chip_gain_of_front_points(graph, tmp_path):
-    """explore --accelerator: every front point with a saved assignment gets its accelerator gain in points.csv,
-    and the report's cells show it beside the PE gain."""
+def _tiny_layer_exploration(graph, tmp_path, *options):
+    """A tiny layer-level exploration of ``graph`` without compensation, with ``options``; its run folder."""
     from conftest import LOSSLESS_ZIP, need
-
-    from maxdnn.exploration.report import read_points
 
     run = tmp_path / "run"
     graph.save(tmp_path / "small.npz")
     r = CliRunner().invoke(app, ["explore", "--out", str(run), "--data", str(need(LOSSLESS_ZIP)), "--budget", "tiny",
                                  "--model", str(tmp_path / "small.npz"), "--approach", "layer", "--compensation",
-                                 "none", "--accelerator", "tpu_like"])
+                                 "none", *options])
     assert r.exit_code == 0, r.output
+    return run
+
+
+def test_exploration_report_gives_the_chip_gain_of_front_points(graph, tmp_path):
+    """explore --accelerator: every front point with a saved assignment gets its accelerator gain in points.csv,
+    and the report's cells show it beside the PE gain."""
+    from conftest import LOSSLESS_ZIP
+
+    from maxdnn.exploration.report import read_points
+
+    run = _tiny_layer_exploration(graph, tmp_path, "--accelerator", "tpu_like")
     rows = [r for r in read_points(run / "points.csv") if r["on_front"]]
     assert rows and all(r["accelerator_energy_gain"] is not None for r in rows)
     assert all(0 <= r["accelerator_energy_gain"] < r["pe_energy_gain"] + 1e-12 for r in rows if r["energy_gain"] > 0)
@@ -166,17 +174,12 @@ def test_exploration_report_gives_the_chip_gain_of_front_points(graph, tmp_path)
 def test_exploration_can_minimise_the_accelerator_energy(graph, tmp_path):
     """explore --energy accelerator:tpu_like: the objective (energy, energy_gain) is the accelerator's energy per
     image, each point keeps its multiplication gain beside it, and the report says so."""
-    from conftest import LOSSLESS_ZIP, need
+    from conftest import LOSSLESS_ZIP
 
     from maxdnn.accelerator import AcceleratorModel
     from maxdnn.exploration.report import read_points
 
-    run = tmp_path / "run"
-    graph.save(tmp_path / "small.npz")
-    r = CliRunner().invoke(app, ["explore", "--out", str(run), "--data", str(need(LOSSLESS_ZIP)), "--budget", "tiny",
-                                 "--model", str(tmp_path / "small.npz"), "--approach", "layer", "--compensation",
-                                 "none", "--energy", "accelerator:tpu_like"])
-    assert r.exit_code == 0, r.output
+    run = _tiny_layer_exploration(graph, tmp_path, "--energy", "accelerator:tpu_like")
     rows = read_points(run / "points.csv")
     chip = AcceleratorModel(graph, "tpu_like")
     exact_pj = chip.energy(Assignment.uniform(graph, "exact"))["total"]["total_exact_pj"]
