@@ -38,13 +38,15 @@ from maxdnn.multipliers.models import Multiplier, get_multiplier as _get_multipl
 def load_model(spec: str | os.PathLike | None = None) -> nn.Module | QuantizedGraph:
     """A model: a zoo name (``"resnet8"``, ``"resnet20"``), a maxdnn checkpoint (``.pt``), MLPerf Tiny's Keras
     ResNet-8 (``.h5``) or a ``torch.export`` program (``.pt2``) as a float ``nn.Module``; an int8 TFLite model
-    (``.tflite``, its own quantization) or a saved integer graph (``.npz``) as a ``QuantizedGraph``.
+    (``.tflite``) or int8 ONNX model (``.onnx``, onnxruntime's static quantization, QDQ or QOperator), each with its
+    own quantization, or a saved integer graph (``.npz``) as a ``QuantizedGraph``.
     Nothing in the file runs code.
 
     Example::
 
         model = maxdnn.load_model("resnet8")
         graph = maxdnn.load_model("pretrainedResnet_quant.tflite")   # already integer
+        graph = maxdnn.load_model("resnet8-int8.onnx")                # onnxruntime's arithmetic
     """
     from maxdnn.workload import load_any_model
 

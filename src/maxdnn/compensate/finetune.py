@@ -90,7 +90,7 @@ def check_finetunable(q: QuantizedGraph) -> None:
     """One line (FinetuneError) unless the graph is maxdnn's own quantization, which the twin reproduces."""
     if any(isinstance(n, TfliteAdd) or (isinstance(n, MulLayer) and n.requant.mode != "half_up") for n in q.nodes):
         raise FinetuneError("fine-tuning takes maxdnn's own graphs (a float model quantized by maxdnn); "
-                            "an imported TFLite model keeps TFLite's requantization")
+                            "an imported TFLite or ONNX model keeps its own requantization")
 
 
 class FakeQuantTwin(nn.Module):

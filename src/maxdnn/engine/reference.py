@@ -13,8 +13,9 @@ from typing import Callable
 
 import numpy as np
 
-from maxdnn.ir.graph import Affine, Clamp, Concat, Flatten, Merge, MulLayer, Pool, QParams, QuantizedGraph, TfliteAdd, pool_window
-from maxdnn.ir.quant import Requant, tflite_multiply, tflite_single_multiply
+from maxdnn.ir.graph import (Affine, Clamp, Concat, Flatten, Merge, MulLayer, OrtAdd, Pool, QParams, QuantizedGraph,
+                             TfliteAdd, pool_window)
+from maxdnn.ir.quant import Requant, float32_requant, tflite_multiply, tflite_single_multiply
 
 Prod = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -55,10 +56,14 @@ def requantize(acc: np.ndarray, r: Requant) -> np.ndarray:
     """(acc * m0 + 2^(shift-1)) >> shift (or TFLite's MultiplyByQuantizedMultiplier), one channel (axis 1)
     at a time."""
     out = np.empty_like(acc)
+    if r.mode == "float32":
+        scales = r.float32_scales()
     for f in range(acc.shape[1]):
         k = f if r.m0.shape[0] > 1 else 0
         m0, sh = int(r.m0[k]), int(r.shift[k])
-        if r.mode == "tflite":
+        if r.mode == "float32":
+            out[:, f] = float32_requant(acc[:, f], scales[k])
+        elif r.mode == "tflite":
             out[:, f] = tflite_multiply(acc[:, f], m0, sh)
         elif r.mode == "tflite-single":
             out[:, f] = tflite_single_multiply(acc[:, f], m0, sh)
@@ -85,6 +90,9 @@ def _pool(x: np.ndarray, n: Pool) -> np.ndarray:
             win = x[:, :, rows][:, :, :, cols]
             if n.op == "max":
                 out[:, :, oh, ow] = win.max(axis=(2, 3))
+            elif n.rounding == "float32":  # onnxruntime: integer sum, float32 requantization
+                total = (win - n.in_zp).sum(axis=(2, 3))
+                out[:, :, oh, ow] = float32_requant(total, np.float32(n.scale)) + zp
             elif n.rounding == "tflite":  # raw values, in-bounds count, half away from zero (C division)
                 cnt = len(rows) * len(cols)
                 total = win.sum(axis=(2, 3))
@@ -94,9 +102,46 @@ def _pool(x: np.ndarray, n: Pool) -> np.ndarray:
                 cnt = kh * kw if n.count_include_pad else len(rows) * len(cols)
                 total = (win - zp).sum(axis=(2, 3))
                 out[:, :, oh, ow] = (2 * total + cnt) // (2 * cnt) + zp  # round half up
-    if n.rounding == "tflite" or n.op == "max":
+    if n.rounding in ("tflite", "float32") or n.op == "max":
         out = np.clip(out, n.out.lo, n.out.hi)
     return out
+
+
+def _round_f32(v) -> float:
+    """The float32 nearest a rational v (ties to even; normal range)."""
+    from fractions import Fraction
+
+    if v == 0:
+        return 0.0
+    mag = abs(v)
+    e = mag.numerator.bit_length() - mag.denominator.bit_length() - 24
+    while mag / Fraction(2) ** e >= 1 << 24:
+        e += 1
+    while mag / Fraction(2) ** e < 1 << 23:
+        e -= 1
+    q = mag / Fraction(2) ** e
+    m = q.numerator // q.denominator
+    rest = q - m
+    if rest > Fraction(1, 2) or (rest == Fraction(1, 2) and m % 2):
+        m += 1
+    return float(m * Fraction(2) ** e) * (1 if v > 0 else -1)
+
+
+def _fma32(a: np.ndarray, b: float, c: np.ndarray) -> np.ndarray:
+    """float32 fused multiply-add a * b + c with one rounding: exact rational arithmetic (``fractions``)."""
+    from fractions import Fraction
+
+    fb = Fraction(float(np.float32(b)))
+    flat = [_round_f32(Fraction(int(x)) * fb + Fraction(float(y)))
+            for x, y in zip(np.ravel(a), np.ravel(np.broadcast_to(c, np.shape(a))))]
+    return np.array(flat, dtype=np.float32).reshape(np.shape(a))
+
+
+def _ort_add(a: np.ndarray, b: np.ndarray, n: OrtAdd) -> np.ndarray:
+    """QLinearAdd with exact fused multiply-adds (``fractions``), before the clamp; the zero point is in
+    ``n.fixed``."""
+    t = _fma32(b, n.ratios[1], np.full(np.shape(b), np.float32(n.fixed)))
+    return np.rint(_fma32(a, n.ratios[0], t)).astype(np.int64)
 
 
 def reference_forward(g: QuantizedGraph, images: np.ndarray,
@@ -113,6 +158,8 @@ def reference_forward(g: QuantizedGraph, images: np.ndarray,
             acc = reference_conv(x, n.weight, n.stride, n.pads, prod_for_layer(n.name), n.groups)
             y = _finish(requantize(acc + n.bias[None, :, None, None], n.requant), n.out)
             vals[n.name] = y[:, :, 0, 0] if n.op == "linear" else y
+        elif isinstance(n, OrtAdd):
+            vals[n.name] = _finish(_ort_add(ins[0], ins[1], n), QParams(n.out.scale, 0, n.out.lo, n.out.hi))
         elif isinstance(n, TfliteAdd):
             parts = [requantize((v - zp) << n.left_shift, r) for v, zp, r in zip(ins, n.in_zps, n.requants)]
             vals[n.name] = _finish(requantize(parts[0] + parts[1], n.out_requant), n.out)

@@ -13,12 +13,15 @@ Nodes:
 - ``MulLayer`` (conv or linear, the multiplying layers): the operand x - zp of
   the input times int8 symmetric per-channel weights, accumulated with an
   int32 bias, requantized per output channel by a fixed-point multiplier
-  ((acc * m0 + 2^(shift-1)) >> shift, round half up), plus the output zero
+  ((acc * m0 + 2^(shift-1)) >> shift, round half up; imported models keep their
+  runtime's requantization, ``Requant``'s other modes), plus the output zero
   point, clamped (the fused ReLU / ReLU6 / clamp) unless wide. Any stride,
   explicit (left, right, top, bottom) zero padding (no product is formed
   there), groups (depthwise included);
 - ``Add`` and ``Concat``: each input requantized into the output scale (or
   already in it), summed or concatenated along channels, clamped;
+- ``TfliteAdd`` and ``OrtAdd``: the additions of imported TFLite and ONNX
+  models, in those runtimes' own arithmetic;
 - ``Affine``: per-channel integer rescale with offset (an input normalization
   (x - mean) / std quantized by the importer);
 - ``Clamp`` (a ReLU that could not be fused), ``MaxPool``, ``AvgPool`` (global
@@ -190,6 +193,21 @@ class TfliteAdd(Merge):
         return {**super().params(), "left_shift": self.left_shift, "out_requant": _rq_json(self.out_requant)}
 
 
+@dataclass
+class OrtAdd(Merge):
+    """onnxruntime's QLinearAdd (its AVX2 kernel): with float32 ratios r_i = s_i / s_out and
+    ``fixed`` = zp_out - (r_0 zp_0 + r_1 zp_1) (float32), y = nearest-even integer of
+    fma(q_0, r_0, fma(q_1, r_1, fixed)) in float32, clamped (``in_zps`` are kept for the real-valued twin)."""
+
+    ratios: list[float] = field(default_factory=list)
+    fixed: float = 0.0
+
+    kind = "add_ort"
+
+    def params(self):
+        return {**super().params(), "ratios": [float(r) for r in self.ratios], "fixed": float(self.fixed)}
+
+
 def _rq_json(r):
     return None if r is None else [r.m0.tolist(), r.shift.tolist(), r.mode]
 
@@ -228,7 +246,9 @@ class Pool(Node):
 
     Average rounding "half_up": floor((sum(q - zp) + n/2) / n) + zp with n the window (or the in-bounds
     count without ``count_include_pad``); "tflite": TFLite's int8 AVERAGE_POOL_2D, the raw values'
-    in-bounds sum divided by their count, rounded half away from zero, then clamped."""
+    in-bounds sum divided by their count, rounded half away from zero, then clamped; "float32" (onnxruntime's
+    QLinearGlobalAveragePool): sum(q - in_zp) requantized by the float32 ``scale`` (as ``Requant`` mode "float32"),
+    plus the output zero point, clamped."""
 
     op: str = "max"  # "max" or "avg"
     kernel: tuple[int, int] | None = None
@@ -236,12 +256,16 @@ class Pool(Node):
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
     count_include_pad: bool = True
     rounding: str = "half_up"
+    in_zp: int = 0  # "float32" only
+    scale: float = 0.0  # "float32" only: float32 s_in / (s_out * window)
 
     kind = "pool"
 
     def params(self):
+        extra = {"in_zp": self.in_zp, "scale": float(self.scale)} if self.rounding == "float32" else {}
         return {"op": self.op, "kernel": None if self.kernel is None else list(self.kernel), "stride": self.stride,
-                "pads": list(self.pads), "count_include_pad": self.count_include_pad, "rounding": self.rounding}
+                "pads": list(self.pads), "count_include_pad": self.count_include_pad, "rounding": self.rounding,
+                **extra}
 
 
 @dataclass
@@ -249,7 +273,7 @@ class Flatten(Node):
     kind = "flatten"
 
 
-NODE_TYPES = {c.kind: c for c in (MulLayer, Add, Concat, TfliteAdd, Affine, Clamp, Pool, Flatten)}
+NODE_TYPES = {c.kind: c for c in (MulLayer, Add, Concat, TfliteAdd, OrtAdd, Affine, Clamp, Pool, Flatten)}
 
 
 def unique_name(base: str, taken: set) -> str:
@@ -314,6 +338,8 @@ class QuantizedGraph:
         cache = self.__dict__.setdefault("_tp", {})
         if key not in cache:
             def rq(r):
+                if r.mode == "float32":
+                    return ("float32", torch.as_tensor(r.float32_scales(), device=device))
                 if r.mode.startswith("tflite"):
                     return (r.mode, torch.as_tensor(r.m0, device=device), torch.as_tensor(r.shift, device=device))
                 return (torch.as_tensor(r.m0, device=device, dtype=torch.float64),
@@ -325,6 +351,8 @@ class QuantizedGraph:
                 if isinstance(n, MulLayer):
                     p[n.name] = {"w": torch.as_tensor(n.weight, device=device),
                                  "b": torch.as_tensor(n.bias, device=device, dtype=torch.float64), "rq": rq(n.requant)}
+                elif isinstance(n, OrtAdd):
+                    p[n.name] = {"rq": [None, None]}
                 elif isinstance(n, Merge):
                     p[n.name] = {"rq": [None if r is None else rq(r) for r in n.requants]}
                     if isinstance(n, TfliteAdd):
@@ -509,6 +537,9 @@ def _graph_from_doc(doc, arrays) -> QuantizedGraph:
         elif kind in ("add", "concat"):
             rqs = [_rq_from_json(r) for r in d["requants"]]
             nodes.append(NODE_TYPES[kind](**common, in_zps=list(d["in_zps"]), requants=rqs))
+        elif kind == "add_ort":
+            nodes.append(OrtAdd(**common, in_zps=list(d["in_zps"]), requants=[None] * len(d["in_zps"]),
+                                ratios=[float(r) for r in d["ratios"]], fixed=float(d["fixed"])))
         elif kind == "add_tflite":
             nodes.append(TfliteAdd(**common, in_zps=list(d["in_zps"]), requants=[_rq_from_json(r) for r in d["requants"]],
                                    left_shift=int(d["left_shift"]), out_requant=_rq_from_json(d["out_requant"])))
@@ -518,7 +549,8 @@ def _graph_from_doc(doc, arrays) -> QuantizedGraph:
         elif kind == "pool":
             nodes.append(Pool(**common, op=d["op"], kernel=None if d["kernel"] is None else tuple(d["kernel"]),
                               stride=int(d["stride"]), pads=tuple(d["pads"]),
-                              count_include_pad=bool(d["count_include_pad"]), rounding=d.get("rounding", "half_up")))
+                              count_include_pad=bool(d["count_include_pad"]), rounding=d.get("rounding", "half_up"),
+                              in_zp=int(d.get("in_zp", 0)), scale=float(d.get("scale", 0.0))))
         elif kind in NODE_TYPES:
             nodes.append(NODE_TYPES[kind](**common))
         else:
@@ -547,6 +579,8 @@ def multiplication_counts(qnet) -> dict[str, int]:
 def _eval_node(n: Node, vals: dict, conv, p: dict, taps: dict | None) -> None:
     """Compute node ``n`` of the fast exact engine into ``vals`` from its inputs there."""
     def requant(t, r):
+        if r[0] == "float32":  # onnxruntime: float32 product, nearest even (torch.round)
+            return torch.round(t.to(torch.float32) * _chan(r[1], t.dim())).to(torch.float64)
         if isinstance(r[0], str):  # TFLite: integer arithmetic (the products exceed float64's exact range)
             if t.device.type == "cpu":  # one compiled pass instead of ~20 int64 tensor passes
                 t4 = t.reshape(t.shape[:2] + (1,) * (4 - t.dim())) if t.dim() < 4 else t
@@ -581,6 +615,8 @@ def _eval_node(n: Node, vals: dict, conv, p: dict, taps: dict | None) -> None:
         else:
             y = finish(requant(acc.to(torch.float64).add_(_chan(p[n.name]["b"], 4)), r), n.out)
         vals[n.name] = y.flatten(1) if n.op == "linear" else y
+    elif isinstance(n, OrtAdd):
+        vals[n.name] = finish(ort_add(ins[0], ins[1], n), QParams(n.out.scale, 0, n.out.lo, n.out.hi))  # zp in fixed
     elif isinstance(n, TfliteAdd):
         parts = [requant((v.to(torch.float64) - zp) * float(1 << n.left_shift), r)
                  for v, zp, r in zip(ins, n.in_zps, p[n.name]["rq"])]
@@ -606,6 +642,14 @@ def _eval_node(n: Node, vals: dict, conv, p: dict, taps: dict | None) -> None:
         vals[n.name] = ins[0].flatten(1)
     else:  # pragma: no cover - every node type is handled above
         raise GraphError(f"node {n.name}: unknown kind {n.kind}")
+
+
+def ort_add(a: torch.Tensor, b: torch.Tensor, n: "OrtAdd") -> torch.Tensor:
+    """QLinearAdd before the clamp: each fused multiply-add is exact in float64 (the importer checks the
+    operands' exponents) and rounded once to float32, as the hardware FMA rounds it."""
+    r0, r1 = (float(np.float32(r)) for r in n.ratios)
+    t = (b.to(torch.float64) * r1 + float(np.float32(n.fixed))).to(torch.float32).to(torch.float64)
+    return torch.round((a.to(torch.float64) * r0 + t).to(torch.float32)).to(torch.float64)
 
 
 def pixel_rows(t: torch.Tensor, writable: bool = False) -> torch.Tensor | None:
@@ -663,6 +707,10 @@ def _pool_float(x: torch.Tensor, n: Pool) -> torch.Tensor:
     if n.op == "max":
         xp = F.pad(x, pads, value=float("-inf")) if any(pads) else x
         return F.max_pool2d(xp, k, s).clamp_(n.out.lo, n.out.hi)
+    if n.rounding == "float32":  # integer sums (exact in float64), then onnxruntime's float32 requantization
+        sums = F.avg_pool2d(x.to(torch.float64) - n.in_zp, k, s, divisor_override=1)
+        q = torch.round(sums.to(torch.float32) * torch.tensor(n.scale, dtype=torch.float32)) + zp
+        return q.clamp_(n.out.lo, n.out.hi)
     if n.rounding == "tflite":
         x64 = x.to(torch.float64)
         xp = F.pad(x64, pads) if any(pads) else x64

@@ -56,6 +56,24 @@ def tflite_quantize_multiplier(m: float) -> tuple[int, int]:
     return int(q), int(min(exp, 30))
 
 
+def float32_parts(v: float) -> tuple[int, int]:
+    """(m0, shift) with m0 * 2^-shift == v exactly for a positive float32 v (m0 its significand, < 2^24)."""
+    v = float(np.float32(v))
+    if not v > 0 or not math.isfinite(v):
+        raise ValueError(f"requantization scale must be a positive finite float32, got {v}")
+    frac, exp = math.frexp(v)
+    m0, shift = int(frac * (1 << 24)), 24 - exp
+    while m0 % 2 == 0:
+        m0, shift = m0 // 2, shift - 1
+    return m0, shift
+
+
+def float32_requant(acc, scale):
+    """onnxruntime's MlasRequantizeOutput before the zero point: nearest-even integer of
+    float32(float32(acc) * scale) (numpy; acc integers as int64 or float64, scale float32 broadcasting)."""
+    return np.rint(np.asarray(acc).astype(np.float32) * np.asarray(scale, dtype=np.float32)).astype(np.int64)
+
+
 def tflite_single_multiply(x, m0, shift):
     """(x * m0 + 2^(30 - shift)) >> (31 - shift) (numpy or torch int64; shift may broadcast)."""
     total = 31 - shift
@@ -121,6 +139,9 @@ class Requant:
     RoundingDivideByPOT(SaturatingRoundingDoublingHighMul(acc * 2^max(shift, 0), m0), max(-shift, 0)).
     ``mode`` "tflite-single": the single-rounding form (acc * m0 + 2^(30 - shift)) >> (31 - shift), which
     LiteRT's reference FULLY_CONNECTED kernel computes (measured against ai-edge-litert).
+    ``mode`` "float32" (imported ONNX models, onnxruntime's MlasRequantizeOutput): the accumulator rounded to
+    float32, times the float32 scale m0 * 2^-shift (held exactly: m0 < 2^24), rounded to float32, then to the
+    nearest integer, ties to even.
     """
 
     m0: np.ndarray  # int64 [F]
@@ -133,6 +154,17 @@ class Requant:
         pairs = [tflite_quantize_multiplier(float(m)) for m in np.atleast_1d(real_multipliers)]
         return cls(np.array([p[0] for p in pairs], dtype=np.int64), np.array([p[1] for p in pairs], dtype=np.int64),
                    mode)
+
+    @classmethod
+    def float32(cls, scales) -> "Requant":
+        """Float32 scales held exactly as m0 * 2^-shift (m0 the 24-bit significand)."""
+        pairs = [float32_parts(float(v)) for v in np.atleast_1d(np.asarray(scales, dtype=np.float32))]
+        return cls(np.array([p[0] for p in pairs], dtype=np.int64), np.array([p[1] for p in pairs], dtype=np.int64),
+                   "float32")
+
+    def float32_scales(self) -> np.ndarray:
+        """The float32 scales of a "float32" requantization (exact)."""
+        return (self.m0.astype(np.float64) * np.exp2(-self.shift.astype(np.float64))).astype(np.float32)
 
     @classmethod
     def from_scales(cls, acc_scale, out_scale, acc_bound: int) -> "Requant":
