@@ -193,3 +193,27 @@ def test_onnxruntime_arithmetic_fast_engine_equals_reference_past_2_24(rng):
         assert np.array_equal(sub.outputs(images), reference_forward(sub, images))
     first = QuantizedGraph(x_q, (c, 8, 8), [conv]).outputs(images[:1])
     assert (first[0, 0] == 100 - 100).all()  # the accumulator went through float32 first
+
+
+OUTPUTS = """
+import hashlib, sys
+from maxdnn.data import load_cifar10
+from maxdnn.frontends.onnx_int8 import load_onnx
+x = load_cifar10(sys.argv[1], "test").images[:500]
+print(hashlib.sha256(load_onnx(sys.argv[2]).outputs(x).tobytes()).hexdigest())
+"""
+
+
+def test_onnx_graph_outputs_are_the_same_on_every_isa(models):
+    """The float32 steps of onnxruntime's arithmetic are element-wise IEEE operations: no ISA moves a byte."""
+    import subprocess
+
+    from test_same_on_every_cpu import NARROWED, _env
+
+    digests = {}
+    for name, extra in NARROWED.items():
+        r = subprocess.run([sys.executable, "-c", OUTPUTS, str(need(LOSSLESS_ZIP)), str(models["qop-u8"])],
+                           env=_env(extra, 2), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        digests[name] = r.stdout.strip()
+    assert len(set(digests.values())) == 1, digests
