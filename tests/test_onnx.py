@@ -115,7 +115,7 @@ def test_evaluate_and_explore_cli_on_an_onnx_model(models, tmp_path):
 def test_bad_onnx_models_are_one_line(models, tmp_path):
     import onnx
 
-    with pytest.raises(ModelError, match="a float ONNX model"):
+    with pytest.raises(ModelError, match="a float ONNX model, not an int8 one"):
         load_onnx(models["float"])
     (tmp_path / "junk.onnx").write_bytes(b"\x00not a model" * 10)
     with pytest.raises(ModelError, match="not a readable ONNX model"):
@@ -217,3 +217,33 @@ def test_onnx_graph_outputs_are_the_same_on_every_isa(models):
         assert r.returncode == 0, r.stderr[-2000:]
         digests[name] = r.stdout.strip()
     assert len(set(digests.values())) == 1, digests
+
+
+def test_float_onnx_is_quantized_by_maxdnn_like_the_network_it_came_from(models, lossless_test):
+    """A float .onnx loads as a float network (PyTorch modules named after the ONNX nodes) and quantizes like
+    the Keras model it was exported from: the same layers and the same accuracy (the exporter folded the batch
+    norms in float32, maxdnn folds them in float64, so a few bytes differ)."""
+    import maxdnn
+    from maxdnn.data import load_cifar10
+
+    m, h = maxdnn.load_model(str(models["float"])), maxdnn.load_model(str(need(MLPERF_H5)))
+    x = lossless_test.images
+    with torch.no_grad():
+        assert torch.allclose(m(torch.as_tensor(x[:100]).float()), h(torch.as_tensor(x[:100]).float()), atol=1e-3)
+    cal = load_cifar10(need(LOSSLESS_ZIP), "train").images[:500]
+    g, gh = maxdnn.quantize(m, cal), maxdnn.quantize(h, cal)
+    assert list(g.layers) == list(gh.layers)
+    acc, acc_h = (g.predict(x) == lossless_test.labels).mean(), (gh.predict(x) == lossless_test.labels).mean()
+    assert abs(acc - acc_h) <= 0.005 and acc > 0.85
+
+
+def test_float_onnx_with_unsupported_operators_is_one_line(models, tmp_path):
+    import onnx
+
+    m = onnx.load(str(models["float"]))
+    node = next(n for n in m.graph.node if n.op_type == "Relu")
+    node.op_type, node.name = "Elu", "the_elu"
+    onnx.save(m, str(tmp_path / "elu.onnx"))
+    r = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "elu.onnx"), "--data", str(need(LOSSLESS_ZIP)),
+                                 "--limit", "5"])
+    one_line_error(r, "elu.onnx", "node the_elu (Elu)", "unsupported operator")

@@ -37,9 +37,10 @@ from maxdnn.multipliers.models import Multiplier, get_multiplier as _get_multipl
 
 def load_model(spec: str | os.PathLike | None = None) -> nn.Module | QuantizedGraph:
     """A model: a zoo name (``"resnet8"``, ``"resnet20"``), a maxdnn checkpoint (``.pt``), MLPerf Tiny's Keras
-    ResNet-8 (``.h5``) or a ``torch.export`` program (``.pt2``) as a float ``nn.Module``; an int8 TFLite model
-    (``.tflite``) or int8 ONNX model (``.onnx``, onnxruntime's static quantization, QDQ or QOperator), each with its
-    own quantization, or a saved integer graph (``.npz``) as a ``QuantizedGraph``.
+    ResNet-8 (``.h5``), a ``torch.export`` program (``.pt2``) or a float ONNX model (``.onnx``) as a float
+    ``nn.Module``; an int8 TFLite model (``.tflite``) or int8 ONNX model (``.onnx``, onnxruntime's static
+    quantization, QDQ or QOperator), each with its own quantization, or a saved integer graph (``.npz``) as a
+    ``QuantizedGraph``.
     Nothing in the file runs code.
 
     Example::

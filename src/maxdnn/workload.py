@@ -63,16 +63,16 @@ class Workload:
 
 
 def load_any_model(spec: str | None) -> nn.Module | QuantizedGraph:
-    """A float network (zoo name, .pt, .h5, .pt2), or an already integer one: an int8 .tflite or .onnx model (its
-    own quantization) or a saved integer graph (.npz, from maxdnn finetune)."""
+    """A float network (zoo name, .pt, .h5, .pt2, float .onnx), or an already integer one: an int8 .tflite or .onnx
+    model (its own quantization) or a saved integer graph (.npz, from maxdnn finetune)."""
     if spec is not None and str(spec).lower().endswith(".tflite"):
         from maxdnn.frontends.tflite import load_tflite
 
         return load_tflite(spec)
     if spec is not None and str(spec).lower().endswith(".onnx"):
-        from maxdnn.frontends.onnx_int8 import load_onnx
+        from maxdnn.frontends.onnx_int8 import load_onnx_model
 
-        return load_onnx(spec)
+        return load_onnx_model(spec)
     if spec is not None and str(spec).lower().endswith(".npz"):
         from maxdnn.ir.graph import GraphError
         from maxdnn.zoo.models import ModelError

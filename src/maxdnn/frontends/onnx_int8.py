@@ -92,8 +92,8 @@ class _State:
         return ModelError(f"{self.path}: {what}: {msg}")
 
 
-def load_onnx(path: str | Path) -> QuantizedGraph:
-    """The integer graph of an int8 ONNX model (see the module docstring)."""
+def read_onnx(path: str | Path):
+    """The parsed ``onnx.ModelProto`` of a file (size bounded, no external data), or one line (ModelError)."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: no such model file")
@@ -107,16 +107,39 @@ def load_onnx(path: str | Path) -> QuantizedGraph:
         model = onnx.load_model_from_string(path.read_bytes())
     except Exception as e:  # noqa: BLE001 - any parse failure: not an ONNX model
         raise ModelError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
-    g = model.graph
-    st = _State(path)
-    if not any(n.op_type == "QuantizeLinear" for n in g.node):
-        raise ModelError(f"{path}: a float ONNX model; maxdnn reads int8 ONNX (onnxruntime.quantization."
-                         f"quantize_static, QDQ or QOperator). For maxdnn's own quantization export the network "
-                         f"with torch.export (.pt2)")
-    for init in g.initializer:
+    for init in model.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             raise ModelError(f"{path}: initializer '{init.name}' keeps its data in an external file, which maxdnn "
                              f"does not read")
+    return model
+
+
+def is_quantized(model) -> bool:
+    return any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+def load_onnx_model(path: str | Path):
+    """An int8 ONNX model as its integer graph, a float one as a float network (``onnx_float``)."""
+    model = read_onnx(path)
+    if is_quantized(model):
+        return load_onnx(path, model)
+    from maxdnn.frontends.onnx_float import load_float_onnx
+
+    return load_float_onnx(path, model)
+
+
+def load_onnx(path: str | Path, model=None) -> QuantizedGraph:
+    """The integer graph of an int8 ONNX model (see the module docstring)."""
+    import onnx
+
+    path = Path(path)
+    model = model if model is not None else read_onnx(path)
+    g = model.graph
+    st = _State(path)
+    if not any(n.op_type == "QuantizeLinear" for n in g.node):
+        raise ModelError(f"{path}: a float ONNX model, not an int8 one (maxdnn.load_model reads it as a float "
+                         f"network for maxdnn's own quantization)")
+    for init in g.initializer:
         st.const[init.name] = onnx.numpy_helper.to_array(init)
     inputs = [i for i in g.input if i.name not in st.const]
     if len(inputs) != 1 or len(g.output) != 1:
