@@ -41,8 +41,9 @@ def _root(_: bool = typer.Option(False, "--version", callback=_version, is_eager
 
 
 MODEL_HELP = ("Model: a zoo name (resnet8, resnet20), a maxdnn checkpoint (.pt), MLPerf Tiny's Keras ResNet-8 (.h5), "
-              "a torch.export program (.pt2) of any CNN taking float 0..255 pixels NCHW, an int8 TFLite model "
-              "(.tflite or .onnx, run as deployed) or a saved integer graph (.npz, from maxdnn finetune). Default: resnet8.")
+              "a torch.export program (.pt2) or float ONNX model (.onnx) of any CNN taking float 0..255 pixels NCHW, "
+              "an int8 TFLite or ONNX model (.tflite, .onnx: run as deployed) or a saved integer graph (.npz, from "
+              "maxdnn finetune). Default: resnet8.")
 
 
 class UserError(MaxdnnError):
