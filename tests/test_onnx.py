@@ -247,3 +247,40 @@ def test_float_onnx_with_unsupported_operators_is_one_line(models, tmp_path):
     r = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "elu.onnx"), "--data", str(need(LOSSLESS_ZIP)),
                                  "--limit", "5"])
     one_line_error(r, "elu.onnx", "node the_elu (Elu)", "unsupported operator")
+
+
+def test_depthwise_maxpool_network_matches_onnxruntime(tmp_path):
+    """A small network with a strided stem, a depthwise convolution, max pooling, a pointwise convolution and a
+    linear head, random weights and images, quantized by onnxruntime three ways: 0 differing bytes. (With int8
+    activations and full-range weights onnxruntime's fused QDQ kernels saturate on CPUs without VNNI, hence
+    reduce_range for QDQ; docs/any-cnn.md.)"""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.dw = nn.Conv2d(3, 16, 3, 2, 1), nn.Conv2d(16, 16, 3, 1, 1, groups=16)
+            self.pw, self.fc = nn.Conv2d(16, 24, 1), nn.Linear(24 * 4 * 4, 10)
+
+        def forward(self, x):
+            x = F.max_pool2d(F.relu(self.dw(F.relu(self.c1(x)))), 2)
+            return self.fc(F.max_pool2d(F.relu(self.pw(x)), 2).flatten(1))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():
+        net.c1.weight.mul_(0.02)
+    torch.onnx.export(net, torch.zeros(1, 3, 32, 32), str(tmp_path / "small.onnx"), dynamo=False,
+                      input_names=["input"], output_names=["logits"], opset_version=13,
+                      dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
+    rng = np.random.default_rng(0)
+    cal = rng.integers(0, 256, (100, 3, 32, 32)).astype(np.uint8)
+    cal[0], cal[1] = 0, 255
+    x = rng.integers(0, 256, (300, 3, 32, 32)).astype(np.uint8)
+    for fmt, act, rr in (("QOperator", "int8", False), ("QDQ", "int8", True), ("QOperator", "uint8", True)):
+        q = quantize(tmp_path / "small.onnx", tmp_path / f"{fmt}-{act}.onnx", cal, fmt, act, True, reduce_range=rr)
+        g = load_onnx(q)
+        assert [n.kind for n in g.nodes] == ["mul", "mul", "pool", "mul", "pool", "flatten", "mul"]
+        assert g.layers["dw"].groups == 16
+        assert np.array_equal(g.outputs(x), onnxruntime_outputs(q, x)), (fmt, act)
