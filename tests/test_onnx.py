@@ -5,9 +5,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import JPEG_ZIP, LOSSLESS_ZIP, MLPERF_H5, REPO, need, one_line_error
 from typer.testing import CliRunner
 
-from conftest import JPEG_ZIP, LOSSLESS_ZIP, MLPERF_H5, REPO, need, one_line_error
 from maxdnn.cli import app
 from maxdnn.engine.approx import ApproxNetwork, kernel_assignment
 from maxdnn.engine.reference import reference_forward
@@ -16,7 +16,7 @@ from maxdnn.multipliers.models import roup_specs
 from maxdnn.zoo.models import ModelError
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from onnx_referee import export_float, onnxruntime_outputs, quantize  # noqa: E402
+from onnx_referee import export_float, onnxruntime_outputs, quantize
 
 
 @pytest.fixture(scope="module")

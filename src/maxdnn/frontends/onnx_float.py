@@ -94,27 +94,13 @@ def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
 
 def load_float_onnx(path: str | Path, model) -> OnnxFloatModule:
     """The float network of a parsed ONNX model (``onnx.ModelProto``) without quantization."""
-    from onnx import numpy_helper
+    from maxdnn.frontends.onnx_int8 import _constant_value, _fold, start_state
 
-    from maxdnn.frontends.onnx_int8 import _attrs, _constant_value, _fold, _pad_amounts, _State
-
-    path = Path(path)
-    g = model.graph
-    st = _State(path)
-    for init in g.initializer:
-        st.const[init.name] = numpy_helper.to_array(init)
-    inputs = [i for i in g.input if i.name not in st.const]
-    if len(inputs) != 1 or len(g.output) != 1:
-        raise ModelError(f"{path}: the model must have one input and one output")
-    input_name = inputs[0].name
-    dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
-    if len(dims) != 4 or not all(dims[1:]):
-        raise ModelError(f"{path}: input '{input_name}' must be [batch, channels, height, width] with known sizes")
-    steps, taken, live = [], set(), {input_name}
-    shell = nn.Module()
-    output = g.output[0].name
-    for n in g.node:
-        op, a = n.op_type, _attrs(n)
+    st = start_state(Path(path), model)
+    steps, taken, live, shell = [], set(), {st.input_name}, nn.Module()
+    output = model.graph.output[0].name
+    for n in model.graph.node:
+        op = n.op_type
         if op == "Constant":
             st.const[n.output[0]] = _constant_value(n)
             continue
@@ -123,98 +109,102 @@ def load_float_onnx(path: str | Path, model) -> OnnxFloatModule:
             continue
         if n.input[0] not in live and not (op in ("Add", "Sub", "Mul", "Div") and n.input[1] in live):
             raise st.err(n, "reads a tensor no supported operator produced")
-        out = n.output[0]
-        if op == "Softmax" and out == output:
+        if op == "Softmax" and n.output[0] == output:
             output = n.input[0]
             continue
         ins: list = [i if i in live else _const(st.const[i]) for i in n.input if i]
-        extra = None
-        if op == "Conv":
-            w = st.const.get(n.input[1])
-            if w is None or w.ndim != 4:
-                raise st.err(n, "only 2-D convolutions with constant weights are supported")
-            strides = [int(v) for v in a.get("strides", [1, 1])]
-            if len(set(strides)) != 1 or any(int(d) != 1 for d in a.get("dilations", [1, 1])):
-                raise st.err(n, "unequal strides and dilation are not supported")
-            left, r, t, b = _explicit_pads(st, n, a)
-            sym = left == r == t == b
-            conv = nn.Conv2d(w.shape[1] * int(a.get("group", 1)), w.shape[0], tuple(w.shape[2:]), strides[0],
-                             left if sym else 0, groups=int(a.get("group", 1)), bias=len(n.input) > 2 and bool(n.input[2]))
-            with torch.no_grad():
-                conv.weight.copy_(_const(w))
-                if conv.bias is not None:
-                    conv.bias.copy_(_const(st.const[n.input[2]]))
-            p = _path(n.name, taken, f"conv{len(steps)}")
-            _attach(shell, p, conv)
-            steps.append(("Conv", p, [n.input[0]], out, None if sym else (left, r, t, b)))
-        elif op in ("Gemm", "MatMul"):
-            w = st.const.get(n.input[1])
-            if w is None or w.ndim != 2:
-                raise st.err(n, "weights must be a 2-D constant")
-            if op == "Gemm":
-                if a.get("transA", 0) or float(a.get("alpha", 1.0)) != 1.0 or float(a.get("beta", 1.0)) != 1.0:
-                    raise st.err(n, "only Gemm with transA 0, alpha 1 and beta 1 is supported")
-                w = w if a.get("transB", 0) else w.T
-            else:
-                w = w.T
-            bias = st.const.get(n.input[2]) if op == "Gemm" and len(n.input) > 2 and n.input[2] else None
-            lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
-            with torch.no_grad():
-                lin.weight.copy_(_const(w))
-                if bias is not None:
-                    lin.bias.copy_(_const(np.asarray(bias).reshape(-1)))
-            p = _path(n.name, taken, f"fc{len(steps)}")
-            _attach(shell, p, lin)
-            steps.append((op, p, [n.input[0]], out, None))
-        elif op == "BatchNormalization":
-            scale, bias, mean, var = (st.const.get(i) for i in n.input[1:5])
-            if any(v is None for v in (scale, bias, mean, var)):
-                raise st.err(n, "batch norm parameters must be constants")
-            bn = nn.BatchNorm2d(len(mean), eps=float(a.get("epsilon", 1e-5))).eval()
-            with torch.no_grad():
-                for t_, v in ((bn.weight, scale), (bn.bias, bias), (bn.running_mean, mean), (bn.running_var, var)):
-                    t_.copy_(_const(v))
-            p = _path(n.name, taken, f"bn{len(steps)}")
-            _attach(shell, p, bn)
-            steps.append((op, p, [n.input[0]], out, None))
-        elif op in ("Relu", "Add", "Sub", "Mul", "Div", "GlobalAveragePool", "Concat", "Identity", "Dropout"):
-            if op == "Concat" and int(a.get("axis", 1)) != 1:
-                raise st.err(n, "concatenation only along channels")
-            steps.append(("Identity" if op == "Dropout" else op, None, ins[:1] if op == "Dropout" else ins, out, None))
-        elif op == "Clip":
-            lo = float(st.const[n.input[1]]) if len(n.input) > 1 and n.input[1] else float(a.get("min", -np.inf))
-            hi = float(st.const[n.input[2]]) if len(n.input) > 2 and n.input[2] else float(a.get("max", np.inf))
-            steps.append((op, None, ins[:1], out, (lo, hi)))
-        elif op in ("MaxPool", "AveragePool"):
-            k = tuple(int(v) for v in a["kernel_shape"])
-            s = [int(v) for v in a.get("strides", [1, 1])]
-            if len(set(s)) != 1 or a.get("ceil_mode", 0) or any(int(d) != 1 for d in a.get("dilations", [1, 1])):
-                raise st.err(n, "unequal strides, dilations and ceil_mode are not supported")
-            pads = _explicit_pads(st, n, a)
-            include = int(a.get("count_include_pad", 0))
-            if op == "AveragePool" and include and not (pads[0] == pads[1] == pads[2] == pads[3]):
-                raise st.err(n, "count_include_pad with asymmetric padding is not supported")
-            steps.append((op, None, ins[:1], out, (k, s[0], pads, include, pads[0])))
-        elif op in ("Flatten", "Reshape"):
-            if op == "Flatten" and int(a.get("axis", 1)) != 1:
-                raise st.err(n, "only Flatten with axis 1 is supported")
-            if op == "Reshape":
-                shape = [int(v) for v in np.asarray(st.const.get(n.input[1], np.zeros(0))).reshape(-1)]
-                if len(shape) != 2:
-                    raise st.err(n, f"only reshapes to [batch, features] are supported (got {shape})")
-            steps.append(("Flatten", None, ins[:1], out, None))
-        elif op == "Pad":
-            steps.append((op, None, ins[:1], out, _pad_amounts(st, n, 0.0)))
+        if op in ("Conv", "Gemm", "MatMul", "BatchNormalization"):
+            steps.append(_module_step(st, n, shell, taken, len(steps)))
         else:
-            raise st.err(n, "unsupported operator in a float ONNX model")
-        live.add(out)
+            steps.append(_function_step(st, n, ins))
+        live.add(n.output[0])
     if output not in live:
         raise ModelError(f"{path}: the model's output is not produced by a supported operator")
-    m = OnnxFloatModule(steps, str(path), input_name, output)
+    m = OnnxFloatModule(steps, str(path), st.input_name, output)
     for name, child in shell.named_children():
         m.add_module(name, child)
-    m.input_shape = tuple(int(d) for d in dims[1:])
     return m.eval()
+
+
+def _module_step(st, n, shell: nn.Module, taken: set, k: int) -> tuple:
+    """A Conv / Gemm / MatMul / BatchNormalization node as a PyTorch module attached under its node's name."""
+    from maxdnn.frontends.onnx_int8 import _attrs
+
+    op, a, out = n.op_type, _attrs(n), n.output[0]
+    extra = None
+    if op == "Conv":
+        w = st.const.get(n.input[1])
+        if w is None or w.ndim != 4:
+            raise st.err(n, "only 2-D convolutions with constant weights are supported")
+        strides = [int(v) for v in a.get("strides", [1, 1])]
+        if len(set(strides)) != 1 or any(int(d) != 1 for d in a.get("dilations", [1, 1])):
+            raise st.err(n, "unequal strides and dilation are not supported")
+        left, r, t, b = _explicit_pads(st, n, a)
+        sym = left == r == t == b
+        groups = int(a.get("group", 1))
+        mod = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), strides[0], left if sym else 0,
+                        groups=groups, bias=len(n.input) > 2 and bool(n.input[2]))
+        params = [(mod.weight, w)] + ([(mod.bias, st.const[n.input[2]])] if mod.bias is not None else [])
+        extra = None if sym else (left, r, t, b)
+    elif op in ("Gemm", "MatMul"):
+        w = st.const.get(n.input[1])
+        if w is None or w.ndim != 2:
+            raise st.err(n, "weights must be a 2-D constant")
+        if op == "Gemm" and (a.get("transA", 0) or float(a.get("alpha", 1.0)) != 1.0
+                             or float(a.get("beta", 1.0)) != 1.0):
+            raise st.err(n, "only Gemm with transA 0, alpha 1 and beta 1 is supported")
+        w = w if op == "Gemm" and a.get("transB", 0) else w.T
+        bias = st.const.get(n.input[2]) if op == "Gemm" and len(n.input) > 2 and n.input[2] else None
+        mod = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+        params = [(mod.weight, w)] + ([(mod.bias, np.asarray(bias).reshape(-1))] if bias is not None else [])
+    else:
+        scale, bias, mean, var = (st.const.get(i) for i in n.input[1:5])
+        if any(v is None for v in (scale, bias, mean, var)):
+            raise st.err(n, "batch norm parameters must be constants")
+        mod = nn.BatchNorm2d(len(mean), eps=float(a.get("epsilon", 1e-5))).eval()
+        params = [(mod.weight, scale), (mod.bias, bias), (mod.running_mean, mean), (mod.running_var, var)]
+    with torch.no_grad():
+        for t_, v in params:
+            t_.copy_(_const(v))
+    p = _path(n.name, taken, f"{op.lower()}{k}")
+    _attach(shell, p, mod)
+    return (op, p, [n.input[0]], out, extra)
+
+
+def _function_step(st, n, ins: list) -> tuple:
+    """Any other supported node as one of ``_FUNCTIONS`` with its constant arguments."""
+    from maxdnn.frontends.onnx_int8 import _attrs, _pad_amounts
+
+    op, a, out = n.op_type, _attrs(n), n.output[0]
+    if op in ("Relu", "Add", "Sub", "Mul", "Div", "GlobalAveragePool", "Concat", "Identity", "Dropout"):
+        if op == "Concat" and int(a.get("axis", 1)) != 1:
+            raise st.err(n, "concatenation only along channels")
+        return ("Identity" if op == "Dropout" else op, None, ins[:1] if op == "Dropout" else ins, out, None)
+    if op == "Clip":
+        lo = float(st.const[n.input[1]]) if len(n.input) > 1 and n.input[1] else float(a.get("min", -np.inf))
+        hi = float(st.const[n.input[2]]) if len(n.input) > 2 and n.input[2] else float(a.get("max", np.inf))
+        return (op, None, ins[:1], out, (lo, hi))
+    if op in ("MaxPool", "AveragePool"):
+        k = tuple(int(v) for v in a["kernel_shape"])
+        s = [int(v) for v in a.get("strides", [1, 1])]
+        if len(set(s)) != 1 or a.get("ceil_mode", 0) or any(int(d) != 1 for d in a.get("dilations", [1, 1])):
+            raise st.err(n, "unequal strides, dilations and ceil_mode are not supported")
+        pads = _explicit_pads(st, n, a)
+        include = int(a.get("count_include_pad", 0))
+        if op == "AveragePool" and include and not (pads[0] == pads[1] == pads[2] == pads[3]):
+            raise st.err(n, "count_include_pad with asymmetric padding is not supported")
+        return (op, None, ins[:1], out, (k, s[0], pads, include, pads[0]))
+    if op in ("Flatten", "Reshape"):
+        if op == "Flatten" and int(a.get("axis", 1)) != 1:
+            raise st.err(n, "only Flatten with axis 1 is supported")
+        if op == "Reshape":
+            shape = [int(v) for v in np.asarray(st.const.get(n.input[1], np.zeros(0))).reshape(-1)]
+            if len(shape) != 2:
+                raise st.err(n, f"only reshapes to [batch, features] are supported (got {shape})")
+        return ("Flatten", None, ins[:1], out, None)
+    if op == "Pad":
+        return (op, None, ins[:1], out, _pad_amounts(st, n, 0.0))
+    raise st.err(n, "unsupported operator in a float ONNX model")
 
 
 def _explicit_pads(st, n, a) -> tuple[int, int, int, int]:

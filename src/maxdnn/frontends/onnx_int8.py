@@ -49,7 +49,16 @@ from pathlib import Path
 import numpy as np
 
 from maxdnn.errors import ModelError
-from maxdnn.ir.graph import Clamp, Flatten, MulLayer, OrtAdd, Pool, QParams, QuantizedGraph, unique_name
+from maxdnn.ir.graph import (
+    Clamp,
+    Flatten,
+    MulLayer,
+    OrtAdd,
+    Pool,
+    QParams,
+    QuantizedGraph,
+    unique_name,
+)
 from maxdnn.ir.quant import Requant, conv_out_hw
 
 MAX_BYTES = 1 << 30  # protobuf's own limit is 2 GiB
@@ -118,6 +127,25 @@ def is_quantized(model) -> bool:
     return any(n.op_type == "QuantizeLinear" for n in model.graph.node)
 
 
+def start_state(path: Path, model) -> _State:
+    """The conversion's state with the model's constants and its one input (name, [C, H, W]) checked."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    st = _State(Path(path))
+    for init in g.initializer:
+        st.const[init.name] = numpy_helper.to_array(init)
+    inputs = [i for i in g.input if i.name not in st.const]
+    if len(inputs) != 1 or len(g.output) != 1:
+        raise ModelError(f"{path}: the model must have one input and one output")
+    st.input_name = inputs[0].name
+    dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) != 4 or not all(dims[1:]):
+        raise ModelError(f"{path}: input '{st.input_name}' must be [batch, channels, height, width] with known sizes")
+    st.input_shape = tuple(int(d) for d in dims[1:])
+    return st
+
+
 def load_onnx_model(path: str | Path):
     """An int8 ONNX model as its integer graph, a float one as a float network (``onnx_float``)."""
     model = read_onnx(path)
@@ -130,25 +158,13 @@ def load_onnx_model(path: str | Path):
 
 def load_onnx(path: str | Path, model=None) -> QuantizedGraph:
     """The integer graph of an int8 ONNX model (see the module docstring)."""
-    import onnx
-
     path = Path(path)
     model = model if model is not None else read_onnx(path)
     g = model.graph
-    st = _State(path)
-    if not any(n.op_type == "QuantizeLinear" for n in g.node):
+    if not is_quantized(model):
         raise ModelError(f"{path}: a float ONNX model, not an int8 one (maxdnn.load_model reads it as a float "
                          f"network for maxdnn's own quantization)")
-    for init in g.initializer:
-        st.const[init.name] = onnx.numpy_helper.to_array(init)
-    inputs = [i for i in g.input if i.name not in st.const]
-    if len(inputs) != 1 or len(g.output) != 1:
-        raise ModelError(f"{path}: the model must have one input and one output")
-    st.input_name = inputs[0].name
-    dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
-    if len(dims) != 4 or not all(dims[1:]):
-        raise ModelError(f"{path}: input '{st.input_name}' must be [batch, channels, height, width] with known sizes")
-    st.input_shape = tuple(int(d) for d in dims[1:])
+    st = start_state(path, model)
     for n in g.node:
         for i in n.input:
             st.consumers.setdefault(i, []).append(n)
@@ -345,6 +361,9 @@ def _qdq_group(st: _State, n) -> None:
         if w_name not in st.dq_const:
             raise st.err(n, "weights must be a dequantized int8 constant")
         w, ws, wz, axis = st.dq_const[w_name]
+        out_axis = 1 if op == "MatMul" or (op == "Gemm" and not _attrs(n).get("transB", 0)) else 0
+        if ws.size > 1 and axis % w.ndim != out_axis:
+            raise st.err(n, f"weights quantized per axis {axis}, not per output channel")
         bias = None
         if len(n.input) > 2 and n.input[2]:
             if n.input[2] not in st.dq_const:
@@ -377,57 +396,52 @@ def _qdq_group(st: _State, n) -> None:
 # ---------------------------------------------------------------- QOperator operators
 
 
+def _input(st: _State, n, x: str, scale: str, zp: str) -> _QT:
+    """A QOperator operator's quantized input, checked against the (scale, zero point) the operator names."""
+    t = _act(st, n, x)
+    q, _ = _qparams(st, n, scale, zp)
+    if (F32(q.scale), q.zero_point) != (F32(t.q.scale), t.q.zero_point):
+        raise st.err(n, f"the scale / zero point of input '{x}' differ from the tensor's quantization")
+    return t
+
+
+def _weights(st: _State, n, w: str, ws: str, wz: str):
+    """(int weights, float32 scales, zero points) of a constant weight operand."""
+    if w not in st.const:
+        raise st.err(n, "weights must be a constant")
+    return (np.asarray(st.const[w]), np.asarray(st.const[ws], np.float32),
+            np.asarray(st.const[wz]) if wz else np.zeros(1, np.int64))
+
+
 def _q_conv(st: _State, n) -> None:
     i = list(n.input) + [""] * (9 - len(n.input))
-    xq, _ = _qparams(st, n, i[1], i[2])
-    t = _act(st, n, i[0])
-    if (F32(xq.scale), xq.zero_point) != (F32(t.q.scale), t.q.zero_point):
-        raise st.err(n, "x_scale / x_zero_point differ from the input tensor's quantization")
-    if i[3] not in st.const:
-        raise st.err(n, "weights must be a constant")
-    w, ws = np.asarray(st.const[i[3]]), np.asarray(st.const[i[4]], np.float32)
-    wz = np.asarray(st.const[i[5]]) if i[5] else np.zeros(1, np.int64)
+    _input(st, n, i[0], i[1], i[2])
     yq, _ = _qparams(st, n, i[6], i[7])
     bias = np.asarray(st.const[i[8]]) if i[8] else None
-    _multiplying(st, n, "Conv", i[0], w, ws, wz, bias, yq, n.output[0], _attrs(n))
+    _multiplying(st, n, "Conv", i[0], *_weights(st, n, i[3], i[4], i[5]), bias, yq, n.output[0], _attrs(n))
 
 
 def _q_gemm(st: _State, n) -> None:
     i = list(n.input) + [""] * (9 - len(n.input))
-    t = _act(st, n, i[0])
-    xq, _ = _qparams(st, n, i[1], i[2])
-    if (F32(xq.scale), xq.zero_point) != (F32(t.q.scale), t.q.zero_point):
-        raise st.err(n, "a_scale / a_zero_point differ from the input tensor's quantization")
-    if i[3] not in st.const:
-        raise st.err(n, "B must be a constant")
+    _input(st, n, i[0], i[1], i[2])
     if not i[7]:
         raise st.err(n, "a QGemm with a float output is not supported")
     yq, _ = _qparams(st, n, i[7], i[8])
     bias = np.asarray(st.const[i[6]]) if i[6] else None
-    _multiplying(st, n, "Gemm", i[0], np.asarray(st.const[i[3]]), np.asarray(st.const[i[4]], np.float32),
-                 np.asarray(st.const[i[5]]) if i[5] else np.zeros(1, np.int64), bias, yq, n.output[0], _attrs(n))
+    _multiplying(st, n, "Gemm", i[0], *_weights(st, n, i[3], i[4], i[5]), bias, yq, n.output[0], _attrs(n))
 
 
 def _q_matmul(st: _State, n) -> None:
     i = list(n.input)
-    t = _act(st, n, i[0])
-    xq, _ = _qparams(st, n, i[1], i[2])
-    if (F32(xq.scale), xq.zero_point) != (F32(t.q.scale), t.q.zero_point):
-        raise st.err(n, "a_scale / a_zero_point differ from the input tensor's quantization")
-    if i[3] not in st.const:
-        raise st.err(n, "b must be a constant")
+    _input(st, n, i[0], i[1], i[2])
     yq, _ = _qparams(st, n, i[6], i[7])
-    _multiplying(st, n, "MatMul", i[0], np.asarray(st.const[i[3]]), np.asarray(st.const[i[4]], np.float32),
-                 np.asarray(st.const[i[5]]), None, yq, n.output[0], {})
+    _multiplying(st, n, "MatMul", i[0], *_weights(st, n, i[3], i[4], i[5]), None, yq, n.output[0], {})
 
 
 def _q_add(st: _State, n) -> None:
     i = list(n.input)
-    for x, s, z in ((i[0], i[1], i[2]), (i[3], i[4], i[5])):
-        t = _act(st, n, x)
-        q, _ = _qparams(st, n, s, z)
-        if (F32(q.scale), q.zero_point) != (F32(t.q.scale), t.q.zero_point):
-            raise st.err(n, "an input's scale / zero point differ from the tensor's quantization")
+    _input(st, n, i[0], i[1], i[2])
+    _input(st, n, i[3], i[4], i[5])
     yq, _ = _qparams(st, n, i[6], i[7] if len(i) > 7 else None)
     _add(st, n, i[0], i[3], yq, n.output[0])
 
@@ -436,10 +450,7 @@ def _q_gap(st: _State, n) -> None:
     i = list(n.input)
     if _attrs(n).get("channels_last", 0):
         raise st.err(n, "channels_last QLinearGlobalAveragePool is not supported")
-    t = _act(st, n, i[0])
-    q, _ = _qparams(st, n, i[1], i[2])
-    if (F32(q.scale), q.zero_point) != (F32(t.q.scale), t.q.zero_point):
-        raise st.err(n, "x_scale / x_zero_point differ from the input tensor's quantization")
+    _input(st, n, i[0], i[1], i[2])
     yq, _ = _qparams(st, n, i[3], i[4])
     _global_avg(st, n, i[0], yq, n.output[0])
 
