@@ -69,7 +69,12 @@ def quantize(float_onnx: str | Path, out: str | Path, calibration: np.ndarray, f
              activations: str = "int8", per_channel: bool = True, weights: str = "int8",
              reduce_range: bool = False) -> Path:
     """onnxruntime's static quantization (MinMax calibration on ``calibration``, uint8 [N, 3, 32, 32])."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     batches = [{"input": calibration[i:i + 50].astype(np.float32)} for i in range(0, len(calibration), 50)]
 
@@ -134,7 +139,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for fmt, act, per_channel, reduce in (("QOperator", "int8", True, False), ("QOperator", "int8", False, False),
                                       ("QOperator", "uint8", True, True), ("QOperator", "uint8", True, False),
-                                      ("QDQ", "int8", True, False), ("QDQ", "uint8", True, True)):
+                                      ("QDQ", "int8", True, False), ("QDQ", "int8", True, True),
+                                      ("QDQ", "uint8", True, True)):
         wdesc = ("per channel" if per_channel else "per tensor") + (", 7-bit (reduce_range)" if reduce else "")
         path = quantize(f32, out / f"resnet8-{fmt}-{act}-{'pc' if per_channel else 'pt'}{'-rr' if reduce else ''}"
                         f".onnx", cal, fmt, act, per_channel, reduce_range=reduce)
