@@ -108,6 +108,35 @@ def roup_library(size: int) -> list[str]:
     return [c[0] for c in sorted(chosen, key=lambda c: -c[1])]
 
 
+def check_library(q: QuantizedGraph, library: list[str]) -> None:
+    """Every library multiplier exists for every layer's operand format (one line otherwise)."""
+    from maxdnn.multipliers.models import SpecError
+
+    if "exact" in library:
+        raise ValueError("--library: 'exact' is always a choice; list approximate multipliers only")
+    for spec in library:
+        for signed in sorted({layer.x_signed for layer in q.layers.values()}):
+            try:
+                get_multiplier(spec, 8, signed)
+            except SpecError as e:
+                raise ValueError(f"--library {spec}: {e}") from None
+
+
+def resume_run_info(run_dir: Path, info: dict) -> None:
+    """Into a resumed run's ``info``: its earlier baseline, wall time and summaries, once the settings that
+    define the run are checked equal to the earlier ones (one line otherwise)."""
+    old = read_run_info(run_dir)
+    old.setdefault("compensation", "bias" if old.get("bias_correction") else "none")  # older runs
+    old.setdefault("energy", "average")
+    for k in ("model", "data", "budget", "seed", "library", "compensation", "energy"):
+        if old.get(k) != info[k]:
+            was = old.get(k)["name"] if k == "budget" and isinstance(old.get(k), dict) else old.get(k)
+            raise ValueError(f"{run_dir / 'run.json'}: this run was made with {k} {was!r}; rerun with it or use "
+                             f"another RUN_DIR")
+    info["baseline"] = old.get("baseline")
+    info.update({k: v for k, v in old.items() if k not in info})  # wall time so far, resilience summary
+
+
 class Explorer:
     eval_batch = 8  # units a worker claims at once and evaluates in one pass over the images
 
@@ -165,7 +194,7 @@ class Explorer:
             self.q.save(qpath)
         check_outputs(self.q.outputs(self.test.images[:2]), self.wl.model_path)
         self.library = self.user_library or roup_library(b.library_size)
-        self._check_library()
+        check_library(self.q, self.library)
         table = energy_table(list(dict.fromkeys(["exact"] + roup_specs(8) + self.library)))
         self.chip = None
         if self.energy.startswith("accelerator:"):
@@ -189,15 +218,7 @@ class Explorer:
         if self.chip:
             info["accelerator"] = self.energy[len("accelerator:"):]  # also the report's chip column
         if run_json.exists():
-            old = read_run_info(self.run_dir)
-            old.setdefault("compensation", "bias" if old.get("bias_correction") else "none")  # older runs
-            old.setdefault("energy", "average")
-            for k in ("model", "data", "budget", "seed", "library", "compensation", "energy"):
-                if old.get(k) != info[k]:
-                    was = old.get(k)["name"] if k == "budget" and isinstance(old.get(k), dict) else old.get(k)
-                    raise ValueError(f"{run_json}: this run was made with {k} {was!r}; rerun with it or use another RUN_DIR")
-            info["baseline"] = old.get("baseline")
-            info.update({k: v for k, v in old.items() if k not in info})  # wall time so far, resilience summary
+            resume_run_info(self.run_dir, info)
         if not info.get("baseline"):
             self.log(f"exact int8 baseline on {len(self.val)} validation and {len(self.test)} test images")
             val_acc, val_loss = self.val_metrics(Assignment.uniform(self.q, "exact"))
@@ -213,19 +234,6 @@ class Explorer:
         self.units = self.store.work_units()
         self.info = info
         write_json(run_json, info)
-
-    def _check_library(self) -> None:
-        """Every library multiplier exists for every layer's operand format (one line otherwise)."""
-        from maxdnn.multipliers.models import SpecError
-
-        if "exact" in self.library:
-            raise ValueError("--library: 'exact' is always a choice; list approximate multipliers only")
-        for spec in self.library:
-            for signed in sorted({layer.x_signed for layer in self.q.layers.values()}):
-                try:
-                    get_multiplier(spec, 8, signed)
-                except SpecError as e:
-                    raise ValueError(f"--library {spec}: {e}") from None
 
     def alwann_choices(self) -> list[str]:
         """ALWANN-style layer-wise search: the whole library, i.e. every ROUP configuration that saves energy
@@ -319,11 +327,6 @@ class Explorer:
                         m.flat[order[: int(round(frac * m.size))]] = idx
             maps[name] = m
         return Assignment(specs, maps)
-
-    @staticmethod
-    def summary(genome: dict[str, tuple[str, float]]) -> str:
-        parts = [f"{n}={s}" + (f"@{f:g}" if f < 1 else "") for n, (s, f) in genome.items() if s != "exact" and f > 0]
-        return "; ".join(parts) if parts else "all exact"
 
     # ------------------------------------------------------------------ progress
     phase = ""  # "[k/n] " while run_exploration runs

@@ -22,6 +22,13 @@ import numpy as np
 from maxdnn.exploration.front import pareto_front
 from maxdnn.exploration.storage import point_attrs
 
+
+def genome_summary(genome: dict[str, tuple[str, float]]) -> str:
+    """A search genome in one line: each approximated layer's multiplier and share (``s2.conv1=roup-p2r2@0.5``)."""
+    parts = [f"{n}={s}" + (f"@{f:g}" if f < 1 else "") for n, (s, f) in genome.items() if s != "exact" and f > 0]
+    return "; ".join(parts) if parts else "all exact"
+
+
 FRACTION_STEP = 0.125  # the fractions NSGA-II chooses from: multiples of this
 
 
@@ -32,7 +39,7 @@ def _record_many(explorer, study, asked: list, approach: str, source: str, res: 
     for (trial, genome, extra), a, r in zip(asked, built, explorer.evaluate_many(built)):
         # one attribute, one write to the storage (each write is a transaction)
         trial.set_user_attr("point", {**r, **extra, "approach": approach, "source": source,
-                                      "summary": explorer.summary(genome), "genome": json.dumps(genome),
+                                      "summary": genome_summary(genome), "genome": json.dumps(genome),
                                       "granularity": a.granularity()})
         study.tell(trial, [r["val_accuracy"], r["energy_gain"]])
 

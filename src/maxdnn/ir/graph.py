@@ -333,39 +333,10 @@ class QuantizedGraph:
                 for n, l in self.layers.items()]
 
     # ------------------------------------------------------------ fast exact engine
-    def _torch_params(self, device):
-        key = str(device)
-        cache = self.__dict__.setdefault("_tp", {})
-        if key not in cache:
-            def rq(r):
-                if r.mode == "float32":
-                    return ("float32", torch.as_tensor(r.float32_scales(), device=device))
-                if r.mode.startswith("tflite"):
-                    return (r.mode, torch.as_tensor(r.m0, device=device), torch.as_tensor(r.shift, device=device))
-                return (torch.as_tensor(r.m0, device=device, dtype=torch.float64),
-                        torch.as_tensor(2.0 ** (r.shift - 1), device=device),
-                        torch.as_tensor(2.0 ** -r.shift.astype(np.float64), device=device))
-
-            p = {}
-            for n in self.nodes:
-                if isinstance(n, MulLayer):
-                    p[n.name] = {"w": torch.as_tensor(n.weight, device=device),
-                                 "b": torch.as_tensor(n.bias, device=device, dtype=torch.float64), "rq": rq(n.requant)}
-                elif isinstance(n, OrtAdd):
-                    p[n.name] = {"rq": [None, None]}
-                elif isinstance(n, Merge):
-                    p[n.name] = {"rq": [None if r is None else rq(r) for r in n.requants]}
-                    if isinstance(n, TfliteAdd):
-                        p[n.name]["out"] = rq(n.out_requant)
-                elif isinstance(n, Affine):
-                    p[n.name] = {"off": torch.as_tensor(n.offset, device=device, dtype=torch.float64), "rq": rq(n.requant)}
-            cache[key] = p
-        return cache[key]
-
     def exact_conv(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Exact accumulators (without bias; a float tensor of integers) of layer ``name`` for operands x."""
         layer = self.layers[name]
-        w = self._torch_params(x.device)[name]["w"]
+        w = graph_torch_params(self, x.device)[name]["w"]
         return float_conv_exact(x, w, layer.stride, layer.pads, layer.exact_bound, layer.groups)
 
     @torch.no_grad()
@@ -394,7 +365,7 @@ class QuantizedGraph:
         every member's integer output, in order.
         """
         nodes = self.nodes
-        p = self._torch_params(x.device)
+        p = graph_torch_params(self, x.device)
         last_use = {}
         for i, n in enumerate(nodes):
             for inp in n.inputs:
@@ -574,6 +545,38 @@ def multiplication_counts(qnet) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------- the fast engine's nodes
+
+
+def graph_torch_params(graph: "QuantizedGraph", device) -> dict:
+    """Each node's weights, biases and requantization constants as tensors on ``device`` (cached on the
+    graph, per device), in the forms ``_eval_node`` takes."""
+    key = str(device)
+    cache = graph.__dict__.setdefault("_tp", {})
+    if key not in cache:
+        def rq(r):
+            if r.mode == "float32":
+                return ("float32", torch.as_tensor(r.float32_scales(), device=device))
+            if r.mode.startswith("tflite"):
+                return (r.mode, torch.as_tensor(r.m0, device=device), torch.as_tensor(r.shift, device=device))
+            return (torch.as_tensor(r.m0, device=device, dtype=torch.float64),
+                    torch.as_tensor(2.0 ** (r.shift - 1), device=device),
+                    torch.as_tensor(2.0 ** -r.shift.astype(np.float64), device=device))
+
+        p = {}
+        for n in graph.nodes:
+            if isinstance(n, MulLayer):
+                p[n.name] = {"w": torch.as_tensor(n.weight, device=device),
+                             "b": torch.as_tensor(n.bias, device=device, dtype=torch.float64), "rq": rq(n.requant)}
+            elif isinstance(n, OrtAdd):
+                p[n.name] = {"rq": [None, None]}
+            elif isinstance(n, Merge):
+                p[n.name] = {"rq": [None if r is None else rq(r) for r in n.requants]}
+                if isinstance(n, TfliteAdd):
+                    p[n.name]["out"] = rq(n.out_requant)
+            elif isinstance(n, Affine):
+                p[n.name] = {"off": torch.as_tensor(n.offset, device=device, dtype=torch.float64), "rq": rq(n.requant)}
+        cache[key] = p
+    return cache[key]
 
 
 def _eval_node(n: Node, vals: dict, conv, p: dict, taps: dict | None) -> None:

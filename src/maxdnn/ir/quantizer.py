@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from maxdnn.ir.graph import S8, U8, Add, Affine, Clamp, Concat, Flatten, MulLayer, Node, Pool, QParams, QuantizedGraph, \
-    _eval_node
+    _eval_node, graph_torch_params
 from maxdnn.errors import ModelError
 from maxdnn.ir.quant import Requant, float_conv_exact
 
@@ -173,7 +173,7 @@ class IntegerCalibration:
         """Node i's codes for every calibration image, by the fast exact engine."""
         node = self.built[i]
         tmp = QuantizedGraph(self.qp[0], tuple(self.images.shape[1:]), [node])
-        p = tmp._torch_params("cpu")
+        p = graph_torch_params(tmp, "cpu")
         conv = (lambda name, x: tmp.exact_conv(name, x)) if isinstance(node, MulLayer) else None
         names = {j: self.built[j].name if j else "input" for j in self.nodes[i].inputs}
         parts = []
