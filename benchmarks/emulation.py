@@ -7,7 +7,7 @@ network (``--model``: a zoo name, .pt, .h5 or .pt2; default resnet8; the baselin
 layer-, filter- and kernel-level assignments (kernel-level twice: two
 configurations per layer, as MAx-DNN's kernel-level approach produces, and all
 32 ROUP configurations at random; filter-level both ways too), the generic lookup-table path (numba on
-CPU, torch gather on CUDA) on a subset, and several assignments in one pass: every layer
+CPU: the scatter kernels, and the gather kernel alone for comparison; torch gather on CUDA) on a subset, and several assignments in one pass: every layer
 alone with each of 4 configurations (the exploration's resilience measurements), one network at a time
 and in one shared pass (the exact layers before the approximated one run once per batch); their times
 are per assignment, scaled to the full image count. Every approximate run is checked
@@ -134,6 +134,17 @@ def main():
     t, p = timed(lambda: net.predict(sub.images, args.batch_size), 1)
     rows.append((f"lookup-table path (Mitchell/DRUM/trunc, kernel-level), scaled from {n_lut}", t * len(imgs) / n_lut,
                  (p == sub.labels).mean(), n_lut))
+    if dev == "cpu":  # the same with the gather kernel alone (the scatter kernels off), for comparison
+        import maxdnn.engine.approx as approx_mod
+
+        keep, approx_mod.SCATTER_MIN_CHANNELS = approx_mod.SCATTER_MIN_CHANNELS, 1 << 30
+        try:
+            net = ApproxNetwork(q, lut_case, device=dev)
+            t, p = timed(lambda: net.predict(sub.images, args.batch_size), 1)
+        finally:
+            approx_mod.SCATTER_MIN_CHANNELS = keep
+        rows.append((f"lookup-table path, gather kernel only, scaled from {n_lut}", t * len(imgs) / n_lut,
+                     (p == sub.labels).mean(), n_lut))
 
     # several assignments in one pass: every layer alone with each of 4 ROUP configurations (the
     # exploration's resilience measurements), one network at a time and all in one shared pass

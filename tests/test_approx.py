@@ -14,7 +14,9 @@ from maxdnn.engine.approx import (
     filter_assignment,
     kernel_assignment,
     layer_assignment,
+    lut_conv_numba,
     lut_conv_torch,
+    lut_scatter_numba,
 )
 from maxdnn.multipliers.models import get_multiplier, roup_specs
 from maxdnn.engine.reference import reference_conv, reference_forward
@@ -38,8 +40,8 @@ def random_map(rng, gran, f, c, n):
     return rng.integers(0, n, (f, c))
 
 
-def reference(x, w, specs, amap, stride, pads, bits=8):
-    mults = [get_multiplier(s, bits) for s in specs]
+def reference(x, w, specs, amap, stride, pads, bits=8, signed=False):
+    mults = [get_multiplier(s, bits, signed) for s in specs]
     return reference_conv(x, w, stride, pads, lambda f, c: mults[amap[f, c]])
 
 
@@ -74,6 +76,37 @@ def test_lut_paths_numba_and_torch(rng, geom):
     assert np.array_equal(plan(torch.as_tensor(x)).numpy(), ref)  # numba kernel on CPU
     torch_out = lut_conv_torch(torch.as_tensor(x), plan.w, plan.kmap, plan.luts, plan.x_min, plan.w_min, stride, pads)
     assert np.array_equal(torch_out.numpy(), ref)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])
+@pytest.mark.parametrize("geom", GEOMETRY, ids=lambda g: f"s{g[0]}k{g[1]}p{g[3]}")
+def test_lut_scatter_kernels_match_reference(rng, geom, signed):
+    """The scatter kernels (stride 1 and strided, padding borders, 1x1, signed operands, products of an
+    imported table's full 16-bit range) against the reference and the gather kernel; LayerPlan takes them
+    from SCATTER_MIN_CHANNELS input channels on."""
+    from maxdnn.engine.approx import SCATTER_MIN_CHANNELS
+
+    stride, k, _, pads = geom
+    c = SCATTER_MIN_CHANNELS + 1
+    lo = -128 if signed else 0
+    x = rng.integers(lo, lo + 256, (3, c, 9, 9))
+    x[0, :, 0, :], x[1, :, :, -1] = lo + 255, lo  # extremes at the padding borders
+    w = rng.integers(-128, 128, (6, c, k, k))
+    luts = rng.integers(-65025, 65026, (3, 256, 256)).astype(np.int32)
+    luts[0, 255, 0] = 65025
+    kmap = rng.integers(0, 3, (6, c))
+    prods = lambda f, ci: (lambda xv, wv: luts[kmap[f, ci]][np.asarray(xv) - lo, int(wv) + 128])  # noqa: E731
+    ref = reference_conv(x, w, stride, pads, prods)
+    got = lut_scatter_numba(x, w, kmap, luts, lo, -128, stride, pads)
+    assert np.array_equal(got, ref)
+    assert np.array_equal(lut_conv_numba(x, w, kmap, luts, lo, -128, stride, pads), ref)
+    specs = LUT
+    amap = rng.integers(0, len(specs), (6, c))
+    plan = LayerPlan(w, [get_multiplier(s, 8, signed) for s in specs], amap, stride, pads, x_min=lo, x_max=lo + 255)
+    xp = torch.as_tensor(x)
+    assert np.array_equal(plan(xp).numpy(), reference(x, w, specs, amap, stride, pads, signed=signed))
+    assert plan.lut_tables  # the scatter kernel ran, and keeps its table for the next batch
+    assert np.array_equal(plan(xp).numpy(), reference(x, w, specs, amap, stride, pads, signed=signed))
 
 
 def test_accumulators_past_2_24_take_exact_path(rng):

@@ -415,6 +415,7 @@ class LayerPlan:
         self.kmap = np.vectorize(remap.__getitem__)(amap).astype(np.int64)
         self.w = w.astype(np.int64)
         self.w_min = mults[used[0]].w_format.min
+        self.lut_tables = {}  # group -> the scatter kernel's table, built on first use
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Exact accumulators for integer-valued x (any dtype); a float or int64 tensor of integers."""
@@ -426,8 +427,8 @@ class LayerPlan:
         for g in range(self.conv_groups):  # a grouped conv is one conv per group
             xg, wg, kg = xi[:, g * cg:(g + 1) * cg], self.w[g * fg:(g + 1) * fg], self.kmap[g * fg:(g + 1) * fg]
             if x.device.type == "cpu":
-                outs.append(torch.from_numpy(lut_conv_numba(xg.contiguous().numpy(), wg, kg, self.luts, self.x_min,
-                                                            self.w_min, self.stride, self.pads)))
+                outs.append(torch.from_numpy(lut_conv_cpu(xg.contiguous().numpy(), wg, kg, self.luts, self.x_min,
+                                                          self.w_min, self.stride, self.pads, self.lut_tables, g)))
             else:
                 outs.append(lut_conv_torch(xg, wg, kg, self.luts, self.x_min, self.w_min, self.stride, self.pads))
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
@@ -580,6 +581,40 @@ def lut_conv_numba(x, w, kmap, luts, x_min, w_min, stride, pads):
     ho, wo = conv_out_hw(x.shape[2:], w.shape[2:], stride, pads)
     return lut_conv(np.ascontiguousarray(x, dtype=np.int64), np.ascontiguousarray(w), np.ascontiguousarray(kmap),
                     np.ascontiguousarray(luts), x_min, w_min, stride, t, left, ho, wo)
+
+
+SCATTER_MIN_CHANNELS = 8  # below, the gather kernel is as fast (measured on the stem's 3 channels)
+SCATTER_TABLE_BYTES = 64 << 20  # a larger table stays with the gather kernel
+
+
+def lut_conv_cpu(x, w, kmap, luts, x_min, w_min, stride, pads, tables: dict | None = None, key=0):
+    """The LUT convolution on the CPU: the scatter kernels where they apply (enough input channels, a table of
+    at most SCATTER_TABLE_BYTES, per-position partial sums within int32), the gather kernel otherwise.
+    ``tables`` keeps each ``key``'s table for the next batch."""
+    f, c, kh, kw = w.shape
+    if (c < SCATTER_MIN_CHANNELS or c * luts.shape[1] * f * kh * kw * 4 > SCATTER_TABLE_BYTES
+            or c * int(np.abs(luts).max()) >= 1 << 31):
+        return lut_conv_numba(x, w, kmap, luts, x_min, w_min, stride, pads)
+    return lut_scatter_numba(x, w, kmap, luts, x_min, w_min, stride, pads, tables, key)
+
+
+def lut_scatter_numba(x, w, kmap, luts, x_min, w_min, stride, pads, tables: dict | None = None, key=0):
+    """The scatter kernels (``maxdnn.engine._lut_kernel``): the same sums as ``lut_conv_numba``."""
+    from maxdnn.engine._lut_kernel import lut_scatter_conv, lut_scatter_conv_strided, lut_table
+
+    left, _, t, _ = pads
+    ho, wo = conv_out_hw(x.shape[2:], w.shape[2:], stride, pads)
+    table = None if tables is None else tables.get(key)
+    if table is None:
+        table = lut_table(np.ascontiguousarray(w, dtype=np.int64), np.ascontiguousarray(kmap, dtype=np.int64),
+                          np.ascontiguousarray(luts, dtype=np.int32), int(w_min), stride != 1)
+        if tables is not None:
+            tables[key] = table
+    xi = np.ascontiguousarray(x, dtype=np.int64)
+    kh, kw = w.shape[2:]
+    if stride == 1:
+        return lut_scatter_conv(xi, table, int(x_min), kh, kw, t, left, ho, wo)
+    return lut_scatter_conv_strided(xi, table, int(x_min), kh, kw, stride, t, left, ho, wo)
 
 
 def lut_conv_torch(x, w, kmap, luts, x_min, w_min, stride, pads, filter_chunk: int = 8):
