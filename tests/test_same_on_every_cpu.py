@@ -47,6 +47,7 @@ def test_quantized_graph_is_byte_identical_on_every_isa_and_thread_count(tmp_pat
         r = subprocess.run([sys.executable, "-c", QUANTIZE, str(need(LOSSLESS_ZIP)), str(out), str(threads), model],
                            env=_env(extra, threads), capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
+        assert "weight scales fitted" in r.stderr
         digests[f"{name}, {threads} thread(s)"] = _digest(out)
     assert len(set(digests.values())) == 1, digests
 
@@ -67,7 +68,8 @@ def test_exploration_points_are_identical_on_every_isa(tmp_path):
 @pytest.mark.slow
 def test_finetuned_graph_is_byte_identical_on_every_isa_and_thread_count(tmp_path):
     """Fine-tuning is float training, but its forward pass is exact integer arithmetic and its rounding back to
-    integers happens once: the fine-tuned graph is the same on every ISA and thread count."""
+    integers happens once: the fine-tuned graph is the same on every ISA and thread count, the weight scales
+    fitted to roup-p3r0's grid included."""
     from maxdnn.engine.approx import Assignment
     from maxdnn.frontends.pytorch import quantize_module
     from maxdnn.data import load_cifar10
@@ -78,8 +80,8 @@ def test_finetuned_graph_is_byte_identical_on_every_isa_and_thread_count(tmp_pat
     q = quantize_module(load_model("resnet8"), calibration_images(train.images, 100))
     q.save(tmp_path / "q.npz")
     names = list(q.layers)
-    Assignment(["exact", "roup-p2r4"], {n: (q.layers[n].weight[:, :, 0, 0] * 0 + (i % 2)).astype(int)
-                                        for i, n in enumerate(names)}).save(tmp_path / "a.json")
+    Assignment(["exact", "roup-p2r4", "roup-p3r0"], {n: (q.layers[n].weight[:, :, 0, 0] * 0 + (i % 3)).astype(int)
+                                                     for i, n in enumerate(names)}).save(tmp_path / "a.json")
     digests = {}
     for name, extra, threads in [(n, e, 2) for n, e in NARROWED.items()] + [("default ISA", {}, 1)]:
         out = tmp_path / f"{name.replace(' ', '_')}-{threads}.npz"
@@ -87,5 +89,6 @@ def test_finetuned_graph_is_byte_identical_on_every_isa_and_thread_count(tmp_pat
                             str(tmp_path / "a.json"), "--data", str(need(LOSSLESS_ZIP)), "--epochs", "1", "--images",
                             "640", "--out", str(out)], env=_env(extra, threads), capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
+        assert "weight scales fitted" in r.stderr
         digests[f"{name}, {threads} thread(s)"] = _digest(out)
     assert len(set(digests.values())) == 1, digests

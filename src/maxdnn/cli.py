@@ -307,6 +307,9 @@ def finetune(
     images: Optional[int] = typer.Option(None, help="Only N training images (a seeded sample; default: all "
                                          "training images outside the validation hold-out)."),
     seed: int = typer.Option(0, help="Seed of the data order and the augmentation."),
+    fit_scales: bool = typer.Option(True, "--fit-weight-scales/--keep-weight-scales",
+                                    help="First fit each filter's weight scale to its multipliers' weight grid where "
+                                    "that at least halves the grid error (ROUP with 3 perforated rows)."),
 ):
     """Approximation-aware fine-tuning: train the quantized model with the assignment's arithmetic in the forward pass."""
     import tempfile
@@ -336,7 +339,7 @@ def finetune(
     typer.echo(f"fine-tuning on {len(tr)} training images of {train.source} (validation hold-out excluded)", err=True)
     try:
         run_finetune(q, a, train.images[tr], train.labels[tr], out, epochs=epochs, batch_size=batch_size, lr=lr,
-                     seed=seed, log=lambda m: typer.echo(m, err=True))
+                     seed=seed, log=lambda m: typer.echo(m, err=True), fit_scales=fit_scales)
     except FinetuneError as e:
         fail(str(e))
     typer.echo(f"wrote {out}; measure it with: maxdnn evaluate --model {out} --assign {assign} --data ...", err=True)

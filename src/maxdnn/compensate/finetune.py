@@ -207,18 +207,28 @@ class FakeQuantTwin(nn.Module):
 
 def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labels: np.ndarray, out: str | Path,
              epochs: int = 2, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log=print,
-             progress: bool = True) -> QuantizedGraph:
+             progress: bool = True, fit_scales: bool = True) -> QuantizedGraph:
     """Fine-tune ``q`` under ``assignment`` on (images, labels); writes the integer graph to ``out`` (.npz).
 
-    SGD (momentum 0.9, no weight decay), cosine learning rate, the augmentation of ``maxdnn train``. The state
-    after every epoch goes to ``OUT.state`` (atomically); rerunning resumes after the last finished epoch."""
+    With ``fit_scales`` the weight scales are first fitted to the multipliers' weight grids
+    (``maxdnn.compensate.weight_scales``: only where that at least halves a channel's grid error, as for
+    roup-p3*). SGD (momentum 0.9, no weight decay), cosine learning rate, the augmentation of ``maxdnn train``.
+    The state after every epoch goes to ``OUT.state`` (atomically); rerunning resumes after the last finished
+    epoch."""
     from tqdm import tqdm
 
+    from maxdnn.compensate.weight_scales import fit_weight_scales
     from maxdnn.zoo.train import augment
 
     out = Path(out)
     state_path = out.with_name(out.name + ".state")
     torch.manual_seed(seed)
+    check_finetunable(q)
+    if fit_scales:
+        q, moved = fit_weight_scales(q, assignment)
+    if fit_scales and moved:
+        log(f"weight scales fitted to the multipliers' weight grids: {sum(moved.values())} filters of "
+            f"{len(moved)} layers")
     twin = FakeQuantTwin(q, assignment)
     opt = torch.optim.SGD(twin.parameters(), lr=lr, momentum=0.9)
     steps = -(-len(labels) // batch_size)
@@ -227,9 +237,10 @@ def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labe
     start = 0
     if state_path.exists():
         st = load_state(state_path, FinetuneError)
-        if (st["epochs"], st["seed"], st["images"]) != (epochs, seed, len(labels)):
+        if (st["epochs"], st["seed"], st["images"], st.get("fit_scales", False)) != (epochs, seed, len(labels), fit_scales):
             raise FinetuneError(f"{state_path}: saved run has epochs={st['epochs']} seed={st['seed']} "
-                                f"images={st['images']}; delete it or rerun with the same settings")
+                                f"images={st['images']} fit_scales={st.get('fit_scales', False)}; delete it or rerun "
+                                "with the same settings")
         twin.load_state_dict(st["twin"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
@@ -259,10 +270,11 @@ def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labe
         with atomic_path(state_path) as tmp:
             torch.save({"twin": twin.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "gen": gen.get_state(), "epoch": epoch + 1, "epochs": epochs, "seed": seed,
-                        "images": len(labels)}, tmp)
+                        "images": len(labels), "fit_scales": fit_scales}, tmp)
     g = twin.export()
     g.meta.update({"finetune": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
-                                "images": int(len(labels)), "assignment_specs": list(assignment.specs)}})
+                                "images": int(len(labels)), "assignment_specs": list(assignment.specs),
+                                "fit_scales": fit_scales}})
     g.save(out)
     state_path.unlink(missing_ok=True)
     return g
