@@ -339,6 +339,11 @@ def test_finetune_candidates_spread_over_the_front():
     got = [p["trial"] for p in finetune_candidates(pts, 0.84, fb)]
     assert got == [1, 4, 6]  # trial 0 saves nothing, trials 7..9 lose more than 6 points; gains 0.6, 0.35, 0.1
     assert [p["trial"] for p in finetune_candidates(pts, 0.84, FinetuneBudget(1, 10, 20, 6.0))] == list(range(1, 7))
+    # the floor: no point of less gain than the largest-gain point within floor_pts validation points
+    pts = [{**p, "val_accuracy": 0.84 - 0.003 * p["trial"]} for p in pts]  # trial i loses 0.3 i points
+    assert [p["trial"] for p in finetune_candidates(pts, 0.84, FinetuneBudget(1, 10, 20, 6.0))] == list(range(1, 10))
+    assert [p["trial"] for p in finetune_candidates(pts, 0.84, FinetuneBudget(1, 10, 20, 6.0, floor_pts=1.0))] == \
+        list(range(3, 10))
 
 
 @pytest.fixture(scope="module")
@@ -533,6 +538,32 @@ def test_default_library_reaches_high_gains_and_stays_on_the_front():
     for s in lib:
         assert not any(hw[o] <= hw[s] and nmed[o] <= nmed[s] and (hw[o] < hw[s] or nmed[o] < nmed[s]) for o in saving)
     assert sorted(roup_library(31)) == sorted(saving)  # the full budget takes them all
+
+
+def test_compensated_library_is_the_front_of_the_error_compensation_leaves(qnet, lossless_test):
+    """A compensated exploration's library is spread over the (energy, error spread after mean removal on the
+    graph's own operands) front: the measure equals a plain recomputation, every pick is on that front, it still
+    reaches past 90% gain, and it keeps milder perforation (roup-p2r1/p2r2: small compensated error) that the
+    NMED front leaves out."""
+    from maxdnn.energy import hardware_table
+    from maxdnn.exploration.explorer import compensated_error, roup_library
+    from maxdnn.hardware.power import model_stream
+    from maxdnn.multipliers.models import get_multiplier, roup_specs
+
+    images = lossless_test.images[:32]
+    err = compensated_error(qnet, images)
+    s = model_stream(qnet, images)
+    for spec in ("roup-p0r0", "roup-p2r4", "roup-p3r0"):
+        e = (get_multiplier(spec)(s.x, s.w) - s.x * s.w).astype(np.float64)
+        assert err[spec] == pytest.approx(e.std(), rel=1e-9)
+    assert err["roup-p0r0"] == 0.0
+    hw = hardware_table()
+    lib = roup_library(BUDGETS["quick"].library_size, err)
+    assert len(lib) == len(set(lib)) == 8 and min(hw[x] for x in lib) < 0.1
+    saving = [x for x in roup_specs(8) if hw.get(x, 1.0) < 1.0]
+    for x in lib:
+        assert not any(hw[o] <= hw[x] and err[o] <= err[x] and (hw[o] < hw[x] or err[o] < err[x]) for o in saving)
+    assert {"roup-p2r1", "roup-p2r2"} <= set(lib) and not {"roup-p2r1", "roup-p2r2"} & set(roup_library(8))
 
 
 def test_cli_explore_unknown_compensation_is_one_line(tmp_path):

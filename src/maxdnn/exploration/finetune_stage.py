@@ -7,7 +7,9 @@ integer engine (``maxdnn.exploration.confirm`` chooses among them). Which points
 per approach, up to ``points`` of the validation front within
 ``max_val_loss_pts`` of the exact baseline (fine-tuning recovers several
 points, not tens) and of at least the gain of the point of largest gain within
-1 validation point (below it, training has little to win), spread in gain
+``floor_pts`` validation points (below it, training has little to win; 0.5: the
+points that bias correction already brings within 1 point are fine-tuned too,
+since fine-tuning can take them below half a point), spread in gain
 (``maxdnn.exploration.front.spread_in_gain``): both ends, then halving the largest gaps.
 Everything is chosen on validation, as in the search. Identical assignments
 (layer-level and ALWANN-style often share points) are fine-tuned once. The
@@ -47,13 +49,15 @@ class FinetuneBudget:
     images: int | None  # training images outside the validation hold-out (None: all of them)
     points: int  # per approach
     max_val_loss_pts: float = 12.0
+    floor_pts: float = 0.5  # fine-tune no point of less gain than the largest-gain point within this validation loss
     lr: float = 1e-3
     batch_size: int = 64
+    fit_scales: bool = True  # weight scales fitted to the multipliers' weight grids first (compensate.weight_scales)
 
 
 FINETUNE_BUDGETS = {
-    "quick": FinetuneBudget(epochs=2, images=10000, points=3, max_val_loss_pts=12.0),
-    "full": FinetuneBudget(epochs=2, images=20000, points=6, max_val_loss_pts=12.0),
+    "quick": FinetuneBudget(epochs=2, images=10000, points=5, max_val_loss_pts=12.0),
+    "full": FinetuneBudget(epochs=2, images=20000, points=8, max_val_loss_pts=12.0),
     "tiny": FinetuneBudget(epochs=1, images=64, points=1, max_val_loss_pts=100.0),  # for tests
 }
 
@@ -62,7 +66,7 @@ def finetune_candidates(points: list[dict], base_val_accuracy: float, fb: Finetu
     """The validation-Pareto points of one approach to fine-tune (module docstring), by increasing gain."""
     loss = lambda p: 100 * (base_val_accuracy - p["val_accuracy"])  # noqa: E731
     front = [p for p in pareto_front(points) if p["energy_gain"] > 0 and loss(p) <= fb.max_val_loss_pts + 1e-9]
-    low = largest_gain_within(front, loss, 1.0)  # below its gain, training has little to win
+    low = largest_gain_within(front, loss, fb.floor_pts)  # below its gain, training has little to win
     if low is not None:
         front = [p for p in front if p["energy_gain"] >= low["energy_gain"]]
     return spread_in_gain(front, fb.points)
@@ -112,7 +116,7 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
             g = QuantizedGraph.load(npz)
         else:
             g = finetune(explorer.q, a, images, labels, npz, epochs=fb.epochs, batch_size=fb.batch_size, lr=fb.lr,
-                         seed=explorer.seed, log=lambda m: None, progress=False)
+                         seed=explorer.seed, log=lambda m: None, progress=False, fit_scales=fb.fit_scales)
         val_acc, val_loss = explorer.val_metrics(a, g)
         net = [ApproxNetwork(g, a)]
         confirm = correctness(net, explorer.confirm.images, explorer.confirm.labels)[0]
