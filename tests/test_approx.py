@@ -78,12 +78,14 @@ def test_lut_paths_numba_and_torch(rng, geom):
     assert np.array_equal(torch_out.numpy(), ref)
 
 
+@pytest.mark.parametrize("table", ["int32", "int16-zero-rows"])
 @pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])
 @pytest.mark.parametrize("geom", GEOMETRY, ids=lambda g: f"s{g[0]}k{g[1]}p{g[3]}")
-def test_lut_scatter_kernels_match_reference(rng, geom, signed):
+def test_lut_scatter_kernels_match_reference(rng, geom, signed, table):
     """The scatter kernels (stride 1 and strided, padding borders, 1x1, signed operands, products of an
-    imported table's full 16-bit range) against the reference and the gather kernel; LayerPlan takes them
-    from SCATTER_MIN_CHANNELS input channels on."""
+    imported table's full 16-bit range (an int32 table), or within int16 with rows of zeros that the kernels
+    skip, one of them with a single non-zero product) against the reference and the gather kernel;
+    LayerPlan takes them from SCATTER_MIN_CHANNELS input channels on."""
     from maxdnn.engine.approx import SCATTER_MIN_CHANNELS
 
     stride, k, _, pads = geom
@@ -94,6 +96,12 @@ def test_lut_scatter_kernels_match_reference(rng, geom, signed):
     w = rng.integers(-128, 128, (6, c, k, k))
     luts = rng.integers(-65025, 65026, (3, 256, 256)).astype(np.int32)
     luts[0, 255, 0] = 65025
+    if table == "int16-zero-rows":
+        luts = rng.integers(-32768, 32768, (3, 256, 256)).astype(np.int32)
+        luts[:, 0:40] = 0  # operands whose products are all zero (as x = 0 for most multipliers)
+        luts[1, 7, int(w[0, 0, 0, 0]) + 128] = -32768  # one non-zero product in a row: not skipped
+        x[:, :, ::2] = lo + rng.integers(0, 40, x[:, :, ::2].shape)
+        x[2, 1, 1, 1] = lo + 7
     kmap = rng.integers(0, 3, (6, c))
     prods = lambda f, ci: (lambda xv, wv: luts[kmap[f, ci]][np.asarray(xv) - lo, int(wv) + 128])  # noqa: E731
     ref = reference_conv(x, w, stride, pads, prods)
@@ -105,7 +113,7 @@ def test_lut_scatter_kernels_match_reference(rng, geom, signed):
     plan = LayerPlan(w, [get_multiplier(s, 8, signed) for s in specs], amap, stride, pads, x_min=lo, x_max=lo + 255)
     xp = torch.as_tensor(x)
     assert np.array_equal(plan(xp).numpy(), reference(x, w, specs, amap, stride, pads, signed=signed))
-    assert plan.lut_tables  # the scatter kernel ran, and keeps its table for the next batch
+    assert plan.lut_tables[("scatter", 0)] and 0 in plan.lut_tables  # the scatter kernel ran and keeps its table
     assert np.array_equal(plan(xp).numpy(), reference(x, w, specs, amap, stride, pads, signed=signed))
 
 

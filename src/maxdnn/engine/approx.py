@@ -415,19 +415,19 @@ class LayerPlan:
         self.kmap = np.vectorize(remap.__getitem__)(amap).astype(np.int64)
         self.w = w.astype(np.int64)
         self.w_min = mults[used[0]].w_format.min
-        self.lut_tables = {}  # group -> the scatter kernel's table, built on first use
+        self.lut_tables = {}  # group -> the scatter kernel's table, built on first use; ("scatter", group) -> which kernel
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Exact accumulators for integer-valued x (any dtype); a float or int64 tensor of integers."""
         if self.separable:
             return self.fused_conv(x) if self.mode == "fused" else self._separable(x)
-        xi = x.to(torch.int64)
+        xi = x if x.device.type == "cpu" else x.to(torch.int64)  # the CPU kernels read any integer-valued dtype
         outs = []
         fg, cg = self.w.shape[0] // self.conv_groups, self.w.shape[1]
         for g in range(self.conv_groups):  # a grouped conv is one conv per group
             xg, wg, kg = xi[:, g * cg:(g + 1) * cg], self.w[g * fg:(g + 1) * fg], self.kmap[g * fg:(g + 1) * fg]
             if x.device.type == "cpu":
-                outs.append(torch.from_numpy(lut_conv_cpu(xg.contiguous().numpy(), wg, kg, self.luts, self.x_min,
+                outs.append(torch.from_numpy(lut_conv_cpu(xg.numpy(), wg, kg, self.luts, self.x_min,
                                                           self.w_min, self.stride, self.pads, self.lut_tables, g)))
             else:
                 outs.append(lut_conv_torch(xg, wg, kg, self.luts, self.x_min, self.w_min, self.stride, self.pads))
@@ -583,38 +583,54 @@ def lut_conv_numba(x, w, kmap, luts, x_min, w_min, stride, pads):
                     np.ascontiguousarray(luts), x_min, w_min, stride, t, left, ho, wo)
 
 
-SCATTER_MIN_CHANNELS = 8  # below, the gather kernel is as fast (measured on the stem's 3 channels)
+SCATTER_MIN_CHANNELS = 1  # the gather kernel serves layers below this many input channels (and huge tables)
 SCATTER_TABLE_BYTES = 64 << 20  # a larger table stays with the gather kernel
 
 
 def lut_conv_cpu(x, w, kmap, luts, x_min, w_min, stride, pads, tables: dict | None = None, key=0):
     """The LUT convolution on the CPU: the scatter kernels where they apply (enough input channels, a table of
-    at most SCATTER_TABLE_BYTES, per-position partial sums within int32), the gather kernel otherwise.
+    at most SCATTER_TABLE_BYTES, every output's sum within int32), the gather kernel otherwise.
     ``tables`` keeps each ``key``'s table for the next batch."""
     f, c, kh, kw = w.shape
-    if (c < SCATTER_MIN_CHANNELS or c * luts.shape[1] * f * kh * kw * 4 > SCATTER_TABLE_BYTES
-            or c * int(np.abs(luts).max()) >= 1 << 31):
+    scatter = None if tables is None else tables.get(("scatter", key))
+    if scatter is None:  # decided once per layer (and group)
+        scatter = not (c < SCATTER_MIN_CHANNELS or c * luts.shape[1] * f * kh * kw * 4 > SCATTER_TABLE_BYTES
+                       or c * kh * kw * int(np.abs(luts).max()) >= 1 << 31)  # every output's sum fits int32
+        if tables is not None:
+            tables[("scatter", key)] = scatter
+    if not scatter:
         return lut_conv_numba(x, w, kmap, luts, x_min, w_min, stride, pads)
     return lut_scatter_numba(x, w, kmap, luts, x_min, w_min, stride, pads, tables, key)
 
 
 def lut_scatter_numba(x, w, kmap, luts, x_min, w_min, stride, pads, tables: dict | None = None, key=0):
     """The scatter kernels (``maxdnn.engine._lut_kernel``): the same sums as ``lut_conv_numba``."""
+    import numba
+
     from maxdnn.engine._lut_kernel import lut_scatter_conv, lut_scatter_conv_strided, lut_table
 
     left, _, t, _ = pads
     ho, wo = conv_out_hw(x.shape[2:], w.shape[2:], stride, pads)
-    table = None if tables is None else tables.get(key)
-    if table is None:
-        table = lut_table(np.ascontiguousarray(w, dtype=np.int64), np.ascontiguousarray(kmap, dtype=np.int64),
-                          np.ascontiguousarray(luts, dtype=np.int32), int(w_min), stride != 1)
+    built = None if tables is None else tables.get(key)
+    if built is None:
+        kh, kw = w.shape[2:]
+        table = np.empty((w.shape[1], luts.shape[1], w.shape[0] * kh * kw), dtype=np.int32)
+        lut_table(np.ascontiguousarray(w, dtype=np.int64), np.ascontiguousarray(kmap, dtype=np.int64),
+                  np.ascontiguousarray(luts, dtype=np.int32), int(w_min), True, table)
+        if int(table.min()) >= -(1 << 15) and int(table.max()) < 1 << 15:  # the layer's products fit int16
+            table = table.astype(np.int16)
+        built = (table, (table != 0).any(axis=2))  # rows that are all zero are skipped
         if tables is not None:
-            tables[key] = table
-    xi = np.ascontiguousarray(x, dtype=np.int64)
+            tables[key] = built
+    table, nz = built
+    xi = np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # NHWC: a view of channels_last activations, no copy
     kh, kw = w.shape[2:]
+    chunks = max(min(len(xi), numba.get_num_threads()), 1)
     if stride == 1:
-        return lut_scatter_conv(xi, table, int(x_min), kh, kw, t, left, ho, wo)
-    return lut_scatter_conv_strided(xi, table, int(x_min), kh, kw, stride, t, left, ho, wo)
+        out = lut_scatter_conv(xi, table, nz, int(x_min), kh, kw, t, left, ho, wo, chunks)
+    else:
+        out = lut_scatter_conv_strided(xi, table, nz, int(x_min), kh, kw, stride, t, left, ho, wo)
+    return out.transpose(0, 3, 1, 2)  # [N, F, Ho, Wo], channels_last in memory
 
 
 def lut_conv_torch(x, w, kmap, luts, x_min, w_min, stride, pads, filter_chunk: int = 8):
