@@ -564,6 +564,14 @@ def test_compensated_library_is_the_front_of_the_error_compensation_leaves(qnet,
     for x in lib:
         assert not any(hw[o] <= hw[x] and err[o] <= err[x] and (hw[o] < hw[x] or err[o] < err[x]) for o in saving)
     assert {"roup-p2r1", "roup-p2r2"} <= set(lib) and not {"roup-p2r1", "roup-p2r2"} & set(roup_library(8))
+    # a graph whose layers all take signed inputs has no unsigned stream: the NMED library
+    import dataclasses
+
+    from maxdnn.ir.graph import MulLayer, QParams
+
+    signed = dataclasses.replace(qnet, nodes=[dataclasses.replace(n, in_q=QParams(n.in_q.scale, 0, -128, 127))
+                                              if isinstance(n, MulLayer) else n for n in qnet.nodes])
+    assert compensated_error(signed, images) is None and roup_library(8, None) == roup_library(8)
 
 
 def test_cli_explore_unknown_compensation_is_one_line(tmp_path):

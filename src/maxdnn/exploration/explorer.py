@@ -110,14 +110,16 @@ def roup_library(size: int, error: dict[str, float] | None = None) -> list[str]:
     return [c[0] for c in sorted(chosen, key=lambda c: -c[1])]
 
 
-def compensated_error(q: QuantizedGraph, images: np.ndarray) -> dict[str, float]:
+def compensated_error(q: QuantizedGraph, images: np.ndarray) -> dict[str, float] | None:
     """Per ROUP configuration, the standard deviation of its product error on the graph's own weight-stationary
     operand stream (``maxdnn.hardware.power.model_stream`` of ``images``) once the mean error is removed: what
     bias correction and fine-tuning leave to the network. On ResNet-8 it ranks perforation (whose weight error
     fine-tuning absorbs) far milder than NMED does, and the rounding of small activations harsher. Sums in
-    integers: the same on every CPU."""
+    integers: the same on every CPU. None for a graph without a layer of unsigned inputs (no stream)."""
     from maxdnn.hardware.power import model_stream
 
+    if all(l.x_signed for l in q.layers.values()):
+        return None
     stream = model_stream(q, images)
     exact = stream.x * stream.w
     n = len(exact)
@@ -263,7 +265,7 @@ class Explorer:
         if not self.bias_correction:
             return roup_library(self.budget.library_size)
         images = self.train.images[training_sample(len(self.train), 64, self.seed)]
-        return roup_library(self.budget.library_size, compensated_error(self.q, images))
+        return roup_library(self.budget.library_size, compensated_error(self.q, images))  # None: NMED
 
     def alwann_choices(self) -> list[str]:
         """ALWANN-style layer-wise search: the whole library, i.e. every ROUP configuration that saves energy
