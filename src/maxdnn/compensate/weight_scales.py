@@ -14,11 +14,10 @@ weight transform), when it at least halves the error of the calibrated scale
 is re-expressed in the new accumulator units and the requantization follows
 from the new scales, as in the quantizer.
 
-Measured (``python benchmarks/weight_scales.py``, docs/compensation.md):
-roup-p3r0 on every layer but the stem, fine-tuned 2 epochs on 10,000 images,
-loses 3.9 points of the 5,000 confirmation images with fitted scales against
-7.4 with the calibrated ones; for P <= 2 the error drops by less than half and
-the scales stay.
+Measured (``benchmarks/weight_scales.py``, docs/compensation.md): roup-p3r0 on
+every layer but the stem, fine-tuned 2 epochs on 10,000 images, loses 4.40
+points of the 5,000 confirmation images with fitted scales against 7.42 with
+the calibrated ones; for P <= 2 no channel's error halves and the scales stay.
 
 The errors are summed with ``math.fsum`` (correctly rounded), so the choice
 does not depend on the CPU's vector width or the thread count.
