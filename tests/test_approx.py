@@ -74,6 +74,8 @@ def test_lut_paths_numba_and_torch(rng, geom):
     assert not plan.separable
     ref = reference(x, w, specs, amap, stride, pads)
     assert np.array_equal(plan(torch.as_tensor(x)).numpy(), ref)  # numba kernel on CPU
+    xg = torch.as_tensor(x, dtype=torch.float32).contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert np.array_equal(plan(xg).numpy(), ref)  # float activations in place, even with a gradient attached
     torch_out = lut_conv_torch(torch.as_tensor(x), plan.w, plan.kmap, plan.luts, plan.x_min, plan.w_min, stride, pads)
     assert np.array_equal(torch_out.numpy(), ref)
 

@@ -421,7 +421,7 @@ class LayerPlan:
         """Exact accumulators for integer-valued x (any dtype); a float or int64 tensor of integers."""
         if self.separable:
             return self.fused_conv(x) if self.mode == "fused" else self._separable(x)
-        xi = x if x.device.type == "cpu" else x.to(torch.int64)  # the CPU kernels read any integer-valued dtype
+        xi = x.detach() if x.device.type == "cpu" else x.to(torch.int64)  # the CPU kernels read any integer-valued dtype
         outs = []
         fg, cg = self.w.shape[0] // self.conv_groups, self.w.shape[1]
         for g in range(self.conv_groups):  # a grouped conv is one conv per group
