@@ -47,7 +47,6 @@ def test_quantized_graph_is_byte_identical_on_every_isa_and_thread_count(tmp_pat
         r = subprocess.run([sys.executable, "-c", QUANTIZE, str(need(LOSSLESS_ZIP)), str(out), str(threads), model],
                            env=_env(extra, threads), capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
-        assert "weight scales fitted" in r.stderr
         digests[f"{name}, {threads} thread(s)"] = _digest(out)
     assert len(set(digests.values())) == 1, digests
 
