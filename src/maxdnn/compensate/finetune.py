@@ -226,9 +226,9 @@ def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labe
     check_finetunable(q)
     if fit_scales:
         q, moved = fit_weight_scales(q, assignment)
-    if fit_scales and moved:
-        log(f"weight scales fitted to the multipliers' weight grids: {sum(moved.values())} filters of "
-            f"{len(moved)} layers")
+        if moved:
+            log(f"weight scales fitted to the multipliers' weight grids: {sum(moved.values())} filters of "
+                f"{len(moved)} layers")
     twin = FakeQuantTwin(q, assignment)
     opt = torch.optim.SGD(twin.parameters(), lr=lr, momentum=0.9)
     steps = -(-len(labels) // batch_size)

@@ -59,7 +59,7 @@ def fit_layer(layer: MulLayer, mults: list, amap: np.ndarray, min_ratio: float =
     if all(np.array_equal(mults[i].w_transform(ws), ws) for i in used):
         return layer, 0
     wr = layer.weight * layer.w_scale[:, None, None, None]
-    weight, w_scale = layer.weight.copy(), layer.w_scale.astype(np.float64).copy()
+    weight, w_scale = layer.weight.copy(), np.array(layer.w_scale, dtype=np.float64)
     moved = 0
     for f in range(len(wr)):
         transforms = [(amap[f] == i, mults[i]) for i in np.unique(amap[f])]

@@ -58,12 +58,10 @@ def lut_error_taps(g, cols, widx, err):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True)
-def lut_table(w, kmap, luts, w_min, tap_major, t):  # pragma: no cover - compiled
-    """Fills the scatter kernels' table ``t`` [C, X, F * K] (int16 or int32): for input channel c and operand
-    index u, every filter's products with its taps' weights, t[c, u, f * K + tap] (``tap_major`` False) or
-    t[c, u, tap * F + f] (True)."""
+def lut_table(w, kmap, luts, w_min, t):  # pragma: no cover - compiled
+    """Fills the scatter kernels' table ``t`` [C, X, K * F] (int32): for input channel c and operand index u,
+    every filter's products with its taps' weights, tap-major: t[c, u, tap * F + f]."""
     f_out, c_in, kh, kw = w.shape
-    k = kh * kw
     nx = luts.shape[1]
     for c in prange(c_in):
         for f in range(f_out):
@@ -72,7 +70,7 @@ def lut_table(w, kmap, luts, w_min, tap_major, t):  # pragma: no cover - compile
                 for j in range(kw):
                     col = w[f, c, i, j] - w_min
                     tap = i * kw + j
-                    at = tap * f_out + f if tap_major else f * k + tap
+                    at = tap * f_out + f
                     for u in range(nx):
                         t[c, u, at] = lut[u, col]
 
@@ -116,7 +114,6 @@ def _scatter_stride1(x, b, table, nz, x_min, z):  # pragma: no cover - compiled
 @njit(inline="always")
 def _col2im_stride1(z, out_b, kh, kw, pad_top, pad_left, h, wd, f_out):  # pragma: no cover - compiled
     ho, wo = out_b.shape[0], out_b.shape[1]
-    ff = f_out
     for oh in range(ho):
         for ow in range(wo):
             o = out_b[oh, ow]
@@ -127,10 +124,11 @@ def _col2im_stride1(z, out_b, kh, kw, pad_top, pad_left, h, wd, f_out):  # pragm
                 z0, z1, z2 = z[q], z[q + 1], z[q + 2]
                 z3, z4, z5 = z[q + wd], z[q + wd + 1], z[q + wd + 2]
                 z6, z7, z8 = z[q + 2 * wd], z[q + 2 * wd + 1], z[q + 2 * wd + 2]
-                for f in range(ff):
-                    o[f] = (np.int64(z0[f]) + np.int64(z1[ff + f]) + np.int64(z2[2 * ff + f])
-                            + np.int64(z3[3 * ff + f]) + np.int64(z4[4 * ff + f]) + np.int64(z5[5 * ff + f])
-                            + np.int64(z6[6 * ff + f]) + np.int64(z7[7 * ff + f]) + np.int64(z8[8 * ff + f]))
+                for f in range(f_out):
+                    o[f] = (np.int64(z0[f]) + np.int64(z1[f_out + f]) + np.int64(z2[2 * f_out + f])
+                            + np.int64(z3[3 * f_out + f]) + np.int64(z4[4 * f_out + f])
+                            + np.int64(z5[5 * f_out + f]) + np.int64(z6[6 * f_out + f])
+                            + np.int64(z7[7 * f_out + f]) + np.int64(z8[8 * f_out + f]))
                 continue
             for i in range(kh):
                 ih = oh + i - pad_top

@@ -415,7 +415,8 @@ class LayerPlan:
         self.kmap = np.vectorize(remap.__getitem__)(amap).astype(np.int64)
         self.w = w.astype(np.int64)
         self.w_min = mults[used[0]].w_format.min
-        self.lut_tables = {}  # group -> the scatter kernel's table, built on first use; ("scatter", group) -> which kernel
+        self.luts_max = int(np.abs(self.luts).max())  # decides, with the layer's shape, which CPU kernel serves it
+        self.lut_tables = {}  # group -> the scatter kernel's table, built on first use
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Exact accumulators for integer-valued x (any dtype); a float or int64 tensor of integers."""
@@ -427,8 +428,8 @@ class LayerPlan:
         for g in range(self.conv_groups):  # a grouped conv is one conv per group
             xg, wg, kg = xi[:, g * cg:(g + 1) * cg], self.w[g * fg:(g + 1) * fg], self.kmap[g * fg:(g + 1) * fg]
             if x.device.type == "cpu":
-                outs.append(torch.from_numpy(lut_conv_cpu(xg.numpy(), wg, kg, self.luts, self.x_min,
-                                                          self.w_min, self.stride, self.pads, self.lut_tables, g)))
+                outs.append(torch.from_numpy(lut_conv_cpu(xg.numpy(), wg, kg, self.luts, self.x_min, self.w_min,
+                                                          self.stride, self.pads, self.lut_tables, g, self.luts_max)))
             else:
                 outs.append(lut_conv_torch(xg, wg, kg, self.luts, self.x_min, self.w_min, self.stride, self.pads))
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
@@ -587,18 +588,15 @@ SCATTER_MIN_CHANNELS = 1  # the gather kernel serves layers below this many inpu
 SCATTER_TABLE_BYTES = 64 << 20  # a larger table stays with the gather kernel
 
 
-def lut_conv_cpu(x, w, kmap, luts, x_min, w_min, stride, pads, tables: dict | None = None, key=0):
+def lut_conv_cpu(x, w, kmap, luts, x_min, w_min, stride, pads, tables: dict | None = None, key=0,
+                 luts_max: int | None = None):
     """The LUT convolution on the CPU: the scatter kernels where they apply (enough input channels, a table of
     at most SCATTER_TABLE_BYTES, every output's sum within int32), the gather kernel otherwise.
-    ``tables`` keeps each ``key``'s table for the next batch."""
+    ``tables`` keeps each ``key``'s table for the next batch; ``luts_max``: max |luts|, when known."""
     f, c, kh, kw = w.shape
-    scatter = None if tables is None else tables.get(("scatter", key))
-    if scatter is None:  # decided once per layer (and group)
-        scatter = not (c < SCATTER_MIN_CHANNELS or c * luts.shape[1] * f * kh * kw * 4 > SCATTER_TABLE_BYTES
-                       or c * kh * kw * int(np.abs(luts).max()) >= 1 << 31)  # every output's sum fits int32
-        if tables is not None:
-            tables[("scatter", key)] = scatter
-    if not scatter:
+    luts_max = int(np.abs(luts).max()) if luts_max is None else luts_max
+    if (c < SCATTER_MIN_CHANNELS or c * luts.shape[1] * f * kh * kw * 4 > SCATTER_TABLE_BYTES
+            or c * kh * kw * luts_max >= 1 << 31):  # every output's sum fits int32
         return lut_conv_numba(x, w, kmap, luts, x_min, w_min, stride, pads)
     return lut_scatter_numba(x, w, kmap, luts, x_min, w_min, stride, pads, tables, key)
 
@@ -616,7 +614,7 @@ def lut_scatter_numba(x, w, kmap, luts, x_min, w_min, stride, pads, tables: dict
         kh, kw = w.shape[2:]
         table = np.empty((w.shape[1], luts.shape[1], w.shape[0] * kh * kw), dtype=np.int32)
         lut_table(np.ascontiguousarray(w, dtype=np.int64), np.ascontiguousarray(kmap, dtype=np.int64),
-                  np.ascontiguousarray(luts, dtype=np.int32), int(w_min), True, table)
+                  np.ascontiguousarray(luts, dtype=np.int32), int(w_min), table)
         if int(table.min()) >= -(1 << 15) and int(table.max()) < 1 << 15:  # the layer's products fit int16
             table = table.astype(np.int16)
         built = (table, (table != 0).any(axis=2))  # rows that are all zero are skipped

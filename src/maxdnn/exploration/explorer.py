@@ -131,6 +131,16 @@ def compensated_error(q: QuantizedGraph, images: np.ndarray) -> dict[str, float]
     return out
 
 
+def default_library(q: QuantizedGraph, train, size: int, compensated: bool, seed: int = 0) -> list[str]:
+    """An exploration's default library of ``size`` ROUP configurations: spread over the (energy, NMED) front,
+    or for a compensated exploration over the (energy, ``compensated_error``) front on the graph's own operands
+    (64 training images of ``train`` outside the hold-out)."""
+    if not compensated:
+        return roup_library(size)
+    images = train.images[training_sample(len(train), 64, seed)]
+    return roup_library(size, compensated_error(q, images))  # None (no unsigned-input layer): NMED
+
+
 def check_library(q: QuantizedGraph, library: list[str]) -> None:
     """Every library multiplier exists for every layer's operand format (one line otherwise)."""
     from maxdnn.multipliers.models import SpecError
@@ -216,7 +226,8 @@ class Explorer:
             self.q = self.wl.quantized()
             self.q.save(qpath)
         check_outputs(self.q.outputs(self.test.images[:2]), self.wl.model_path)
-        self.library = self.user_library or self.default_library()
+        self.library = self.user_library or default_library(self.q, self.train, b.library_size, self.bias_correction,
+                                                            self.seed)
         check_library(self.q, self.library)
         table = energy_table(list(dict.fromkeys(["exact"] + roup_specs(8) + self.library)))
         self.chip = None
@@ -257,15 +268,6 @@ class Explorer:
         self.units = self.store.work_units()
         self.info = info
         write_json(run_json, info)
-
-    def default_library(self) -> list[str]:
-        """The budget's share of the ROUP configurations: spread over the (energy, NMED) front, or for a
-        compensated exploration over the (energy, compensated error) front on the graph's own operands (64
-        training images outside the hold-out)."""
-        if not self.bias_correction:
-            return roup_library(self.budget.library_size)
-        images = self.train.images[training_sample(len(self.train), 64, self.seed)]
-        return roup_library(self.budget.library_size, compensated_error(self.q, images))  # None: NMED
 
     def alwann_choices(self) -> list[str]:
         """ALWANN-style layer-wise search: the whole library, i.e. every ROUP configuration that saves energy
