@@ -91,7 +91,7 @@ def test_lut_scatter_kernels_match_reference(rng, geom, signed, table):
     from maxdnn.engine.approx import SCATTER_MIN_CHANNELS
 
     stride, k, _, pads = geom
-    c = SCATTER_MIN_CHANNELS + 1
+    c = max(SCATTER_MIN_CHANNELS + 1, 9)
     lo = -128 if signed else 0
     x = rng.integers(lo, lo + 256, (3, c, 9, 9))
     x[0, :, 0, :], x[1, :, :, -1] = lo + 255, lo  # extremes at the padding borders
@@ -115,8 +115,25 @@ def test_lut_scatter_kernels_match_reference(rng, geom, signed, table):
     plan = LayerPlan(w, [get_multiplier(s, 8, signed) for s in specs], amap, stride, pads, x_min=lo, x_max=lo + 255)
     xp = torch.as_tensor(x)
     assert np.array_equal(plan(xp).numpy(), reference(x, w, specs, amap, stride, pads, signed=signed))
-    assert plan.lut_tables[("scatter", 0)] and 0 in plan.lut_tables  # the scatter kernel ran and keeps its table
+    assert 0 in plan.lut_tables  # the scatter kernel ran, and keeps its table for the next batch
     assert np.array_equal(plan(xp).numpy(), reference(x, w, specs, amap, stride, pads, signed=signed))
+
+
+@pytest.mark.parametrize("table", ["int16", "int32"])
+@pytest.mark.parametrize("stride,pads", [(1, (1, 1, 1, 1)), (2, (0, 1, 0, 1))], ids=["s1", "s2"])
+def test_lut_scatter_accumulators_past_2_24(rng, stride, pads, table):
+    """Products of one sign near the table's range over 64 channels: output sums past 2^24 (int16 and int32
+    tables, stride 1 and 2, padding borders), equal to the gather kernel's int64 sums."""
+    hi = (1 << 15) - 1 if table == "int16" else 65025
+    x = rng.integers(1, 256, (2, 64, 7, 7))
+    w = rng.integers(-128, 128, (4, 64, 3, 3))
+    luts = rng.integers(hi - 2000, hi + 1, (2, 256, 256)).astype(np.int32)
+    kmap = rng.integers(0, 2, (4, 64))
+    tables: dict = {}
+    got = lut_scatter_numba(x, w, kmap, luts, 0, -128, stride, pads, tables, 0)
+    assert tables[0][0].dtype == (np.int16 if table == "int16" else np.int32)
+    want = lut_conv_numba(x, w, kmap, luts, 0, -128, stride, pads)
+    assert np.array_equal(got, want) and want.max() > 1 << 24
 
 
 def test_accumulators_past_2_24_take_exact_path(rng):
