@@ -105,3 +105,23 @@ def test_cli_finetune_then_evaluate_the_saved_graph(tmp_path):
     assert res["images"] == 50 and res["energy_gain"] > 0
     bad = runner.invoke(app, ["finetune", "--assign", str(assign), "--data", data, "--out", str(tmp_path / "x.pt")])
     assert bad.exit_code == 2 and "written as .npz" in bad.output
+
+
+def test_distillation_keeps_the_exact_model_and_is_part_of_the_state(qnet, tmp_path):
+    """Learning the exact model's own logits leaves the exact model where it is (learning the labels on a small
+    sample moves it); a state saved with one setting is refused with the other."""
+    train = load_cifar10(need(LOSSLESS_ZIP), "train")
+    tr, _ = validation_split(len(train), 5000, seed=0)
+    x, y = train.images[tr[:256]], train.labels[tr[:256]]
+    exact = Assignment.uniform(qnet, "exact")
+    moved = {}
+    for distill in (True, False):
+        g = finetune(qnet, exact, x, y, tmp_path / f"{distill}.npz", epochs=1, batch_size=32, lr=1e-3,
+                     log=lambda m: None, progress=False, distill=distill)
+        assert g.meta["finetune"]["distill"] is distill
+        moved[distill] = sum(int((l.weight != qnet.layers[n].weight).sum()) for n, l in g.layers.items())
+    assert moved[False] > 100 * max(moved[True], 1), moved
+    state = tmp_path / "s.npz.state"
+    torch.save({"epochs": 1, "seed": 0, "images": 256, "fit_scales": True, "distill": False}, state)
+    with pytest.raises(FinetuneError, match="distill=False"):
+        finetune(qnet, exact, x, y, tmp_path / "s.npz", epochs=1, log=lambda m: None, progress=False)

@@ -310,6 +310,8 @@ def finetune(
     fit_scales: bool = typer.Option(True, "--fit-weight-scales/--keep-weight-scales",
                                     help="First fit each filter's weight scale to its multipliers' weight grid where "
                                     "that at least halves the grid error (ROUP with 3 perforated rows)."),
+    distill: bool = typer.Option(True, "--distill/--labels",
+                                 help="Learn the exact quantized model's answers (its logits) or the labels."),
 ):
     """Approximation-aware fine-tuning: train the quantized model with the assignment's arithmetic in the forward pass."""
     import tempfile
@@ -339,7 +341,8 @@ def finetune(
     typer.echo(f"fine-tuning on {len(tr)} training images of {train.source} (validation hold-out excluded)", err=True)
     try:
         run_finetune(q, a, train.images[tr], train.labels[tr], out, epochs=epochs, batch_size=batch_size, lr=lr,
-                     seed=seed, log=lambda m: typer.echo(m, err=True), fit_scales=fit_scales)
+                     seed=seed, log=lambda m: typer.echo(m, err=True), fit_scales=fit_scales,
+                     distill=distill)
     except FinetuneError as e:
         fail(str(e))
     typer.echo(f"wrote {out}; measure it with: maxdnn evaluate --model {out} --assign {assign} --data ...", err=True)

@@ -11,7 +11,10 @@ points, not tens) and of at least the gain of the point of largest gain within
 points that bias correction already brings within 1 point are fine-tuned too,
 since fine-tuning can take them below half a point), spread in gain
 (``maxdnn.exploration.front.spread_in_gain``): both ends, then halving the largest gaps.
-Everything is chosen on validation, as in the search. Identical assignments
+Everything is chosen on validation, as in the search. The ladder's points
+(``maxdnn.exploration.search.ladder``: configurations whose error lies in the
+weights alone, which training absorbs) are fine-tuned too, whatever their loss
+untrained. Identical assignments
 (layer-level and ALWANN-style often share points) are fine-tuned once. The
 exact model is fine-tuned the same way: it is the fair baseline
 (a gain bought by extra training of the exact model is not a gain from
@@ -53,10 +56,11 @@ class FinetuneBudget:
     lr: float = 1e-3
     batch_size: int = 64
     fit_scales: bool = True  # weight scales fitted to the multipliers' weight grids first (compensate.weight_scales)
+    distill: bool = True  # learn the exact quantized model's logits, not the labels (compensate.finetune)
 
 
 FINETUNE_BUDGETS = {
-    "quick": FinetuneBudget(epochs=2, images=10000, points=5, max_val_loss_pts=12.0),
+    "quick": FinetuneBudget(epochs=1, images=20000, points=5, max_val_loss_pts=12.0),
     "full": FinetuneBudget(epochs=2, images=20000, points=8, max_val_loss_pts=12.0),
     "tiny": FinetuneBudget(epochs=1, images=64, points=1, max_val_loss_pts=100.0),  # for tests
 }
@@ -91,7 +95,9 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
     exact = Assignment.uniform(explorer.q, "exact")
     by_key = {"exact": (exact, [])}
     for ap in approaches:
-        for p in finetune_candidates(explorer.store.points([ap]), base_val, fb):
+        pts = explorer.store.points([ap])
+        ladder = [p for p in pts if p["source"] == "ladder"]  # fine-tuned whatever their loss untrained
+        for p in finetune_candidates(pts, base_val, fb) + ladder:
             a = explorer.build(ap, {k: tuple(v) for k, v in json.loads(p["genome"]).items()}, res)
             key = assignment_key(a)
             by_key.setdefault(key, (a, []))[1].append(point_key(p))
@@ -116,7 +122,8 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
             g = QuantizedGraph.load(npz)
         else:
             g = finetune(explorer.q, a, images, labels, npz, epochs=fb.epochs, batch_size=fb.batch_size, lr=fb.lr,
-                         seed=explorer.seed, log=lambda m: None, progress=False, fit_scales=fb.fit_scales)
+                         seed=explorer.seed, log=lambda m: None, progress=False, fit_scales=fb.fit_scales,
+                         distill=fb.distill)
         val_acc, val_loss = explorer.val_metrics(a, g)
         net = [ApproxNetwork(g, a)]
         confirm = correctness(net, explorer.confirm.images, explorer.confirm.labels)[0]

@@ -435,13 +435,15 @@ def write_report(run_dir: str | os.PathLike, store=None) -> Path:
         lines += _level_table(by_level, t, chip_objective)
     if ft["settings"]:
         st = ft["settings"]
+        DISTILLED = ", to the exact model's answers (distillation)"  # noqa: N806
         n_images = "all" if st["images"] is None else f"{st['images']:,}"
         secs = [e["seconds"] for e in ft["assignments"].values()]
         floor = (f", and of at least the gain of the largest-gain point within {st['floor_pts']:g} validation points"
                  if "floor_pts" in st else "")
         lines += [f"Fine-tuning: up to {st['points']} validation-front points per approach (within "
                   f"{st['max_val_loss_pts']:g} validation points of exact, as ranked by the search{floor}) trained "
-                  f"with their assignment fixed{', weight scales fitted' if st.get('fit_scales') else ''}, "
+                  f"with their assignment fixed{', weight scales fitted' if st.get('fit_scales') else ''}"
+                  f"{DISTILLED if st.get('distill') else ''}, "
                   f"{st['epochs']} epoch(s) on {n_images} training images outside the validation "
                   f"hold-out (lr {st['lr']:g}, batch {st['batch_size']}), then measured through the integer engine"
                   + (f"; {len(secs)} distinct assignments, {sum(secs) / len(secs):.0f} s each on average." if secs
