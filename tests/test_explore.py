@@ -609,3 +609,41 @@ def test_kill_9_during_fine_tuning_resumes_to_the_same_result(tmp_path):
                 for e in [doc["exact"], *doc["assignments"].values()]:
                     e.pop("seconds"), e.pop("worker")
         assert a == b, name
+
+
+def test_ladder_specs_are_the_two_lowest_energy_weight_only_configurations():
+    from maxdnn.energy import energy_table
+    from maxdnn.exploration.search import ladder_specs
+
+    table = energy_table(["roup-p0r1", "roup-p1r0", "roup-p2r0", "roup-p3r0", "roup-p3r4"])
+    assert ladder_specs(["roup-p0r1", "roup-p1r0", "roup-p3r0", "roup-p2r0", "roup-p3r4"], table) == \
+        ("roup-p3r0", "roup-p2r0")
+    assert ladder_specs(["roup-p3r4", "roup-p2r0"], table) == ("roup-p2r0", "exact")
+    assert ladder_specs(["roup-p0r1", "roup-p3r4", "drum-k4"], table) is None
+
+
+def test_ladder_points_are_fine_tuned_and_saved(compensated_run):
+    """The fine-tuning exploration's library holds the weight-grid configurations; the ladder's points (top on
+    the fraction of layers least sensitive to it, under on the rest) are all fine-tuned, whatever their loss
+    untrained, and their assignments saved for ``maxdnn evaluate``."""
+    from maxdnn.exploration.explorer import WEIGHT_GRID
+    from maxdnn.exploration.search import ladder_specs
+
+    run, ex = compensated_run
+    assert set(WEIGHT_GRID) <= set(ex.library)
+    top, under = ladder_specs(ex.library, ex.table)
+    assert (top, under) == ("roup-p3r0", "roup-p2r0")
+    pts = [p for p in ex.store.points(["layer"]) if p["source"] == "ladder"]
+    layers = list(ex.q.layers)
+    order = np.argsort(ex.resilience()["direct_loss"][:, ex.library.index(top)], kind="stable")
+    fractions = sorted({0.0, *TINY.sweep_fractions})
+    assert sorted(p["fraction"] for p in pts) == fractions
+    for p in pts:
+        k = int(round(p["fraction"] * len(layers)))
+        genome = {n: tuple(v) for n, v in json.loads(p["genome"]).items()}
+        assert genome == {n: (top if n in {layers[i] for i in order[:k]} else under, 1.0) for n in layers}
+    done = json.loads((run / "finetune_eval.json").read_text())
+    for p in pts:
+        assert done["points"][point_key(p)] in done["assignments"]
+        saved = Assignment.load(run / "pareto" / f"layer-ladder-{p['trial']}.json", ex.q)
+        assert assignment_key(saved) == done["points"][point_key(p)]

@@ -87,9 +87,9 @@ def with_confirmation(p: dict, entry: dict | None, ref: dict) -> dict:
     return {**p, "confirm_loss_pts": loss, "confirm_loss_se": se}
 
 
-def _front_candidates(explorer, approaches, res: dict, levels: list[str]) -> tuple[dict, dict]:
-    """(point key -> assignment of every validation-front point, saved to RUN_DIR/pareto/; "LEVEL|APPROACH" ->
-    its candidates, step 1)."""
+def _front_candidates(explorer, approaches, res: dict, levels: list[str], tuned=()) -> tuple[dict, dict]:
+    """(point key -> assignment of every validation-front point and of every fine-tuned point (keys ``tuned``),
+    saved to RUN_DIR/pareto/; "LEVEL|APPROACH" -> its candidates, step 1)."""
     from maxdnn.exploration.report import noise_pts
 
     front_dir = explorer.run_dir / "pareto"
@@ -101,7 +101,9 @@ def _front_candidates(explorer, approaches, res: dict, levels: list[str]) -> tup
     for ap in approaches:
         pts = explorer.store.points([ap])
         fronts = {lv: pareto_front(level_points(pts, lv)) for lv in levels}
-        for p in {point_key(p): p for lv in levels for p in fronts[lv]}.values():
+        saved = {point_key(p): p for lv in levels for p in fronts[lv]}
+        saved.update({point_key(p): p for p in pts if point_key(p) in tuned})
+        for p in saved.values():
             a = explorer.build(ap, {k: tuple(v) for k, v in json.loads(p["genome"]).items()}, res)
             a.meta = {"approach": ap, "summary": p["summary"], "energy_gain": p["energy_gain"]}
             a.save(front_dir / f"{ap}-{p['source']}-{p['trial']}.json")
@@ -147,7 +149,7 @@ def confirm_and_test(explorer, approaches, res: dict, finetuned: dict | None = N
     path = explorer.run_dir / "confirm_eval.json"
     local = json.loads(path.read_text()) if path.exists() else {}
     levels = [lv for lv in levels_of(explorer.compensation) if lv != "finetune"]
-    built, cands = _front_candidates(explorer, approaches, res, levels)
+    built, cands = _front_candidates(explorer, approaches, res, levels, set((finetuned or {}).get("points", {})))
     exact = Assignment.uniform(explorer.q, "exact")
     jobs = {"confirm|exact": ("ptq", exact)}
     for key, pts in cands.items():

@@ -50,7 +50,7 @@ from maxdnn.data import training_sample, validation_split
 from maxdnn.energy import energy_table, hardware_table, network_energy, with_per_layer
 from maxdnn.multipliers.metrics import error_metrics
 from maxdnn.exploration.resilience import resilience
-from maxdnn.exploration.search import nsga, sweep
+from maxdnn.exploration.search import ladder, nsga, sweep
 from maxdnn.exploration.confirm import confirm_and_test
 from maxdnn.exploration.front import APPROACHES
 from maxdnn.multipliers.models import get_multiplier, roup_specs
@@ -131,14 +131,24 @@ def compensated_error(q: QuantizedGraph, images: np.ndarray) -> dict[str, float]
     return out
 
 
-def default_library(q: QuantizedGraph, train, size: int, compensated: bool, seed: int = 0) -> list[str]:
+WEIGHT_GRID = ("roup-p2r0", "roup-p3r0")  # weight-only error: what fine-tuning trains the weights onto
+
+
+def default_library(q: QuantizedGraph, train, size: int, compensated: bool, seed: int = 0,
+                    finetune: bool = False) -> list[str]:
     """An exploration's default library of ``size`` ROUP configurations: spread over the (energy, NMED) front,
     or for a compensated exploration over the (energy, ``compensated_error``) front on the graph's own operands
-    (64 training images of ``train`` outside the hold-out)."""
+    (64 training images of ``train`` outside the hold-out). A fine-tuning exploration also takes the
+    ``WEIGHT_GRID`` configurations, whose error lies in the weights alone (perforation without rounding): the
+    ladder of fine-tuned points is made of them (``maxdnn.exploration.search.ladder``)."""
     if not compensated:
         return roup_library(size)
     images = train.images[training_sample(len(train), 64, seed)]
-    return roup_library(size, compensated_error(q, images))  # None (no unsigned-input layer): NMED
+    lib = roup_library(size, compensated_error(q, images))  # None (no unsigned-input layer): NMED
+    if finetune:
+        hw = hardware_table() or {}
+        lib = sorted(dict.fromkeys(lib + list(WEIGHT_GRID)), key=lambda s: -hw.get(s, 1.0))
+    return lib
 
 
 def check_library(q: QuantizedGraph, library: list[str]) -> None:
@@ -227,7 +237,7 @@ class Explorer:
             self.q.save(qpath)
         check_outputs(self.q.outputs(self.test.images[:2]), self.wl.model_path)
         self.library = self.user_library or default_library(self.q, self.train, b.library_size, self.bias_correction,
-                                                            self.seed)
+                                                            self.seed, finetune=self.compensation == "finetune")
         check_library(self.q, self.library)
         table = energy_table(list(dict.fromkeys(["exact"] + roup_specs(8) + self.library)))
         self.chip = None
@@ -387,7 +397,8 @@ def run_exploration(explorer: Explorer, approaches=APPROACHES, finetune=None) ->
         finetune = None
     steps = [("resilience", None)] + [(kind, ap) for ap in approaches
                                       for kind in (("nsga",) if ap == "alwann" else ("sweep", "nsga"))]
-    steps += [("finetune", None)] if finetune is not None else []
+    steps += [("ladder", "layer"), ("finetune", None)] if finetune is not None and "layer" in approaches else \
+        [("finetune", None)] if finetune is not None else []
     steps += [("confirm", None)]
     res, tuned = None, None
     for k, (kind, ap) in enumerate(steps, 1):
@@ -398,6 +409,8 @@ def run_exploration(explorer: Explorer, approaches=APPROACHES, finetune=None) ->
             sweep(explorer, ap, res)
         elif kind == "nsga":
             nsga(explorer, ap, res)
+        elif kind == "ladder":
+            ladder(explorer, res)
         elif kind == "finetune":
             tuned = finetune_front(explorer, approaches, res, finetune)
         else:

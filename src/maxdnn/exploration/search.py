@@ -145,3 +145,62 @@ def _seed_genomes(explorer, approach: str) -> list[dict]:
     front = pareto_front([p for p in explorer.store.points([source]) if p["source"] == "sweep"])
     # most accurate first
     return [{k: tuple(v) for k, v in json.loads(p["genome"]).items()} for p in sorted(front, key=lambda p: -p["val_accuracy"])]
+
+
+def ladder_specs(library: list[str], table) -> tuple[str, str] | None:
+    """(top, under) of the fine-tuning ladder: the library's two lowest-energy configurations whose error lies in
+    the weights alone (separable, identity activation transform: ROUP without rounding, roup-pPr0), ``under``
+    ``exact`` when the library has one; None when it has none."""
+    from maxdnn.multipliers.models import get_multiplier
+
+    xs = np.arange(0, 256)
+    grid = []
+    for s in library:
+        m = get_multiplier(s)
+        if m.separable and np.array_equal(np.asarray(m.x_transform(xs)), xs) and s in table.rel:
+            grid.append(s)
+    grid.sort(key=lambda s: table[s])
+    if not grid:
+        return None
+    return grid[0], (grid[1] if len(grid) > 1 else "exact")
+
+
+def ladder(explorer, res: dict) -> None:
+    """The fine-tuning ladder (``layer`` approach, fine-tuning explorations): the ``top`` configuration of
+    ``ladder_specs`` on each sweep fraction of the layers least sensitive to it (resilience, direct loss), and
+    ``under`` on the others; fraction 0 too. A weight-only error is what fine-tuning absorbs (the weights are
+    trained onto the multiplier's grid), so these points are fine-tuned whatever their loss as quantized or
+    bias-corrected, which ranks them far below what they reach once trained (``finetune_stage``). Each point
+    is a unit, recorded in the ``layer-ladder`` study with source ``ladder``."""
+    import optuna
+
+    pair = ladder_specs(explorer.library, explorer.table)
+    if pair is None:
+        return
+    top, under = pair
+    study = explorer.store.study("layer-ladder", optuna.samplers.RandomSampler(seed=explorer.seed))
+    layers = list(explorer.q.layers)
+    order = np.argsort(res["direct_loss"][:, explorer.library.index(top)], kind="stable")
+    fractions = sorted({0.0, *(float(f) for f in explorer.budget.sweep_fractions)})
+    grid = {f"ladder|layer|{top}|{under}|{f:g}": f for f in fractions}
+
+    def points(keys):
+        told = {point_attrs(t).get("unit"): t.number
+                for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+        numbers, asked = [], []
+        for key in keys:
+            if key in told:
+                numbers.append(told[key])
+                continue
+            k = int(round(grid[key] * len(layers)))
+            chosen = {layers[i] for i in order[:k]}
+            genome = {n: (top if n in chosen else under, 1.0) for n in layers}
+            genome = {n: g for n, g in genome.items() if g[0] != "exact"}
+            trial = study.ask()
+            asked.append((trial, genome, {"unit": key, "config": top, "fraction": grid[key]}))
+            numbers.append(trial.number)
+        _record_many(explorer, study, asked, "layer", "ladder", res)
+        return numbers
+
+    with explorer.progress_bar(f"layer: fine-tuning ladder ({top} over {under})", total=len(grid)) as bar:
+        explorer.units.map(list(grid), points, bar, batch=explorer.eval_batch)

@@ -104,12 +104,12 @@ class RunStorage:
         return study
 
     def points(self, approaches=APPROACHES) -> list[dict]:
-        """Every completed sweep and NSGA-II point of these approaches."""
+        """Every completed sweep, NSGA-II and ladder point of these approaches (``source``: the study's kind)."""
         import optuna
 
         out = []
         for ap in approaches:
-            for kind in ("sweep", "nsga2"):
+            for kind in ("sweep", "nsga2", "ladder"):
                 try:
                     study = optuna.load_study(study_name=self.study_name(f"{ap}-{kind}"), storage=self.optuna())
                 except KeyError:
@@ -122,7 +122,8 @@ class RunStorage:
                                 "ptq_val_accuracy": u.get("ptq_val_accuracy", u["val_accuracy"]),
                                 "ptq_val_loss": u.get("ptq_val_loss", u["val_loss"]),
                                 "energy": u["energy"], "energy_gain": u["energy_gain"],
-                                "mult_energy_gain": u.get("mult_energy_gain", u["energy_gain"])})
+                                "mult_energy_gain": u.get("mult_energy_gain", u["energy_gain"]),
+                                **({"fraction": u["fraction"]} if "fraction" in u else {})})
         return out
 
 
