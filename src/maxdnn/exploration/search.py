@@ -165,14 +165,29 @@ def ladder_specs(library: list[str], table) -> tuple[str, str] | None:
     return grid[0], (grid[1] if len(grid) > 1 else "exact")
 
 
+def ladder_rungs(loss: np.ndarray, saved: np.ndarray, fractions) -> tuple[np.ndarray, list[int]]:
+    """(order, rungs) of the fine-tuning ladder: layers by increasing untrained loss (negative: 0) per energy
+    saved (ties: larger saving first), and for each fraction f the shortest prefix of that order saving at
+    least f of what all layers save; each prefix length once, ascending."""
+    order = np.array(sorted(range(len(loss)), key=lambda i: (max(float(loss[i]), 0.0) / max(float(saved[i]), 1e-300),
+                                                             -float(saved[i]), i)), dtype=np.int64)
+    cum = np.concatenate([[0.0], np.cumsum(saved[order])])
+    rungs = sorted({int(np.searchsorted(cum, f * cum[-1] * (1 - 1e-12))) for f in fractions})
+    return order, rungs
+
+
 def ladder(explorer, res: dict) -> None:
     """The fine-tuning ladder (``layer`` approach, fine-tuning explorations): the ``top`` configuration of
-    ``ladder_specs`` on each sweep fraction of the layers least sensitive to it (resilience, direct loss), and
-    ``under`` on the others; fraction 0 too. A weight-only error is what fine-tuning absorbs (the weights are
-    trained onto the multiplier's grid), so these points are fine-tuned whatever their loss as quantized or
-    bias-corrected, which ranks them far below what they reach once trained (``finetune_stage``). Each point
-    is a unit, recorded in the ``layer-ladder`` study with source ``ladder``."""
+    ``ladder_specs`` on a prefix of the layers, ``under`` on the others (``ladder_rungs``: layers by their
+    untrained loss with ``top`` alone (resilience, direct loss) per multiplication energy it saves over
+    ``under``; one rung per sweep fraction f of that saving, f = 0 included). A weight-only error is what
+    fine-tuning absorbs (the weights are trained onto the multiplier's grid), so these points are fine-tuned
+    whatever their loss as quantized or bias-corrected, which ranks them far below what they reach once
+    trained (``finetune_stage``). Each point is a unit, recorded in the ``layer-ladder`` study with source
+    ``ladder``."""
     import optuna
+
+    from maxdnn.ir.graph import multiplication_counts
 
     pair = ladder_specs(explorer.library, explorer.table)
     if pair is None:
@@ -180,9 +195,13 @@ def ladder(explorer, res: dict) -> None:
     top, under = pair
     study = explorer.store.study("layer-ladder", optuna.samplers.RandomSampler(seed=explorer.seed))
     layers = list(explorer.q.layers)
-    order = np.argsort(res["direct_loss"][:, explorer.library.index(top)], kind="stable")
+    counts = multiplication_counts(explorer.q)
+    t = explorer.table
+    saved = np.array([counts[n] * int(np.prod(explorer.q.layers[n].weight.shape[:2]))
+                      * (t.for_layer(n, under) - t.for_layer(n, top)) for n in layers])
     fractions = sorted({0.0, *(float(f) for f in explorer.budget.sweep_fractions)})
-    grid = {f"ladder|layer|{top}|{under}|{f:g}": f for f in fractions}
+    order, rungs = ladder_rungs(res["direct_loss"][:, explorer.library.index(top)], saved, fractions)
+    grid = {f"ladder|layer|{top}|{under}|{k}": k for k in rungs}
 
     def points(keys):
         told = {point_attrs(t).get("unit"): t.number
@@ -192,12 +211,11 @@ def ladder(explorer, res: dict) -> None:
             if key in told:
                 numbers.append(told[key])
                 continue
-            k = int(round(grid[key] * len(layers)))
-            chosen = {layers[i] for i in order[:k]}
+            chosen = {layers[i] for i in order[:grid[key]]}
             genome = {n: (top if n in chosen else under, 1.0) for n in layers}
             genome = {n: g for n, g in genome.items() if g[0] != "exact"}
             trial = study.ask()
-            asked.append((trial, genome, {"unit": key, "config": top, "fraction": grid[key]}))
+            asked.append((trial, genome, {"unit": key, "config": top, "fraction": grid[key] / len(layers)}))
             numbers.append(trial.number)
         _record_many(explorer, study, asked, "layer", "ladder", res)
         return numbers
