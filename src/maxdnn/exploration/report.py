@@ -123,10 +123,16 @@ def write_points(run_dir: Path, store) -> Path:
             for r in pareto_front(group):
                 r["on_front"] = 1
             rows += group
-    pe, chip = _front_gains(run_dir, [r for r in rows if r["on_front"]], info.get("accelerator"))
+    pe, chip = _front_gains(run_dir, rows, info.get("accelerator"))
+    # a point whose assignment was not saved takes the gains of a saved point of the same approach and genes
+    # (the sweep and NSGA-II often find the same assignment; front ties keep one of them)
+    keys = {(r["approach"], r["summary"]): (r["approach"], r["source"], r["trial"]) for r in rows
+            if (r["approach"], r["source"], r["trial"]) in pe or (r["approach"], r["source"], r["trial"]) in chip}
     for r in rows:
-        r["pe_energy_gain"] = pe.get((r["approach"], r["source"], r["trial"]), "")
-        r["accelerator_energy_gain"] = chip.get((r["approach"], r["source"], r["trial"]), "")
+        own = (r["approach"], r["source"], r["trial"])
+        key = own if own in pe or own in chip else keys.get((r["approach"], r["summary"]), own)
+        r["pe_energy_gain"] = pe.get(key, "")
+        r["accelerator_energy_gain"] = chip.get(key, "")
     path = run_dir / "points.csv"
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, COLUMNS)
@@ -136,8 +142,9 @@ def write_points(run_dir: Path, store) -> Path:
 
 
 def _front_gains(run_dir: Path, rows: list[dict], accelerator: str | None) -> tuple[dict, dict]:
-    """(processing-element gains, accelerator gains) by (approach, source, trial) of the front points whose
-    assignment is saved in RUN_DIR/pareto, each assignment loaded once however many levels' rows share it.
+    """(processing-element gains, accelerator gains) by (approach, source, trial) of the points whose
+    assignment is saved in RUN_DIR/pareto (front and fine-tuned points), each assignment loaded once however
+    many levels' rows share it.
     PE: multiplier + accumulator (``maxdnn.energy``), none where the energy table has no PE energies for its
     specs. Accelerator (``maxdnn.accelerator``, ZigZag), when the run names one (``explore --accelerator``):
     ZigZag maps the network once (cached), every point then costs a sum over its layers."""
