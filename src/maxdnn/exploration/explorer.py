@@ -410,7 +410,7 @@ def run_exploration(explorer: Explorer, approaches=APPROACHES, finetune=None) ->
         elif kind == "nsga":
             nsga(explorer, ap, res)
         elif kind == "ladder":
-            ladder(explorer, res)
+            ladder(explorer, res, finetune.ladder_points)
         elif kind == "finetune":
             tuned = finetune_front(explorer, approaches, res, finetune)
         else:

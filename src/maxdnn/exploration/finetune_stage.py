@@ -57,12 +57,13 @@ class FinetuneBudget:
     batch_size: int = 64
     fit_scales: bool = True  # weight scales fitted to the multipliers' weight grids first (compensate.weight_scales)
     distill: bool = True  # learn the exact quantized model's logits, not the labels (compensate.finetune)
+    ladder_points: int = 5  # rungs of the fine-tuning ladder (search.ladder): energy-saving fractions 0 ... 1
 
 
 FINETUNE_BUDGETS = {
-    "quick": FinetuneBudget(epochs=1, images=20000, points=5, max_val_loss_pts=12.0),
-    "full": FinetuneBudget(epochs=2, images=20000, points=8, max_val_loss_pts=12.0),
-    "tiny": FinetuneBudget(epochs=1, images=64, points=1, max_val_loss_pts=100.0),  # for tests
+    "quick": FinetuneBudget(epochs=1, images=20000, points=5, max_val_loss_pts=12.0, ladder_points=7),
+    "full": FinetuneBudget(epochs=2, images=20000, points=8, max_val_loss_pts=12.0, ladder_points=9),
+    "tiny": FinetuneBudget(epochs=1, images=64, points=1, max_val_loss_pts=100.0, ladder_points=3),  # for tests
 }
 
 
