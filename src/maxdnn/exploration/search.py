@@ -176,11 +176,11 @@ def ladder_rungs(loss: np.ndarray, saved: np.ndarray, fractions) -> tuple[np.nda
     return order, rungs
 
 
-def ladder(explorer, res: dict, points_: int) -> None:
+def ladder(explorer, res: dict, n_rungs: int) -> None:
     """The fine-tuning ladder (``layer`` approach, fine-tuning explorations): the ``top`` configuration of
     ``ladder_specs`` on a prefix of the layers, ``under`` on the others (``ladder_rungs``: layers by their
     untrained loss with ``top`` alone (resilience, direct loss) per multiplication energy it saves over
-    ``under``; one rung per fraction f of that saving, ``points_`` fractions evenly from 0 to 1, a prefix
+    ``under``; one rung per fraction f of that saving, ``n_rungs`` fractions evenly from 0 to 1, a prefix
     length reached twice taken once). A weight-only error is what
     fine-tuning absorbs (the weights are trained onto the multiplier's grid), so these points are fine-tuned
     whatever their loss as quantized or bias-corrected, which ranks them far below what they reach once
@@ -200,7 +200,7 @@ def ladder(explorer, res: dict, points_: int) -> None:
     t = explorer.table
     saved = np.array([counts[n] * int(np.prod(explorer.q.layers[n].weight.shape[:2]))
                       * (t.for_layer(n, under) - t.for_layer(n, top)) for n in layers])
-    fractions = np.linspace(0.0, 1.0, max(points_, 2))
+    fractions = np.linspace(0.0, 1.0, max(n_rungs, 2))
     order, rungs = ladder_rungs(res["direct_loss"][:, explorer.library.index(top)], saved, fractions)
     grid = {f"ladder|layer|{top}|{under}|{k}": k for k in rungs}
 
