@@ -383,8 +383,9 @@ def explore(out: str | os.PathLike, data: str | os.PathLike, model: str | None =
             accelerator: str | None = None, **options) -> Run:
     """The MAx-DNN exploration (``maxdnn explore``): resilience, layer / filter / kernel sweeps and NSGA-II, the
     ALWANN-style search, test-set numbers and the report, in the run folder ``out`` (rerun to resume).
-    ``compensation``: ``finetune`` (default: the search ranks points bias-corrected, then front points and the
-    exact model are fine-tuned), ``bias`` or ``none``. ``accelerator``: also each front point's energy gain on
+    ``compensation``: ``finetune`` (default: the search ranks points bias-corrected, then front points, the
+    fine-tuning ladder of weight-grid points and the exact model are fine-tuned, distilled from the exact
+    model), ``bias`` or ``none``. ``accelerator``: also each front point's energy gain on
     that accelerator (``maxdnn.accelerator_energy``; column ``accelerator_energy_gain``). ``options`` go to
     ``maxdnn.exploration.explorer.Explorer`` (``library``, ``energy``, ``seed``, ``storage``);
     ``energy="accelerator:tpu_like"`` makes the accelerator's energy per image the objective (``energy_gain``
