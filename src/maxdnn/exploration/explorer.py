@@ -21,7 +21,9 @@ energy table, storage, the evaluation of assignments); the stages are their
 own units, run in order by ``run_exploration``:
 - resilience (``maxdnn.exploration.resilience``);
 - per approach, a sweep and an NSGA-II search (``maxdnn.exploration.search``);
-- with ``compensation="finetune"``, fine-tuning of front points (``maxdnn.exploration.finetune_stage``);
+- with ``compensation="finetune"``, the fine-tuning ladder of weight-grid points
+  (``maxdnn.exploration.search.ladder``), then fine-tuning of front and ladder points
+  (``maxdnn.exploration.finetune_stage``);
 - the choice of each threshold's point on a larger held-out split, and its test-set numbers
   (``maxdnn.exploration.confirm``).
 

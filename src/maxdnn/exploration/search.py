@@ -1,4 +1,5 @@
-"""The searches of an exploration: per approach, a sweep over (configuration x fraction) and NSGA-II.
+"""The searches of an exploration: per approach, a sweep over (configuration x fraction) and NSGA-II; for a
+fine-tuning exploration, the ladder of weight-grid points (``ladder``).
 
 A genome gives each layer a configuration and, for filter and kernel, a
 fraction of its units (approximated least sensitive first, by the resilience
