@@ -657,3 +657,26 @@ def test_ladder_points_are_fine_tuned_and_saved(compensated_run):
         assert done["points"][point_key(p)] in done["assignments"]
         saved = Assignment.load(run / "pareto" / f"layer-ladder-{p['trial']}.json", ex.q)
         assert assignment_key(saved) == done["points"][point_key(p)]
+
+
+def test_a_point_whose_assignment_was_not_saved_takes_its_twins_gains(compensated_run, tmp_path):
+    """The sweep and NSGA-II often find the same assignment, and a front tie saves one of the two: the other
+    row of points.csv takes the saved one's PE gain instead of none."""
+    import shutil
+
+    run, ex = compensated_run
+    rows = read_points(run / "points.csv")
+    key = lambda r: (r["approach"], r["source"], r["trial"])  # noqa: E731
+    pairs = [(r, o) for r in rows for o in rows if r["pe_energy_gain"] not in ("", None)
+             and o["approach"] == r["approach"] and o["summary"] == r["summary"] and key(o) != key(r)]
+    assert pairs, "the tiny run has no two points of one assignment"
+    r, twin = pairs[0]
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("study.db*"))
+    own = copy / "pareto" / "{}-{}-{}.json".format(*key(r))
+    other = copy / "pareto" / "{}-{}-{}.json".format(*key(twin))
+    shutil.copy(own, other)
+    own.unlink()
+    write_report(copy, ex.store)
+    again = {(key(x), x["compensation"]): x for x in read_points(copy / "points.csv")}
+    assert again[(key(r), r["compensation"])]["pe_energy_gain"] == r["pe_energy_gain"]

@@ -216,7 +216,7 @@ def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labe
     (its integer logits on the same augmented batch, ``q`` with every multiplier exact; temperature 1), not
     the labels: the approximate network learns to answer as the exact one does, and the exact model
     fine-tuned this way stays where it is (with the labels, a few epochs on a sample of the training images
-    cost it about 0.3 points). ``labels`` then only count the training accuracy shown. SGD (momentum 0.9,
+    cost it about half a point). ``labels`` then only count the training accuracy shown. SGD (momentum 0.9,
     no weight decay), cosine learning rate, the augmentation of ``maxdnn train``. The state after every
     epoch goes to ``OUT.state`` (atomically); rerunning resumes after the last finished epoch."""
     from tqdm import tqdm

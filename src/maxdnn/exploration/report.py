@@ -447,8 +447,11 @@ def write_report(run_dir: str | os.PathLike, store=None) -> Path:
         secs = [e["seconds"] for e in ft["assignments"].values()]
         floor = (f", and of at least the gain of the largest-gain point within {st['floor_pts']:g} validation points"
                  if "floor_pts" in st else "")
+        ladder = (f", and the {st['ladder_points']} rungs of the fine-tuning ladder (layer level: the lowest-energy "
+                  "weight-only configuration on the layers least sensitive to it per energy saved, the next on the "
+                  "others), whatever their loss untrained," if st.get("ladder_points") else "")
         lines += [f"Fine-tuning: up to {st['points']} validation-front points per approach (within "
-                  f"{st['max_val_loss_pts']:g} validation points of exact, as ranked by the search{floor}) trained "
+                  f"{st['max_val_loss_pts']:g} validation points of exact, as ranked by the search{floor}){ladder} trained "
                   f"with their assignment fixed{', weight scales fitted' if st.get('fit_scales') else ''}"
                   f"{DISTILLED if st.get('distill') else ''}, "
                   f"{st['epochs']} epoch(s) on {n_images} training images outside the validation "
