@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from maxdnn.compensate.finetune import finetune
-from maxdnn.data import training_sample, validation_split
-from maxdnn.engine.approx import ApproxNetwork, Assignment
-from maxdnn.workload import Workload
+from maxdnn.data import training_sample
+from maxdnn.engine.approx import Assignment
+from confirmation import setup  # benchmarks/ is the script's folder
 
 p = argparse.ArgumentParser()
 p.add_argument("--data", required=True)
@@ -33,15 +33,7 @@ p.add_argument("--images", type=int, default=10000)
 p.add_argument("--energy", action="store_true")
 args = p.parse_args()
 
-wl = Workload.open(None, args.data)
-q = wl.quantized()
-train = wl.split("train")
-conf = train.subset(np.sort(validation_split(len(train), 5000, seed=0)[1]))
-tr = training_sample(len(train), args.images, 0)
-
-
-def accuracy(g, a) -> float:
-    return float((ApproxNetwork(g, a).predict(conf.images) == conf.labels).mean())
+q, train, conf, tr, accuracy = setup(args.data, args.images)
 
 
 def rel_energy(g, spec) -> float:

@@ -1,0 +1,22 @@
+"""What the fine-tuning benchmarks share: the committed ResNet-8 quantized as ``maxdnn explore`` quantizes it,
+the training split, the 5,000 held-out training images the exploration confirms its choices on, a seeded
+training sample outside the hold-out, and the integer engine's accuracy on the confirmation images."""
+import numpy as np
+
+from maxdnn.data import training_sample, validation_split
+from maxdnn.engine.approx import ApproxNetwork
+from maxdnn.workload import Workload
+
+
+def setup(data: str, images: int):
+    """(quantized graph, training split, confirmation split, training sample indices, accuracy(graph, assignment))."""
+    wl = Workload.open(None, data)
+    q = wl.quantized()
+    train = wl.split("train")
+    conf = train.subset(np.sort(validation_split(len(train), 5000, seed=0)[1]))
+    tr = training_sample(len(train), images, 0)
+
+    def accuracy(g, a) -> float:
+        return float((ApproxNetwork(g, a).predict(conf.images) == conf.labels).mean())
+
+    return q, train, conf, tr, accuracy
