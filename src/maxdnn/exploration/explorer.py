@@ -399,8 +399,9 @@ def run_exploration(explorer: Explorer, approaches=APPROACHES, finetune=None) ->
         finetune = None
     steps = [("resilience", None)] + [(kind, ap) for ap in approaches
                                       for kind in (("nsga",) if ap == "alwann" else ("sweep", "nsga"))]
-    steps += [("ladder", "layer"), ("finetune", None)] if finetune is not None and "layer" in approaches else \
-        [("finetune", None)] if finetune is not None else []
+    if finetune is not None:
+        steps += [("ladder", "layer")] if "layer" in approaches else []
+        steps += [("finetune", None)]
     steps += [("confirm", None)]
     res, tuned = None, None
     for k, (kind, ap) in enumerate(steps, 1):

@@ -126,11 +126,11 @@ def write_points(run_dir: Path, store) -> Path:
     pe, chip = _front_gains(run_dir, rows, info.get("accelerator"))
     # a point whose assignment was not saved takes the gains of a saved point of the same approach and genes
     # (the sweep and NSGA-II often find the same assignment; front ties keep one of them)
-    keys = {(r["approach"], r["summary"]): (r["approach"], r["source"], r["trial"]) for r in rows
-            if (r["approach"], r["source"], r["trial"]) in pe or (r["approach"], r["source"], r["trial"]) in chip}
+    ident = lambda r: (r["approach"], r["source"], r["trial"])  # noqa: E731
+    measured = {ident(r) for r in rows} & (pe.keys() | chip.keys())
+    twins = {(r["approach"], r["summary"]): ident(r) for r in rows if ident(r) in measured}
     for r in rows:
-        own = (r["approach"], r["source"], r["trial"])
-        key = own if own in pe or own in chip else keys.get((r["approach"], r["summary"]), own)
+        key = ident(r) if ident(r) in measured else twins.get((r["approach"], r["summary"]), ident(r))
         r["pe_energy_gain"] = pe.get(key, "")
         r["accelerator_energy_gain"] = chip.get(key, "")
     path = run_dir / "points.csv"
@@ -442,7 +442,7 @@ def write_report(run_dir: str | os.PathLike, store=None) -> Path:
         lines += _level_table(by_level, t, chip_objective)
     if ft["settings"]:
         st = ft["settings"]
-        DISTILLED = ", to the exact model's answers (distillation)"  # noqa: N806
+        distilled = ", to the exact model's answers (distillation)" if st.get("distill") else ""
         n_images = "all" if st["images"] is None else f"{st['images']:,}"
         secs = [e["seconds"] for e in ft["assignments"].values()]
         floor = (f", and of at least the gain of the largest-gain point within {st['floor_pts']:g} validation points"
@@ -453,7 +453,7 @@ def write_report(run_dir: str | os.PathLike, store=None) -> Path:
         lines += [f"Fine-tuning: up to {st['points']} validation-front points per approach (within "
                   f"{st['max_val_loss_pts']:g} validation points of exact, as ranked by the search{floor}){ladder} trained "
                   f"with their assignment fixed{', weight scales fitted' if st.get('fit_scales') else ''}"
-                  f"{DISTILLED if st.get('distill') else ''}, "
+                  f"{distilled}, "
                   f"{st['epochs']} epoch(s) on {n_images} training images outside the validation "
                   f"hold-out (lr {st['lr']:g}, batch {st['batch_size']}), then measured through the integer engine"
                   + (f"; {len(secs)} distinct assignments, {sum(secs) / len(secs):.0f} s each on average." if secs

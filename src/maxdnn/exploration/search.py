@@ -117,8 +117,7 @@ def nsga(explorer, approach: str, res: dict) -> None:
 
     def trial_slots(keys):  # up to a generation's slots: asked together, evaluated in one pass, told
         numbers, asked = [], []
-        told = {point_attrs(t).get("unit"): t.number
-                for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+        told = _told_units(study)
         for key in keys:
             if int(key.rsplit("|", 1)[1]) < legacy:
                 numbers.append(None)  # finished before units were kept: not again
@@ -140,6 +139,15 @@ def nsga(explorer, approach: str, res: dict) -> None:
     slots = [f"nsga|{approach}|{i}" for i in range(explorer.budget.nsga_trials)]
     with explorer.progress_bar(f"{approach}: NSGA-II", total=len(slots)) as bar:
         explorer.units.map(slots, trial_slots, bar, batch=explorer.budget.population)
+
+def _told_units(study) -> dict:
+    """Unit key -> number of the study's completed trial that evaluated it (a worker may have told a trial and
+    died before it stored the unit: that unit is not evaluated again)."""
+    import optuna
+
+    return {point_attrs(t).get("unit"): t.number
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+
 
 def _seed_genomes(explorer, approach: str) -> list[dict]:
     source = "layer" if approach == "alwann" else approach
@@ -206,8 +214,7 @@ def ladder(explorer, res: dict, n_rungs: int) -> None:
     grid = {f"ladder|layer|{top}|{under}|{k}": k for k in rungs}
 
     def points(keys):
-        told = {point_attrs(t).get("unit"): t.number
-                for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+        told = _told_units(study)
         numbers, asked = [], []
         for key in keys:
             if key in told:
