@@ -205,6 +205,13 @@ class FakeQuantTwin(nn.Module):
         return dataclasses.replace(self.q, nodes=nodes, meta=meta)
 
 
+def distillation_loss(logits: torch.Tensor, teacher: ApproxNetwork, x: torch.Tensor) -> torch.Tensor:
+    """KL divergence (temperature 1, mean over the batch) of ``logits`` from the teacher's real-valued logits on
+    the same images ``x``: the integer engine's, so the target is the same on every CPU."""
+    target = (teacher.logits(x).double() * teacher.qnet.logit_scale).to(logits.dtype)
+    return F.kl_div(F.log_softmax(logits, 1), F.log_softmax(target, 1), reduction="batchmean", log_target=True)
+
+
 def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labels: np.ndarray, out: str | Path,
              epochs: int = 2, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log=print,
              progress: bool = True, fit_scales: bool = True, distill: bool = True) -> QuantizedGraph:
@@ -264,12 +271,7 @@ def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labe
             idx = perm[s * batch_size:(s + 1) * batch_size]
             x = augment(x_all[idx].float(), gen).round()
             logits = twin(x)
-            if teacher is None:
-                loss = F.cross_entropy(logits, y_all[idx])
-            else:  # the exact integer engine's logits: the same on every CPU
-                target = (teacher.logits(x).double() * teacher.qnet.logit_scale).to(logits.dtype)
-                loss = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(target, 1), reduction="batchmean",
-                                log_target=True)
+            loss = F.cross_entropy(logits, y_all[idx]) if teacher is None else distillation_loss(logits, teacher, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -370,6 +370,26 @@ def _claims(by_level: dict, t_noise: float) -> list[str]:
     return lines
 
 
+def _finetune_line(ft: dict) -> str:
+    """The report's sentence on the fine-tuning stage (finetune_eval.json's ``ft``: its settings and entries)."""
+    st = ft["settings"]
+    distilled = ", to the exact model's answers (distillation)" if st.get("distill") else ""
+    n_images = "all" if st["images"] is None else f"{st['images']:,}"
+    secs = [e["seconds"] for e in ft["assignments"].values()]
+    floor = (f", and of at least the gain of the largest-gain point within {st['floor_pts']:g} validation points"
+             if "floor_pts" in st else "")
+    ladder = (f", and the {st['ladder_points']} rungs of the fine-tuning ladder (layer level: the lowest-energy "
+              "weight-only configuration on the layers least sensitive to it per energy saved, the next on the "
+              "others), whatever their loss untrained," if st.get("ladder_points") else "")
+    return (f"Fine-tuning: up to {st['points']} validation-front points per approach (within "
+            f"{st['max_val_loss_pts']:g} validation points of exact, as ranked by the search{floor}){ladder} trained "
+            f"with their assignment fixed{', weight scales fitted' if st.get('fit_scales') else ''}{distilled}, "
+            f"{st['epochs']} epoch(s) on {n_images} training images outside the validation "
+            f"hold-out (lr {st['lr']:g}, batch {st['batch_size']}), then measured through the integer engine"
+            + (f"; {len(secs)} distinct assignments, {sum(secs) / len(secs):.0f} s each on average." if secs
+               else "."))
+
+
 def write_report(run_dir: str | os.PathLike, store=None) -> Path:
     """points.csv from ``store`` (the run's ``RunStorage``; None: the points.csv there), then the plot and
     report.md."""
@@ -441,23 +461,7 @@ def write_report(run_dir: str | os.PathLike, store=None) -> Path:
     for t in THRESHOLDS:
         lines += _level_table(by_level, t, chip_objective)
     if ft["settings"]:
-        st = ft["settings"]
-        distilled = ", to the exact model's answers (distillation)" if st.get("distill") else ""
-        n_images = "all" if st["images"] is None else f"{st['images']:,}"
-        secs = [e["seconds"] for e in ft["assignments"].values()]
-        floor = (f", and of at least the gain of the largest-gain point within {st['floor_pts']:g} validation points"
-                 if "floor_pts" in st else "")
-        ladder = (f", and the {st['ladder_points']} rungs of the fine-tuning ladder (layer level: the lowest-energy "
-                  "weight-only configuration on the layers least sensitive to it per energy saved, the next on the "
-                  "others), whatever their loss untrained," if st.get("ladder_points") else "")
-        lines += [f"Fine-tuning: up to {st['points']} validation-front points per approach (within "
-                  f"{st['max_val_loss_pts']:g} validation points of exact, as ranked by the search{floor}){ladder} trained "
-                  f"with their assignment fixed{', weight scales fitted' if st.get('fit_scales') else ''}"
-                  f"{distilled}, "
-                  f"{st['epochs']} epoch(s) on {n_images} training images outside the validation "
-                  f"hold-out (lr {st['lr']:g}, batch {st['batch_size']}), then measured through the integer engine"
-                  + (f"; {len(secs)} distinct assignments, {sum(secs) / len(secs):.0f} s each on average." if secs
-                     else "."), ""]
+        lines += [_finetune_line(ft), ""]
     lines += _claims(by_level, t_noise)
     lines += ["## Files", "", "- `points.csv`: every evaluated point at every compensation level",
               "- `pareto.png`, `pareto.svg`: the fronts",
