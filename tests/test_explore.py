@@ -622,16 +622,23 @@ def test_ladder_specs_are_the_two_lowest_energy_weight_only_configurations():
     assert ladder_specs(["roup-p0r1", "roup-p3r4", "drum-k4"], table) is None
 
 
-def test_ladder_rungs_order_layers_by_loss_per_energy_saved():
+def test_ladder_steps_order_layers_by_loss_per_energy_saved():
     from maxdnn.exploration.search import ladder_rungs
 
-    loss = np.array([0.5, -0.1, 0.2, 0.2, 3.0])
-    saved = np.array([1.0, 1.0, 4.0, 1.0, 2.0])
-    order, rungs = ladder_rungs(loss, saved, [0.0, 0.25, 0.5, 0.75, 1.0])
-    # loss per energy saved: 0.5, 0 (negative), 0.05, 0.2, 1.5
-    assert order.tolist() == [1, 2, 3, 0, 4]
-    # cumulative saving 0, 1, 5, 6, 7, 9 of 9: fractions 0, 1/4, 1/2, 3/4, 1 need 0, 2, 2, 4, 5 layers
-    assert rungs == [0, 2, 4, 5]
+    # per layer: untrained loss with under alone, with top alone; energy saved by under over exact, top over under
+    loss = np.array([[0.0, 0.5], [0.3, 0.4], [0.0, 0.1]])
+    saved = np.array([[1.0, 1.0], [1.0, 2.0], [2.0, 1.0]])
+    steps, rungs = ladder_rungs(loss, saved, [0.0, 0.5, 1.0])
+    # loss per energy saved: (0,1) 0, (0,2) 0.5; (1,1) 0.3, (1,2) 0.1/2 = 0.05 but after its first step: 0.3;
+    # (2,1) 0 (larger saving than (0,1): first), (2,2) 0.1
+    assert steps == [(2, 1), (0, 1), (2, 2), (1, 1), (1, 2), (0, 2)]
+    # the ladder starts before the first top step (layer 1 exact: its under costs more than top on layer 2);
+    # the savings after it are 1, 1, 2, 1 of 5: fractions 0, 1/2, 1 need 0, 3 (2.5 reached at 4) and 4 steps more
+    assert rungs == [2, 5, 6]
+    # under = exact: nothing to save or lose on the first level; layers by top's loss per energy saved
+    steps, rungs = ladder_rungs(np.array([[0.0, 0.5], [0.0, -0.1], [0.0, 0.2]]), np.array([[0.0, 1.0]] * 3),
+                                [0.0, 1.0])
+    assert steps[3:] == [(1, 2), (2, 2), (0, 2)] and rungs == [3, 6]
 
 
 def test_ladder_points_are_fine_tuned_and_saved(compensated_run):
@@ -648,15 +655,43 @@ def test_ladder_points_are_fine_tuned_and_saved(compensated_run):
     pts = sorted((p for p in ex.store.points(["layer"]) if p["source"] == "ladder"), key=lambda p: p["energy_gain"])
     layers = list(ex.q.layers)
     assert len(pts) >= 3 and pts[0]["fraction"] == 0.0 and pts[-1]["fraction"] == 1.0
-    specs = [[s for s, _ in (tuple(v) for v in json.loads(p["genome"]).values())] for p in pts]
-    assert specs[0] == [under] * len(layers) and specs[-1] == [top] * len(layers)
-    tops = [{n for n, v in json.loads(p["genome"]).items() if v[0] == top} for p in pts]
-    assert all(a < b for a, b in zip(tops, tops[1:]))  # each rung adds layers to the one below
+    assert [p["rung"] for p in pts] == sorted(p["rung"] for p in pts)
+    level = {"exact": 0, under: 1, top: 2}
+    levels = [[level[dict(json.loads(p["genome"])).get(n, ("exact", 1.0))[0]] for n in layers] for p in pts]
+    assert levels[-1] == [2] * len(layers) and 2 in levels[1] and 2 not in levels[0]
+    for a, b in zip(levels, levels[1:]):  # each rung takes layers up from the one below
+        assert all(x <= y for x, y in zip(a, b)) and a != b
     done = json.loads((run / "finetune_eval.json").read_text())
     for p in pts:
         assert done["points"][point_key(p)] in done["assignments"]
         saved = Assignment.load(run / "pareto" / f"layer-ladder-{p['trial']}.json", ex.q)
         assert assignment_key(saved) == done["points"][point_key(p)]
+
+
+def test_a_ladder_rung_is_trained_from_the_rung_below(compensated_run, tmp_path):
+    """Each rung's fine-tuning starts from the rung below it as fine-tuned (distilled from the quantized model
+    itself), not from the quantized model: the saved graph is that training's, byte for byte."""
+    from maxdnn.compensate.finetune import finetune
+    from maxdnn.data import training_sample
+    from maxdnn.exploration.finetune_stage import FINETUNE_BUDGETS
+    from maxdnn.ir.graph import QuantizedGraph
+
+    run, ex = compensated_run
+    fb = FINETUNE_BUDGETS["tiny"]
+    done = json.loads((run / "finetune_eval.json").read_text())
+    pts = sorted((p for p in ex.store.points(["layer"]) if p["source"] == "ladder"), key=lambda p: p["rung"])
+    below, key = (done["points"][point_key(p)] for p in pts[-2:])
+    a = Assignment.load(run / "pareto" / f"layer-ladder-{pts[-1]['trial']}.json", ex.q)
+    tr = training_sample(len(ex.train), fb.images, ex.seed)
+    kw = dict(epochs=fb.epochs, batch_size=fb.batch_size, lr=fb.lr, seed=ex.seed, log=lambda m: None,
+              progress=False, teacher=ex.q)
+    warm = finetune(QuantizedGraph.load(run / "finetuned" / f"{below}.npz"), a, ex.train.images[tr],
+                    ex.train.labels[tr], tmp_path / "warm.npz", **kw)
+    cold = finetune(ex.q, a, ex.train.images[tr], ex.train.labels[tr], tmp_path / "cold.npz", **kw)
+    saved = QuantizedGraph.load(run / "finetuned" / f"{key}.npz")
+    weights = lambda g: [l.weight for l in g.layers.values()]  # noqa: E731
+    assert all(np.array_equal(x, y) for x, y in zip(weights(saved), weights(warm)))
+    assert not all(np.array_equal(x, y) for x, y in zip(weights(saved), weights(cold)))
 
 
 def test_a_point_whose_assignment_was_not_saved_takes_its_twins_gains(compensated_run, tmp_path):

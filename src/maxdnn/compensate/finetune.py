@@ -214,7 +214,8 @@ def distillation_loss(logits: torch.Tensor, teacher: ApproxNetwork, x: torch.Ten
 
 def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labels: np.ndarray, out: str | Path,
              epochs: int = 2, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log=print,
-             progress: bool = True, fit_scales: bool = True, distill: bool = True) -> QuantizedGraph:
+             progress: bool = True, fit_scales: bool = True, distill: bool = True,
+             teacher: QuantizedGraph | None = None) -> QuantizedGraph:
     """Fine-tune ``q`` under ``assignment`` on (images, labels); writes the integer graph to ``out`` (.npz).
 
     With ``fit_scales`` the weight scales are first fitted to the multipliers' weight grids
@@ -223,7 +224,9 @@ def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labe
     (its integer logits on the same augmented batch, ``q`` with every multiplier exact; temperature 1), not
     the labels: the approximate network learns to answer as the exact one does, and the exact model
     fine-tuned this way stays where it is (with the labels, a few epochs on a sample of the training images
-    cost it about half a point). ``labels`` then only count the training accuracy shown. SGD (momentum 0.9,
+    cost it about half a point). ``labels`` then only count the training accuracy shown. ``teacher``: the graph
+    whose exact answers are learnt, when ``q`` is not it (``q`` itself fine-tuned before, for another
+    assignment: the fine-tuning ladder's rungs start from the rung below). SGD (momentum 0.9,
     no weight decay), cosine learning rate, the augmentation of ``maxdnn train``. The state after every
     epoch goes to ``OUT.state`` (atomically); rerunning resumes after the last finished epoch."""
     from tqdm import tqdm
@@ -235,7 +238,8 @@ def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labe
     state_path = out.with_name(out.name + ".state")
     torch.manual_seed(seed)
     check_finetunable(q)
-    teacher = ApproxNetwork(q, Assignment.uniform(q, "exact")) if distill else None
+    teacher = teacher if teacher is not None else q
+    teacher = ApproxNetwork(teacher, Assignment.uniform(teacher, "exact")) if distill else None
     if fit_scales:
         q, moved = fit_weight_scales(q, assignment)
         if moved:

@@ -14,7 +14,10 @@ since fine-tuning can take them below half a point), spread in gain
 Everything is chosen on validation, as in the search. The ladder's points
 (``maxdnn.exploration.search.ladder``: configurations whose error lies in the
 weights alone, which training absorbs) are fine-tuned too, whatever their loss
-untrained. Identical assignments
+untrained, each rung starting from the rung below it as fine-tuned (its weights
+already on the grid of the layers the rungs share), so that the layers of the
+upper rungs have had several rungs' training at the cost of one each; all
+learn the answers of the quantized model itself (``distill``). Identical assignments
 (layer-level and ALWANN-style often share points) are fine-tuned once. The
 exact model is fine-tuned the same way: it is the fair baseline
 (a gain bought by extra training of the exact model is not a gain from
@@ -58,11 +61,12 @@ class FinetuneBudget:
     fit_scales: bool = True  # weight scales fitted to the multipliers' weight grids first (compensate.weight_scales)
     distill: bool = True  # learn the exact quantized model's logits, not the labels (compensate.finetune)
     ladder_points: int = 5  # rungs of the fine-tuning ladder (search.ladder): energy-saving fractions 0 ... 1
+    ladder_warm: bool = True  # each ladder rung's training starts from the rung below it, fine-tuned
 
 
 FINETUNE_BUDGETS = {
-    "quick": FinetuneBudget(epochs=1, images=20000, points=5, max_val_loss_pts=12.0, ladder_points=7),
-    "full": FinetuneBudget(epochs=2, images=20000, points=8, max_val_loss_pts=12.0, ladder_points=9),
+    "quick": FinetuneBudget(epochs=1, images=20000, points=3, max_val_loss_pts=12.0, ladder_points=9),
+    "full": FinetuneBudget(epochs=2, images=20000, points=6, max_val_loss_pts=12.0, ladder_points=13),
     "tiny": FinetuneBudget(epochs=1, images=64, points=1, max_val_loss_pts=100.0, ladder_points=3),  # for tests
 }
 
@@ -95,13 +99,20 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
     base_val = explorer.info["baseline"]["val_accuracy"]
     exact = Assignment.uniform(explorer.q, "exact")
     by_key = {"exact": (exact, [])}
+    below = {}  # ladder rung -> the rung below it, whose fine-tuned graph its training starts from
     for ap in approaches:
         pts = explorer.store.points([ap])
-        ladder = [p for p in pts if p["source"] == "ladder"]  # fine-tuned whatever their loss untrained
+        # the ladder's rungs, fine-tuned whatever their loss untrained, from the bottom up
+        ladder = sorted((p for p in pts if p["source"] == "ladder"), key=lambda p: (p.get("rung", 0), p["energy_gain"]))
+        previous = None
         for p in finetune_candidates(pts, base_val, fb) + ladder:
             a = explorer.build(ap, {k: tuple(v) for k, v in json.loads(p["genome"]).items()}, res)
             key = assignment_key(a)
             by_key.setdefault(key, (a, []))[1].append(point_key(p))
+            if p["source"] == "ladder":
+                if fb.ladder_warm and previous is not None and previous != key:
+                    below.setdefault(key, previous)
+                previous = key
     for key, (a, pkeys) in by_key.items():
         for pk in pkeys:
             done["points"][pk] = key
@@ -112,19 +123,24 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
     out_dir.mkdir(exist_ok=True)
     local = {"exact": done["exact"], **done["assignments"]}  # results of this run directory so far
 
+    def trained(key: str) -> QuantizedGraph:
+        """The fine-tuned graph of assignment ``key``; a ladder rung's starts from the rung below, trained first
+        if no worker has yet (the same graph whoever trains it)."""
+        npz = out_dir / f"{key}.npz"
+        if npz.exists():  # trained before an interruption, or as the start of a rung above it
+            return QuantizedGraph.load(npz)
+        start = trained(below[key]) if key in below else explorer.q
+        return finetune(start, by_key[key][0], images, labels, npz, epochs=fb.epochs, batch_size=fb.batch_size,
+                        lr=fb.lr, seed=explorer.seed, log=lambda m: None, progress=False, fit_scales=fb.fit_scales,
+                        distill=fb.distill, teacher=explorer.q)
+
     def measure(unit):
         key = unit.split("|")[-1]
         if local.get(key) is not None:
             return local[key]
         a = by_key[key][0]
         t0 = time.time()
-        npz = out_dir / f"{key}.npz"
-        if npz.exists():  # trained before an interruption, not yet measured
-            g = QuantizedGraph.load(npz)
-        else:
-            g = finetune(explorer.q, a, images, labels, npz, epochs=fb.epochs, batch_size=fb.batch_size, lr=fb.lr,
-                         seed=explorer.seed, log=lambda m: None, progress=False, fit_scales=fb.fit_scales,
-                         distill=fb.distill)
+        g = trained(key)
         val_acc, val_loss = explorer.val_metrics(a, g)
         net = [ApproxNetwork(g, a)]
         confirm = correctness(net, explorer.confirm.images, explorer.confirm.labels)[0]

@@ -378,9 +378,11 @@ def _finetune_line(ft: dict) -> str:
     secs = [e["seconds"] for e in ft["assignments"].values()]
     floor = (f", and of at least the gain of the largest-gain point within {st['floor_pts']:g} validation points"
              if "floor_pts" in st else "")
-    ladder = (f", and the {st['ladder_points']} rungs of the fine-tuning ladder (layer level: the lowest-energy "
-              "weight-only configuration on the layers least sensitive to it per energy saved, the next on the "
-              "others), whatever their loss untrained," if st.get("ladder_points") else "")
+    warm = ", each rung's training starting from the rung below it as fine-tuned" if st.get("ladder_warm") else ""
+    ladder = (f", and up to {st['ladder_points']} rungs of the fine-tuning ladder (layer level: each layer exact, "
+              "on the next-lowest-energy weight-only configuration or on the lowest, the steps that lose least "
+              f"untrained per energy saved first{warm}), whatever their loss untrained," if st.get("ladder_points")
+              else "")
     return (f"Fine-tuning: up to {st['points']} validation-front points per approach (within "
             f"{st['max_val_loss_pts']:g} validation points of exact, as ranked by the search{floor}){ladder} trained "
             f"with their assignment fixed{', weight scales fitted' if st.get('fit_scales') else ''}{distilled}, "

@@ -174,27 +174,36 @@ def ladder_specs(library: list[str], table) -> tuple[str, str] | None:
     return grid[0], (grid[1] if len(grid) > 1 else "exact")
 
 
-def ladder_rungs(loss: np.ndarray, saved: np.ndarray, fractions) -> tuple[np.ndarray, list[int]]:
-    """(order, rungs) of the fine-tuning ladder: layers by increasing untrained loss (negative: 0) per energy
-    saved (ties: larger saving first), and for each fraction f the shortest prefix of that order saving at
-    least f of what all layers save; each prefix length once, ascending."""
-    order = np.array(sorted(range(len(loss)), key=lambda i: (max(float(loss[i]), 0.0) / max(float(saved[i]), 1e-300),
-                                                             -float(saved[i]), i)), dtype=np.int64)
-    cum = np.concatenate([[0.0], np.cumsum(saved[order])])
-    rungs = sorted({int(np.searchsorted(cum, f * cum[-1] * (1 - 1e-12))) for f in fractions})
-    return order, rungs
+def ladder_rungs(loss: np.ndarray, saved: np.ndarray, fractions) -> tuple[list[tuple[int, int]], list[int]]:
+    """(steps, rungs) of the fine-tuning ladder. ``loss`` and ``saved`` are [layers, 2]: per layer, the untrained
+    loss with ``under`` alone on it and with ``top`` alone, and the energy that ``under`` saves over exact and
+    ``top`` over ``under``. A step (layer, level) takes one layer one level up (1: exact to ``under``, 2: ``under``
+    to ``top``). Steps are ordered by the loss they add (negative: 0) per energy they save (ties: the lower level,
+    then the larger saving first); a layer's second step never comes before its first. The ladder starts with
+    every step before the first ``top`` step taken (``under`` wherever it costs less per energy than any ``top``
+    step, exact elsewhere); for each fraction f, the shortest prefix of the steps saving at least f of what the
+    later steps save; each prefix length once, ascending."""
+    score = lambda i, lv: max(float(loss[i, lv - 1]) - (float(loss[i, 0]) if lv == 2 else 0.0), 0.0) / \
+        max(float(saved[i, lv - 1]), 1e-300)  # noqa: E731
+    key = {(i, lv): (max(score(i, 1), score(i, lv)), lv, -float(saved[i, lv - 1]), i)
+           for i in range(len(loss)) for lv in (1, 2)}
+    steps = sorted(key, key=key.get)
+    start = next(k for k, (_, lv) in enumerate(steps) if lv == 2)
+    cum = np.concatenate([[0.0], np.cumsum([saved[i, lv - 1] for i, lv in steps[start:]])])
+    rungs = sorted({start + int(np.searchsorted(cum, f * cum[-1] * (1 - 1e-12))) for f in fractions})
+    return steps, rungs
 
 
 def ladder(explorer, res: dict, n_rungs: int) -> None:
-    """The fine-tuning ladder (``layer`` approach, fine-tuning explorations): the ``top`` configuration of
-    ``ladder_specs`` on a prefix of the layers, ``under`` on the others (``ladder_rungs``: layers by their
-    untrained loss with ``top`` alone (resilience, direct loss) per multiplication energy it saves over
-    ``under``; one rung per fraction f of that saving, ``n_rungs`` fractions evenly from 0 to 1, a prefix
-    length reached twice taken once). A weight-only error is what
-    fine-tuning absorbs (the weights are trained onto the multiplier's grid), so these points are fine-tuned
-    whatever their loss as quantized or bias-corrected, which ranks them far below what they reach once
-    trained (``finetune_stage``). Each point is a unit, recorded in the ``layer-ladder`` study with source
-    ``ladder``."""
+    """The fine-tuning ladder (``layer`` approach, fine-tuning explorations): each layer exact, ``under`` or
+    ``top`` (``ladder_specs``), along the steps of ``ladder_rungs`` (one layer one level up, ordered by the
+    untrained loss of the configuration alone on the layer (resilience, direct loss) per multiplication energy
+    it saves); one rung per fraction f of the saving above the ladder's start, ``n_rungs`` fractions evenly from
+    0 to 1, a prefix length reached twice taken once. A weight-only error is what fine-tuning absorbs (the
+    weights are trained onto the multiplier's grid), so these points are fine-tuned whatever their loss as
+    quantized or bias-corrected, which ranks them far below what they reach once trained; each rung's training
+    starts from the one below it, fine-tuned (``finetune_stage``). Each point is a unit, recorded in the
+    ``layer-ladder`` study with source ``ladder``, its rung's prefix length as ``rung``."""
     import optuna
 
     from maxdnn.ir.graph import multiplication_counts
@@ -207,11 +216,15 @@ def ladder(explorer, res: dict, n_rungs: int) -> None:
     layers = list(explorer.q.layers)
     counts = multiplication_counts(explorer.q)
     t = explorer.table
-    saved = np.array([counts[n] * int(np.prod(explorer.q.layers[n].weight.shape[:2]))
-                      * (t.for_layer(n, under) - t.for_layer(n, top)) for n in layers])
-    fractions = np.linspace(0.0, 1.0, max(n_rungs, 2))
-    order, rungs = ladder_rungs(res["direct_loss"][:, explorer.library.index(top)], saved, fractions)
-    grid = {f"ladder|layer|{top}|{under}|{k}": k for k in rungs}
+    mults = np.array([counts[n] * int(np.prod(explorer.q.layers[n].weight.shape[:2])) for n in layers], dtype=float)
+    energy = np.array([[t.for_layer(n, s) for s in ("exact", under, top)] for n in layers]) * mults[:, None]
+    saved = energy[:, :2] - energy[:, 1:]
+    lib = explorer.library
+    loss = np.stack([res["direct_loss"][:, lib.index(under)] if under in lib else np.zeros(len(layers)),
+                     res["direct_loss"][:, lib.index(top)]], axis=1)
+    steps, rungs = ladder_rungs(loss, saved, np.linspace(0.0, 1.0, max(n_rungs, 2)))
+    grid = {f"ladder|layer|{top}|{under}|steps-{k}": k for k in rungs}
+    total = sum(saved[i, lv - 1] for i, lv in steps[rungs[0]:])
 
     def points(keys):
         told = _told_units(study)
@@ -220,11 +233,16 @@ def ladder(explorer, res: dict, n_rungs: int) -> None:
             if key in told:
                 numbers.append(told[key])
                 continue
-            chosen = {layers[i] for i in order[:grid[key]]}
-            genome = {n: (top if n in chosen else under, 1.0) for n in layers}
-            genome = {n: g for n, g in genome.items() if g[0] != "exact"}
+            k = grid[key]
+            level = np.zeros(len(layers), dtype=np.int64)
+            for i, _ in steps[:k]:
+                level[i] += 1
+            genome = {n: (("exact", under, top)[lv], 1.0) for n, lv in zip(layers, level) if lv and
+                      (under != "exact" or lv == 2)}
+            reached = sum(saved[i, lv - 1] for i, lv in steps[rungs[0]:k])
             trial = study.ask()
-            asked.append((trial, genome, {"unit": key, "config": top, "fraction": grid[key] / len(layers)}))
+            asked.append((trial, genome, {"unit": key, "config": top, "rung": k,
+                                          "fraction": float(reached / total) if total > 0 else 1.0}))
             numbers.append(trial.number)
         _record_many(explorer, study, asked, "layer", "ladder", res)
         return numbers

@@ -109,7 +109,7 @@ class RunStorage:
 
         out = []
         for ap in approaches:
-            for kind in ("sweep", "nsga2", "ladder"):
+            for kind in ("sweep", "nsga2") + (("ladder",) if ap == "layer" else ()):  # the ladder is layer-level
                 try:
                     study = optuna.load_study(study_name=self.study_name(f"{ap}-{kind}"), storage=self.optuna())
                 except KeyError:
@@ -123,7 +123,7 @@ class RunStorage:
                                 "ptq_val_loss": u.get("ptq_val_loss", u["val_loss"]),
                                 "energy": u["energy"], "energy_gain": u["energy_gain"],
                                 "mult_energy_gain": u.get("mult_energy_gain", u["energy_gain"]),
-                                **({"fraction": u["fraction"]} if "fraction" in u else {})})
+                                **{k: u[k] for k in ("fraction", "rung") if k in u}})
         return out
 
 
