@@ -1,0 +1,49 @@
+"""The fine-tuning ladder's rungs trained from the rung below (as ``maxdnn explore`` trains them) or each from the
+quantized model, on the quick exploration's recipe.
+
+    python benchmarks/ladder_warm.py --data cifar10-jpeg.zip --run runs/quick
+
+The rungs are those of an exploration's run folder (``RUN/pareto/layer-ladder-*.json``, by increasing gain), on
+the committed ResNet-8 quantized as ``maxdnn explore`` quantizes it. Each is fine-tuned (``maxdnn.compensate.
+finetune``: weight scales fitted, distilled from the quantized model) 1 epoch on the quick exploration's 20,000
+training images, once starting from the rung below as fine-tuned here (the first rung from the quantized model)
+and once from the quantized model. Accuracy through the integer engine on the 5,000 held-out training images the
+exploration confirms its choices on; loss in points against the exact model as quantized.
+"""
+import argparse
+import tempfile
+from pathlib import Path
+
+from maxdnn.compensate.finetune import finetune
+from maxdnn.energy import energy_table, network_energy
+from maxdnn.engine.approx import Assignment
+from confirmation import setup  # benchmarks/ is the script's folder
+
+p = argparse.ArgumentParser()
+p.add_argument("--data", required=True)
+p.add_argument("--run", required=True)
+p.add_argument("--epochs", type=int, default=1)
+p.add_argument("--images", type=int, default=20000)
+args = p.parse_args()
+
+q, train, conf, tr, accuracy = setup(args.data, args.images)
+rungs = []
+for f in Path(args.run, "pareto").glob("layer-ladder-*.json"):
+    a = Assignment.load(f, q)
+    rungs.append((network_energy(q, a, energy_table(list(a.specs)))["energy_gain"], a))
+rungs.sort(key=lambda t: t[0])
+base = accuracy(q, Assignment.uniform(q, "exact"))
+print(f"exact int8 {100 * base:.2f}% on {len(conf)} held-out training images ({conf.source}); {len(rungs)} rungs of "
+      f"{args.run}, each fine-tuned {args.epochs} epoch(s) on {len(tr)} training images")
+print("| gain | from the quantized model | from the rung below |")
+print("|---|---|---|")
+with tempfile.TemporaryDirectory() as tmp:
+    below = None
+    for k, (gain, a) in enumerate(rungs):
+        kw = dict(epochs=args.epochs, log=lambda m: None, progress=False, teacher=q)
+        cold = finetune(q, a, train.images[tr], train.labels[tr], Path(tmp) / f"cold-{k}.npz", **kw)
+        warm = cold if below is None else finetune(below, a, train.images[tr], train.labels[tr],
+                                                   Path(tmp) / f"warm-{k}.npz", **kw)
+        below = warm
+        print(f"| {100 * gain:.1f}% | {100 * (base - accuracy(cold, a)):.2f} | {100 * (base - accuracy(warm, a)):.2f} |",
+              flush=True)
