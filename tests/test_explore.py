@@ -632,9 +632,10 @@ def test_ladder_steps_order_layers_by_loss_per_energy_saved():
     # loss per energy saved: (0,1) 0, (0,2) 0.5; (1,1) 0.3, (1,2) 0.1/2 = 0.05 but after its first step: 0.3;
     # (2,1) 0 (larger saving than (0,1): first), (2,2) 0.1
     assert steps == [(2, 1), (0, 1), (2, 2), (1, 1), (1, 2), (0, 2)]
-    # the ladder starts before the first top step (layer 1 exact: its under costs more than top on layer 2);
-    # the savings after it are 1, 1, 2, 1 of 5: fractions 0, 1/2, 1 need 0, 3 (2.5 reached at 4) and 4 steps more
-    assert rungs == [2, 5, 6]
+    # the foot: the steps before the first top step (layer 1 exact: its under costs more than top on layer 2);
+    # under on every layer saves 4, top on every layer 8, and the steps save 2, 3, 4, 5, 7, 8 in turn:
+    # fractions 0, 1/2, 1 (savings 4, 6, 8) need 3, 5 and 6 steps
+    assert rungs == [2, 3, 5, 6]
     # under = exact: nothing to save or lose on the first level; layers by top's loss per energy saved
     steps, rungs = ladder_rungs(np.array([[0.0, 0.5], [0.0, -0.1], [0.0, 0.2]]), np.array([[0.0, 1.0]] * 3),
                                 [0.0, 1.0])

@@ -104,15 +104,14 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
         pts = explorer.store.points([ap])
         # the ladder's rungs, fine-tuned whatever their loss untrained, from the bottom up
         ladder = sorted((p for p in pts if p["source"] == "ladder"), key=lambda p: (p.get("rung", 0), p["energy_gain"]))
-        previous = None
+        keys = {}
         for p in finetune_candidates(pts, base_val, fb) + ladder:
             a = explorer.build(ap, {k: tuple(v) for k, v in json.loads(p["genome"]).items()}, res)
-            key = assignment_key(a)
+            keys[point_key(p)] = key = assignment_key(a)
             by_key.setdefault(key, (a, []))[1].append(point_key(p))
-            if p["source"] == "ladder":
-                if fb.ladder_warm and previous is not None and previous != key:
-                    below.setdefault(key, previous)
-                previous = key
+        rungs = list(dict.fromkeys(keys[point_key(p)] for p in ladder))  # distinct assignments, bottom up
+        if fb.ladder_warm:
+            below.update(zip(rungs[1:], rungs[:-1]))
     for key, (a, pkeys) in by_key.items():
         for pk in pkeys:
             done["points"][pk] = key

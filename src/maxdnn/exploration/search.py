@@ -179,27 +179,30 @@ def ladder_rungs(loss: np.ndarray, saved: np.ndarray, fractions) -> tuple[list[t
     loss with ``under`` alone on it and with ``top`` alone, and the energy that ``under`` saves over exact and
     ``top`` over ``under``. A step (layer, level) takes one layer one level up (1: exact to ``under``, 2: ``under``
     to ``top``). Steps are ordered by the loss they add (negative: 0) per energy they save (ties: the lower level,
-    then the larger saving first); a layer's second step never comes before its first. The ladder starts with
-    every step before the first ``top`` step taken (``under`` wherever it costs less per energy than any ``top``
-    step, exact elsewhere); for each fraction f, the shortest prefix of the steps saving at least f of what the
-    later steps save; each prefix length once, ascending."""
+    then the larger saving first); a layer's second step never comes before its first. A rung is a prefix of the
+    steps (its length): the foot, every step before the first ``top`` step (``under`` wherever it costs less per
+    energy than any ``top`` step, exact elsewhere), and for each fraction f the shortest prefix saving at least
+    what ``under`` on every layer saves plus f of what ``top`` on every layer saves beyond it (f = 0 ... 1: the
+    energies of the ``under`` / ``top`` mixes, each reached by the cheapest steps); each length once, ascending."""
     score = lambda i, lv: max(float(loss[i, lv - 1]) - (float(loss[i, 0]) if lv == 2 else 0.0), 0.0) / \
         max(float(saved[i, lv - 1]), 1e-300)  # noqa: E731
     key = {(i, lv): (max(score(i, 1), score(i, lv)), lv, -float(saved[i, lv - 1]), i)
            for i in range(len(loss)) for lv in (1, 2)}
     steps = sorted(key, key=key.get)
-    start = next(k for k, (_, lv) in enumerate(steps) if lv == 2)
-    cum = np.concatenate([[0.0], np.cumsum([saved[i, lv - 1] for i, lv in steps[start:]])])
-    rungs = sorted({start + int(np.searchsorted(cum, f * cum[-1] * (1 - 1e-12))) for f in fractions})
-    return steps, rungs
+    foot = next(k for k, (_, lv) in enumerate(steps) if lv == 2)
+    cum = np.concatenate([[0.0], np.cumsum([saved[i, lv - 1] for i, lv in steps])])
+    under_all, top_all = float(saved[:, 0].sum()), float(saved.sum())
+    targets = [under_all + f * (top_all - under_all) for f in fractions]
+    rungs = {foot} | {max(foot, int(np.searchsorted(cum, t * (1 - 1e-12)))) for t in targets}
+    return steps, sorted(rungs)
 
 
 def ladder(explorer, res: dict, n_rungs: int) -> None:
     """The fine-tuning ladder (``layer`` approach, fine-tuning explorations): each layer exact, ``under`` or
     ``top`` (``ladder_specs``), along the steps of ``ladder_rungs`` (one layer one level up, ordered by the
     untrained loss of the configuration alone on the layer (resilience, direct loss) per multiplication energy
-    it saves); one rung per fraction f of the saving above the ladder's start, ``n_rungs`` fractions evenly from
-    0 to 1, a prefix length reached twice taken once. A weight-only error is what fine-tuning absorbs (the
+    it saves); the ladder's foot and one rung per fraction f, ``n_rungs - 1`` fractions evenly from 0 to 1, a
+    prefix length reached twice taken once. A weight-only error is what fine-tuning absorbs (the
     weights are trained onto the multiplier's grid), so these points are fine-tuned whatever their loss as
     quantized or bias-corrected, which ranks them far below what they reach once trained; each rung's training
     starts from the one below it, fine-tuned (``finetune_stage``). Each point is a unit, recorded in the
@@ -222,7 +225,7 @@ def ladder(explorer, res: dict, n_rungs: int) -> None:
     lib = explorer.library
     loss = np.stack([res["direct_loss"][:, lib.index(under)] if under in lib else np.zeros(len(layers)),
                      res["direct_loss"][:, lib.index(top)]], axis=1)
-    steps, rungs = ladder_rungs(loss, saved, np.linspace(0.0, 1.0, max(n_rungs, 2)))
+    steps, rungs = ladder_rungs(loss, saved, np.linspace(0.0, 1.0, max(n_rungs - 1, 2)))
     grid = {f"ladder|layer|{top}|{under}|steps-{k}": k for k in rungs}
     total = sum(saved[i, lv - 1] for i, lv in steps[rungs[0]:])
 
