@@ -60,7 +60,7 @@ class FinetuneBudget:
     batch_size: int = 64
     fit_scales: bool = True  # weight scales fitted to the multipliers' weight grids first (compensate.weight_scales)
     distill: bool = True  # learn the exact quantized model's logits, not the labels (compensate.finetune)
-    ladder_points: int = 5  # rungs of the fine-tuning ladder (search.ladder): energy-saving fractions 0 ... 1
+    ladder_points: int = 5  # rungs of the fine-tuning ladder (search.ladder): its foot and this minus 1 fractions 0 ... 1
     ladder_warm: bool = True  # each ladder rung's training starts from the rung below it, fine-tuned
 
 
