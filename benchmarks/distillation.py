@@ -4,11 +4,12 @@
                                       [--epochs 1 --images 20000] [--stem]
 
 Each spec runs on every layer but the stem (``--stem``: on every layer; the committed ResNet-8, quantized as
-``maxdnn explore`` quantizes it) and is fine-tuned (``maxdnn.compensate.finetune``, weight scales fitted) once
-with ``distill=False`` (cross entropy on the labels) and once with ``distill=True`` (the default: divergence from the exact quantized model's
-integer logits on the same augmented batch), EPOCHS epochs on a seeded IMAGES of the training images outside the
-validation hold-out, as the quick exploration trains. Accuracy through the integer engine on the 5,000 held-out
-training images the exploration confirms its choices on; loss in points against the exact model as quantized.
+``maxdnn explore`` quantizes it) and is fine-tuned (``maxdnn.compensate.finetune``, weight scales fitted) once with
+``distill=False`` (cross entropy on the labels) and once with ``distill=True`` (the default: divergence from the
+exact quantized model's integer logits on the same augmented batch), EPOCHS epochs on a seeded IMAGES of the
+training images outside the validation hold-out, as the quick exploration trains. Accuracy through the integer
+engine on the 5,000 held-out training images the exploration confirms its choices on; loss in points against the
+exact model as quantized.
 """
 import argparse
 import tempfile
