@@ -3,13 +3,14 @@ quantized model, on the quick exploration's recipe.
 
     python benchmarks/ladder_warm.py --data cifar10-jpeg.zip --run runs/quick [--train-warm]
 
-The rungs are those of an exploration's run folder (``RUN/pareto/layer-ladder-*.json``, by increasing gain), on
-the committed ResNet-8 quantized as ``maxdnn explore`` quantizes it. Each is fine-tuned (``maxdnn.compensate.
-finetune``: weight scales fitted, distilled from the quantized model) 1 epoch on the quick exploration's 20,000
-training images from the quantized model; beside it, the run's own fine-tuned graph of the rung
-(``RUN/finetuned/``), which the exploration trained from the rung below (``--train-warm``: trained here again
-that way, the first rung from the quantized model; the same graphs, the training being deterministic). Accuracy through the integer engine on the 5,000 held-out training images the
-exploration confirms its choices on; loss in points against the exact model as quantized.
+The rungs are those of an exploration's run folder (``RUN/pareto/layer-ladder-*.json``, by increasing gain), on the
+committed ResNet-8 quantized as ``maxdnn explore`` quantizes it. Each is fine-tuned
+(``maxdnn.compensate.finetune``: weight scales fitted, distilled from the quantized model) 1 epoch on the quick
+exploration's 20,000 training images from the quantized model; beside it, the run's own fine-tuned graph of the
+rung (``RUN/finetuned/``), which the exploration trained from the rung below (``--train-warm``: trained here again
+that way, the first rung from the quantized model; the same graphs, the training being deterministic). Accuracy
+through the integer engine on the 5,000 held-out training images the exploration confirms its choices on; loss in
+points against the exact model as quantized.
 """
 import argparse
 import tempfile
@@ -42,8 +43,8 @@ print("| gain | from the quantized model | from the rung below |")
 print("|---|---|---|")
 with tempfile.TemporaryDirectory() as tmp:
     below = None
+    kw = dict(epochs=args.epochs, log=lambda m: None, progress=False, teacher=q)
     for k, (gain, a) in enumerate(rungs):
-        kw = dict(epochs=args.epochs, log=lambda m: None, progress=False, teacher=q)
         cold = finetune(q, a, train.images[tr], train.labels[tr], Path(tmp) / f"cold-{k}.npz", **kw)
         if not args.train_warm:
             warm = QuantizedGraph.load(Path(args.run, "finetuned", f"{assignment_key(a)}.npz"))

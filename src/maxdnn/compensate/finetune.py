@@ -212,6 +212,24 @@ def distillation_loss(logits: torch.Tensor, teacher: ApproxNetwork, x: torch.Ten
     return F.kl_div(F.log_softmax(logits, 1), F.log_softmax(target, 1), reduction="batchmean", log_target=True)
 
 
+def _resume(state_path: Path, settings: dict, twin: FakeQuantTwin, opt, sched, gen: torch.Generator) -> int:
+    """The epochs already done: 0 without ``state_path``; else its twin, optimiser, schedule and generator states
+    are loaded. A state saved with other ``settings`` is refused in one line (FinetuneError); a state saved
+    before ``fit_scales`` or ``distill`` existed counts as having them off."""
+    if not state_path.exists():
+        return 0
+    st = load_state(state_path, FinetuneError)
+    saved = {k: st.get(k, False) for k in settings}
+    if saved != settings:
+        raise FinetuneError(f"{state_path}: saved run has " + " ".join(f"{k}={v}" for k, v in saved.items())
+                            + "; delete it or rerun with the same settings")
+    twin.load_state_dict(st["twin"])
+    opt.load_state_dict(st["opt"])
+    sched.load_state_dict(st["sched"])
+    gen.set_state(st["gen"])
+    return int(st["epoch"])
+
+
 def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labels: np.ndarray, out: str | Path,
              epochs: int = 2, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log=print,
              progress: bool = True, fit_scales: bool = True, distill: bool = True,
@@ -238,8 +256,8 @@ def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labe
     state_path = out.with_name(out.name + ".state")
     torch.manual_seed(seed)
     check_finetunable(q)
-    teacher = teacher if teacher is not None else q
-    teacher = ApproxNetwork(teacher, Assignment.uniform(teacher, "exact")) if distill else None
+    source = q if teacher is None else teacher
+    teacher = ApproxNetwork(source, Assignment.uniform(source, "exact")) if distill else None
     if fit_scales:
         q, moved = fit_weight_scales(q, assignment)
         if moved:
@@ -250,19 +268,9 @@ def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labe
     steps = -(-len(labels) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * steps, 1))
     gen = torch.Generator().manual_seed(seed)
-    start = 0
-    if state_path.exists():
-        st = load_state(state_path, FinetuneError)
-        saved = (st["epochs"], st["seed"], st["images"], st.get("fit_scales", False), st.get("distill", False))
-        if saved != (epochs, seed, len(labels), fit_scales, distill):
-            raise FinetuneError(f"{state_path}: saved run has epochs={st['epochs']} seed={st['seed']} "
-                                f"images={st['images']} fit_scales={saved[3]} distill={saved[4]}; delete it or "
-                                "rerun with the same settings")
-        twin.load_state_dict(st["twin"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        gen.set_state(st["gen"])
-        start = st["epoch"]
+    settings = {"epochs": epochs, "seed": seed, "images": len(labels), "fit_scales": fit_scales, "distill": distill}
+    start = _resume(state_path, settings, twin, opt, sched, gen)
+    if start:
         log(f"resuming {out} after epoch {start}/{epochs}")
     x_all = torch.as_tensor(images)
     y_all = torch.as_tensor(labels)
@@ -286,8 +294,7 @@ def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labe
             f"{correct / len(y_all):.4f}, {time.time() - t0:.0f} s")
         with atomic_path(state_path) as tmp:
             torch.save({"twin": twin.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "gen": gen.get_state(), "epoch": epoch + 1, "epochs": epochs, "seed": seed,
-                        "images": len(labels), "fit_scales": fit_scales, "distill": distill}, tmp)
+                        "gen": gen.get_state(), "epoch": epoch + 1, **settings}, tmp)
     g = twin.export()
     g.meta.update({"finetune": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
                                 "images": int(len(labels)), "assignment_specs": list(assignment.specs),

@@ -240,8 +240,7 @@ def ladder(explorer, res: dict, n_rungs: int) -> None:
             level = np.zeros(len(layers), dtype=np.int64)
             for i, _ in steps[:k]:
                 level[i] += 1
-            genome = {n: (("exact", under, top)[lv], 1.0) for n, lv in zip(layers, level) if lv and
-                      (under != "exact" or lv == 2)}
+            genome = {n: (spec, 1.0) for n, lv in zip(layers, level) if (spec := ("exact", under, top)[lv]) != "exact"}
             reached = sum(saved[i, lv - 1] for i, lv in steps[rungs[0]:k])
             trial = study.ask()
             asked.append((trial, genome, {"unit": key, "config": top, "rung": k,
