@@ -77,7 +77,7 @@ class Budget:
 
 BUDGETS = {
     "quick": Budget("quick", 1000, 128, (0.25, 0.5, 0.75, 1.0), 8, 36, 12, 8, 5000, 6),
-    "full": Budget("full", 5000, 512, tuple(np.arange(1, 9) / 8), 31, 300, 40, 16, 5000, 12),
+    "full": Budget("full", 2000, 256, tuple(np.arange(1, 9) / 8), 16, 120, 24, 16, 5000, 12),
     "tiny": Budget("tiny", 64, 16, (0.5, 1.0), 3, 6, 4, 3, 96, 2),  # for tests
 }
 COMPENSATIONS = ("none", "bias", "finetune")

@@ -66,7 +66,7 @@ class FinetuneBudget:
 
 FINETUNE_BUDGETS = {
     "quick": FinetuneBudget(epochs=1, images=20000, points=3, max_val_loss_pts=12.0, ladder_points=9),
-    "full": FinetuneBudget(epochs=2, images=20000, points=6, max_val_loss_pts=12.0, ladder_points=13),
+    "full": FinetuneBudget(epochs=2, images=20000, points=4, max_val_loss_pts=12.0, ladder_points=13),
     "tiny": FinetuneBudget(epochs=1, images=64, points=1, max_val_loss_pts=100.0, ladder_points=3),  # for tests
 }
 
