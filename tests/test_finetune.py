@@ -125,3 +125,38 @@ def test_distillation_keeps_the_exact_model_and_is_part_of_the_state(qnet, tmp_p
     torch.save({"epochs": 1, "seed": 0, "images": 256, "fit_scales": True, "distill": False}, state)
     with pytest.raises(FinetuneError, match="distill=False"):
         finetune(qnet, exact, x, y, tmp_path / "s.npz", epochs=1, log=lambda m: None, progress=False)
+
+
+def test_an_interrupted_fine_tuning_resumes_only_its_own_run(qnet, tmp_path):
+    """Killed after its first epoch, a fine-tuning resumes to the graph of an uninterrupted run, byte for byte;
+    the same output path with another start graph, teacher or assignment is refused, naming what differs."""
+    train = load_cifar10(need(LOSSLESS_ZIP), "train")
+    tr, _ = validation_split(len(train), 5000, seed=0)
+    x, y = train.images[tr[:64]], train.labels[tr[:64]]
+    a = Assignment.uniform(qnet, "roup-p2r0")
+    kw = dict(epochs=2, batch_size=32, progress=False)
+    whole = finetune(qnet, a, x, y, tmp_path / "whole.npz", log=lambda m: None, **kw)
+
+    def killed_in_epoch_2(out):
+        def log(m):
+            if m.startswith("epoch 2/2"):  # before epoch 2's state is saved
+                raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            finetune(qnet, a, x, y, out, log=log, **kw)
+        assert out.with_name(out.name + ".state").exists() and not out.exists()
+
+    out = tmp_path / "ft.npz"
+    killed_in_epoch_2(out)
+    logs = []
+    resumed = finetune(qnet, a, x, y, out, log=logs.append, **kw)
+    assert any("resuming" in m and "after epoch 1/2" in m for m in logs), logs
+    assert resumed.digest() == whole.digest() and qnet.digest() != whole.digest()
+    assert QuantizedGraph.load(tmp_path / "whole.npz").digest() == whole.digest()  # saved and read back, meta aside
+    for other, what in ((dict(q=whole, assignment=a), "start="), (dict(q=qnet, assignment=a, teacher=whole), "teacher="),
+                        (dict(q=qnet, assignment=Assignment.uniform(qnet, "roup-p3r0")), "assignment=")):
+        stale = tmp_path / f"{what[:-1]}.npz"
+        killed_in_epoch_2(stale)
+        q = other.pop("q")
+        with pytest.raises(FinetuneError, match=what) as e:
+            finetune(q, other.pop("assignment"), x, y, stale, log=lambda m: None, **other, **kw)
+        assert "delete it" in str(e.value) and "epochs=" not in str(e.value)

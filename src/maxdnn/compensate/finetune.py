@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maxdnn.errors import MaxdnnError
-from maxdnn.engine.approx import ApproxNetwork, Assignment, LayerPlan, transform_groups
+from maxdnn.engine.approx import ApproxNetwork, Assignment, LayerPlan, assignment_key, transform_groups
 from maxdnn.atomic import atomic_path, load_state
 from maxdnn.ir.graph import Affine, Clamp, Concat, Flatten, Merge, MulLayer, Pool, QuantizedGraph, TfliteAdd, _pool_real
 from maxdnn.ir.quant import Requant
@@ -214,14 +214,16 @@ def distillation_loss(logits: torch.Tensor, teacher: ApproxNetwork, x: torch.Ten
 
 def _resume(state_path: Path, settings: dict, twin: FakeQuantTwin, opt, sched, gen: torch.Generator) -> int:
     """The epochs already done: 0 without ``state_path``; else its twin, optimiser, schedule and generator states
-    are loaded. A state saved with other ``settings`` is refused in one line (FinetuneError); a state saved
-    before ``fit_scales`` or ``distill`` existed counts as having them off."""
+    are loaded. A state saved with other ``settings`` (the start graph, teacher and assignment among them) is
+    refused in one line naming what differs (FinetuneError); a setting the state lacks counts as False."""
     if not state_path.exists():
         return 0
     st = load_state(state_path, FinetuneError)
     saved = {k: st.get(k, False) for k in settings}
     if saved != settings:
-        raise FinetuneError(f"{state_path}: saved run has " + " ".join(f"{k}={v}" for k, v in saved.items())
+        differ = [k for k in settings if saved[k] != settings[k]]
+        raise FinetuneError(f"{state_path}: saved run has " + ", ".join(f"{k}={saved[k]} (now {settings[k]})"
+                                                                          for k in differ)
                             + "; delete it or rerun with the same settings")
     twin.load_state_dict(st["twin"])
     opt.load_state_dict(st["opt"])
@@ -246,7 +248,8 @@ def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labe
     whose exact answers are learnt, when ``q`` is not it (``q`` itself fine-tuned before, for another
     assignment: the fine-tuning ladder's rungs start from the rung below). SGD (momentum 0.9,
     no weight decay), cosine learning rate, the augmentation of ``maxdnn train``. The state after every
-    epoch goes to ``OUT.state`` (atomically); rerunning resumes after the last finished epoch."""
+    epoch goes to ``OUT.state`` (atomically); rerunning resumes after the last finished epoch, if the
+    state was saved with the same settings, start graph, teacher and assignment (else it is refused in one line)."""
     from tqdm import tqdm
 
     from maxdnn.compensate.weight_scales import fit_weight_scales
@@ -257,6 +260,7 @@ def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labe
     torch.manual_seed(seed)
     check_finetunable(q)
     source = q if teacher is None else teacher
+    start_digest = q.digest()  # the graph training starts from, before its weight scales are fitted
     teacher = ApproxNetwork(source, Assignment.uniform(source, "exact")) if distill else None
     if fit_scales:
         q, moved = fit_weight_scales(q, assignment)
@@ -268,7 +272,9 @@ def finetune(q: QuantizedGraph, assignment: Assignment, images: np.ndarray, labe
     steps = -(-len(labels) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * steps, 1))
     gen = torch.Generator().manual_seed(seed)
-    settings = {"epochs": epochs, "seed": seed, "images": len(labels), "fit_scales": fit_scales, "distill": distill}
+    settings = {"epochs": epochs, "seed": seed, "images": len(labels), "fit_scales": fit_scales, "distill": distill,
+                "lr": lr, "batch_size": batch_size, "assignment": assignment_key(assignment),
+                "start": start_digest[:16], "teacher": source.digest()[:16] if distill else None}
     start = _resume(state_path, settings, twin, opt, sched, gen)
     if start:
         log(f"resuming {out} after epoch {start}/{epochs}")

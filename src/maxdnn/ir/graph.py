@@ -39,6 +39,7 @@ for gradients.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -460,6 +461,18 @@ class QuantizedGraph:
         doc, arrays = _graph_to_doc(self)
         with atomic_path(path, ".npz") as tmp:
             np.savez(tmp, graph=np.array(json.dumps(doc)), **arrays)
+
+    def digest(self) -> str:
+        """SHA-256 (hex) of the graph's arithmetic: its description and every array, metadata left out; two
+        graphs with the same digest compute the same integers."""
+        doc, arrays = _graph_to_doc(self)
+        doc.pop("meta")
+        h = hashlib.sha256(json.dumps(doc, sort_keys=True).encode())
+        for k in sorted(arrays):
+            a = np.ascontiguousarray(arrays[k])
+            h.update(f"{k}|{a.dtype.str}|{a.shape}".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "QuantizedGraph":
