@@ -300,6 +300,7 @@ class QuantizedGraph:
         graph = maxdnn.quantize(maxdnn.load_model("resnet8"), train.images[:1000])
         logits = graph.outputs(test.images)         # int64 [N, 10], the integer engine's
         graph.save("g.npz"); again = maxdnn.QuantizedGraph.load("g.npz")
+        assert again.digest() == graph.digest()     # the same arithmetic, byte for byte
     """
 
     input_q: QParams
