@@ -695,6 +695,27 @@ def test_a_ladder_rung_is_trained_from_the_rung_below(compensated_run, tmp_path)
     assert not all(np.array_equal(x, y) for x, y in zip(weights(saved), weights(cold)))
 
 
+def test_the_ladder_is_one_work_unit_and_keeps_each_rung_measured(compensated_run):
+    """A warm-started ladder's rungs can only be trained one after the other: they are one work unit (no two
+    workers train a rung), bottom up; every other assignment is a unit of its own. Each rung's measurement is
+    kept beside its graph as soon as it is made, so a ladder interrupted half-way keeps its finished rungs."""
+    import sqlite3
+
+    run, ex = compensated_run
+    done = json.loads((run / "finetune_eval.json").read_text())
+    pts = sorted((p for p in ex.store.points(["layer"]) if p["source"] == "ladder"), key=lambda p: p["rung"])
+    rungs = list(dict.fromkeys(done["points"][point_key(p)] for p in pts))
+    assert len(rungs) >= 2
+    with sqlite3.connect(run / "study.db") as db:
+        keys = [k for (k,) in db.execute("select key from maxdnn_units where key like 'finetune%'")]
+    ladder = [k.rsplit("|", 1)[-1].split(",") for k in keys if k.startswith("finetune-ladder|")]
+    singles = [k.rsplit("|", 1)[-1] for k in keys if k.startswith("finetune|")]
+    assert ladder == [rungs] and not set(singles) & set(rungs)
+    assert sorted(singles + rungs) == sorted(["exact", *done["assignments"]])
+    for key in rungs:
+        assert json.loads((run / "finetuned" / f"{key}.json").read_text())["entry"] == done["assignments"][key]
+
+
 def test_a_point_whose_assignment_was_not_saved_takes_its_twins_gains(compensated_run, tmp_path):
     """The sweep and NSGA-II often find the same assignment, and a front tie saves one of the two: the other
     row of points.csv takes the saved one's PE gain instead of none."""

@@ -144,6 +144,18 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(pg_url, tmp_path):
     assert store.scope  # a shared server: the exploration's studies carry its scope
 
 
+def test_two_workers_fine_tune_each_assignment_once(tmp_path):
+    """Two workers sharing a fine-tuning exploration (its own SQLite database) train every assignment once
+    between them: each fine-tuned graph is in exactly one worker's folder, the ladder's rungs included."""
+    run = tmp_path / "two"
+    r = CliRunner().invoke(app, ["explore", "--out", str(run), "--data", str(need(LOSSLESS_ZIP)), "--budget", "tiny",
+                                 "--approach", "layer", "--workers", "2"])
+    assert r.exit_code == 0, r.output
+    done = json.loads((run / "finetune_eval.json").read_text())
+    graphs = [p.name for d in (run, run / "workers" / "w1") for p in (d / "finetuned").glob("*.npz")]
+    assert sorted(graphs) == sorted(f"{k}.npz" for k in ["exact", *done["assignments"]])
+
+
 def test_unreachable_server_is_one_line_within_seconds(tmp_path):
     t0 = time.time()
     r = CliRunner().invoke(app, ["explore", "--out", str(tmp_path / "x"), "--data", str(need(LOSSLESS_ZIP)),

@@ -81,25 +81,12 @@ def finetune_candidates(points: list[dict], base_val_accuracy: float, fb: Finetu
     return spread_in_gain(front, fb.points)
 
 
-def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
-    """Fine-tune the chosen validation-Pareto points and the exact model; returns finetune_eval.json's content:
-    {"settings", "exact": entry, "assignments": {key: entry}, "points": {point key: assignment key}}, each entry
-    {val_accuracy, val_loss, confirm, test (``maxdnn.exploration.paired.pack``ed correctness on the
-    confirmation and test images), test_accuracy, test_images, seconds, graph, worker}."""
-    check_finetunable(explorer.q)
-    run_dir = Path(explorer.run_dir)
-    path = run_dir / "finetune_eval.json"
-    settings = {**asdict(fb), "seed": explorer.seed}
-    done = json.loads(path.read_text()) if path.exists() else {}
-    if done and done.get("settings") != settings:
-        raise ValueError(f"{path}: made with fine-tuning settings {done.get('settings')}; "
-                         "delete it (and RUN_DIR/finetuned) or rerun with the same budget")
-    done = {"settings": settings, "exact": done.get("exact"), "assignments": done.get("assignments", {}),
-            "points": done.get("points", {})}
+def _to_finetune(explorer, approaches, res: dict, fb: FinetuneBudget) -> tuple[dict, list[list[str]]]:
+    """What the stage fine-tunes: ({assignment key: (assignment, [point keys])}, the exact model first; the
+    ladders, each a list of its distinct rung keys from the bottom up)."""
     base_val = explorer.info["baseline"]["val_accuracy"]
-    exact = Assignment.uniform(explorer.q, "exact")
-    by_key = {"exact": (exact, [])}
-    below = {}  # ladder rung -> the rung below it, whose fine-tuned graph its training starts from
+    by_key = {"exact": (Assignment.uniform(explorer.q, "exact"), [])}
+    ladders = []
     for ap in approaches:
         pts = explorer.store.points([ap])
         # the ladder's rungs, fine-tuned whatever their loss untrained, from the bottom up
@@ -109,55 +96,109 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
             a = explorer.build(ap, {k: tuple(v) for k, v in json.loads(p["genome"]).items()}, res)
             keys[point_key(p)] = key = assignment_key(a)
             by_key.setdefault(key, (a, []))[1].append(point_key(p))
-        rungs = list(dict.fromkeys(keys[point_key(p)] for p in ladder))  # distinct assignments, bottom up
-        if fb.ladder_warm:
-            below.update(zip(rungs[1:], rungs[:-1]))
+        if ladder:
+            ladders.append(list(dict.fromkeys(keys[point_key(p)] for p in ladder)))
+    return by_key, ladders
+
+
+class _Stage:
+    """The fine-tuning and measurement of ``finetune_front``'s assignments in one run directory."""
+
+    def __init__(self, explorer, fb: FinetuneBudget, settings: dict, by_key: dict, below: dict, tr, local: dict):
+        self.explorer, self.fb, self.settings, self.by_key, self.below = explorer, fb, settings, by_key, below
+        self.images, self.labels = explorer.train.images[tr], explorer.train.labels[tr]
+        self.local = local  # results of this run directory so far (finetune_eval.json)
+        self.out_dir = Path(explorer.run_dir) / "finetuned"
+        self.out_dir.mkdir(exist_ok=True)
+        self.recipe = {"epochs": fb.epochs, "lr": fb.lr, "batch_size": fb.batch_size, "seed": explorer.seed,
+                       "images": len(tr), "fit_scales": fb.fit_scales, "distill": fb.distill}
+
+    def trained(self, key: str) -> QuantizedGraph:
+        """The fine-tuned graph of assignment ``key``; a ladder rung's starts from the rung below."""
+        npz = self.out_dir / f"{key}.npz"
+        if npz.exists():  # trained before an interruption, or as the start of a rung above it
+            g = QuantizedGraph.load(npz)
+            made = {k: g.meta.get("finetune", {}).get(k) for k in self.recipe}
+            if made != self.recipe:
+                raise ValueError(f"{npz}: fine-tuned with {made}, not {self.recipe}; delete RUN_DIR/finetuned")
+            return g
+        fb, q = self.fb, self.explorer.q
+        start = self.trained(self.below[key]) if key in self.below else q
+        return finetune(start, self.by_key[key][0], self.images, self.labels, npz, epochs=fb.epochs,
+                        batch_size=fb.batch_size, lr=fb.lr, seed=self.explorer.seed, log=lambda m: None,
+                        progress=False, fit_scales=fb.fit_scales, distill=fb.distill, teacher=q)
+
+    def measure(self, key: str) -> dict:
+        """One assignment's entry; kept in finetuned/KEY.json as soon as measured (a ladder unit interrupted
+        half-way keeps its rungs' measurements)."""
+        kept = self.out_dir / f"{key}.json"
+        if self.local.get(key) is not None:
+            return self.local[key]
+        if kept.exists() and (k := json.loads(kept.read_text())).get("settings") == self.settings:
+            return k["entry"]
+        ex, a = self.explorer, self.by_key[key][0]
+        t0 = time.time()
+        g = self.trained(key)
+        val_acc, val_loss = ex.val_metrics(a, g)
+        net = [ApproxNetwork(g, a)]
+        confirm = correctness(net, ex.confirm.images, ex.confirm.labels)[0]
+        test = correctness(net, ex.test.images, ex.test.labels)[0]
+        entry = {"val_accuracy": val_acc, "val_loss": val_loss, "confirm": confirm, "test": test,
+                 "test_accuracy": test["accuracy"], "test_images": test["images"], "seconds": time.time() - t0,
+                 "graph": f"finetuned/{key}.npz", "worker": ex.units.worker}
+        write_json(kept, {"settings": self.settings, "entry": entry})
+        return entry
+
+
+def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
+    """Fine-tune the chosen validation-Pareto points and the exact model; returns finetune_eval.json's content:
+    {"settings", "exact": entry, "assignments": {key: entry}, "points": {point key: assignment key}}, each entry
+    {val_accuracy, val_loss, confirm, test (``maxdnn.exploration.paired.pack``ed correctness on the
+    confirmation and test images), test_accuracy, test_images, seconds, graph, worker}. A warm-started ladder
+    is one work unit (its rungs can only be trained one after the other), so no two workers train a rung."""
+    check_finetunable(explorer.q)
+    path = Path(explorer.run_dir) / "finetune_eval.json"
+    settings = {**asdict(fb), "seed": explorer.seed}
+    done = json.loads(path.read_text()) if path.exists() else {}
+    if done and done.get("settings") != settings:
+        raise ValueError(f"{path}: made with fine-tuning settings {done.get('settings')}; "
+                         "delete it (and RUN_DIR/finetuned) or rerun with the same budget")
+    done = {"settings": settings, "exact": done.get("exact"), "assignments": done.get("assignments", {}),
+            "points": done.get("points", {})}
+    by_key, ladders = _to_finetune(explorer, approaches, res, fb)
+    ladders = [r for r in ladders if fb.ladder_warm and len(r) > 1]
+    below = {k: b for rungs in ladders for b, k in zip(rungs, rungs[1:])}  # rung -> the rung it starts from
     for key, (a, pkeys) in by_key.items():
         for pk in pkeys:
             done["points"][pk] = key
-    train = explorer.train
-    tr = training_sample(len(train), fb.images, explorer.seed)
-    images, labels = train.images[tr], train.labels[tr]
-    out_dir = run_dir / "finetuned"
-    out_dir.mkdir(exist_ok=True)
-    local = {"exact": done["exact"], **done["assignments"]}  # results of this run directory so far
+    tr = training_sample(len(explorer.train), fb.images, explorer.seed)
+    stage = _Stage(explorer, fb, settings, by_key, below, tr, {"exact": done["exact"], **done["assignments"]})
 
-    def trained(key: str) -> QuantizedGraph:
-        """The fine-tuned graph of assignment ``key``; a ladder rung's starts from the rung below, trained first
-        if no worker has yet (the same graph whoever trains it)."""
-        npz = out_dir / f"{key}.npz"
-        if npz.exists():  # trained before an interruption, or as the start of a rung above it
-            return QuantizedGraph.load(npz)
-        start = trained(below[key]) if key in below else explorer.q
-        return finetune(start, by_key[key][0], images, labels, npz, epochs=fb.epochs, batch_size=fb.batch_size,
-                        lr=fb.lr, seed=explorer.seed, log=lambda m: None, progress=False, fit_scales=fb.fit_scales,
-                        distill=fb.distill, teacher=explorer.q)
+    def measure(unit: str):
+        keys = unit.rsplit("|", 1)[-1].split(",")
+        if not unit.startswith("finetune-ladder|"):
+            return stage.measure(keys[0])
+        out = {}
+        for i, key in enumerate(keys, 1):
+            bar.set_postfix_str(f"ladder rung {i}/{len(keys)}")
+            out[key] = stage.measure(key)
+        return out
 
-    def measure(unit):
-        key = unit.split("|")[-1]
-        if local.get(key) is not None:
-            return local[key]
-        a = by_key[key][0]
-        t0 = time.time()
-        g = trained(key)
-        val_acc, val_loss = explorer.val_metrics(a, g)
-        net = [ApproxNetwork(g, a)]
-        confirm = correctness(net, explorer.confirm.images, explorer.confirm.labels)[0]
-        test = correctness(net, explorer.test.images, explorer.test.labels)[0]
-        return {"val_accuracy": val_acc, "val_loss": val_loss, "confirm": confirm, "test": test,
-                "test_accuracy": test["accuracy"], "test_images": test["images"], "seconds": time.time() - t0,
-                "graph": f"finetuned/{key}.npz", "worker": explorer.units.worker}
-
-    units = [f"finetune|{json.dumps(settings, sort_keys=True)}|{key}" for key in by_key]
-    explorer.log(f"fine-tuning {len(units)} assignments ({fb.epochs} epoch(s) on {len(tr)} training images "
-                 f"outside the validation hold-out), then measuring them on validation and test")
-    with explorer.progress_bar("fine-tuning: front points", len(units)) as bar:
+    tag = json.dumps(settings, sort_keys=True)
+    in_ladder = set(below) | set(below.values())
+    units = [f"finetune-ladder|{tag}|{','.join(r)}" for r in ladders]
+    units += [f"finetune|{tag}|{key}" for key in by_key if key not in in_ladder]
+    chained = f"; {len(in_ladder)} of them ladder rungs, each trained from the one below" if below else ""
+    explorer.log(f"fine-tuning {len(by_key)} assignments ({fb.epochs} epoch(s) on {len(tr)} training images "
+                 f"outside the validation hold-out{chained}), then measuring them on validation and test")
+    with explorer.progress_bar("fine-tuning: front points and ladder", len(units)) as bar:
         measured = explorer.units.map(units, measure, bar)
     for unit, entry in measured.items():
-        key = unit.split("|")[-1]
-        if key == "exact":
-            done["exact"] = entry
-        else:
-            done["assignments"][key] = entry
+        entries = entry if unit.startswith("finetune-ladder|") else {unit.rsplit("|", 1)[-1]: entry}
+        for key, e in entries.items():
+            if key == "exact":
+                done["exact"] = e
+            else:
+                done["assignments"][key] = e
     write_json(path, done)
     return done
