@@ -182,6 +182,7 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
         for i, key in enumerate(keys, 1):
             bar.set_postfix_str(f"ladder rung {i}/{len(keys)}")
             out[key] = stage.measure(key)
+        bar.set_postfix_str("")
         return out
 
     tag = json.dumps(settings, sort_keys=True)
