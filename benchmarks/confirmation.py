@@ -20,3 +20,18 @@ def setup(data: str, images: int):
         return float((ApproxNetwork(g, a).predict(conf.images) == conf.labels).mean())
 
     return q, train, conf, tr, accuracy
+
+
+def ladder_rungs(run: str, q) -> list:
+    """(multiplication energy gain, assignment) of each ladder rung of run folder ``run``
+    (``RUN/pareto/layer-ladder-*.json``), by increasing gain."""
+    from pathlib import Path
+
+    from maxdnn.energy import energy_table, network_energy
+    from maxdnn.engine.approx import Assignment
+
+    rungs = []
+    for f in Path(run, "pareto").glob("layer-ladder-*.json"):
+        a = Assignment.load(f, q)
+        rungs.append((network_energy(q, a, energy_table(list(a.specs)))["energy_gain"], a))
+    return sorted(rungs, key=lambda t: t[0])

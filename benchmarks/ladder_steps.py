@@ -19,10 +19,10 @@ from pathlib import Path
 
 from maxdnn.compensate.finetune import finetune
 from maxdnn.energy import energy_table, network_energy
-from maxdnn.engine.approx import ApproxNetwork, Assignment, assignment_key, layer_assignment
+from maxdnn.engine.approx import ApproxNetwork, assignment_key, layer_assignment
 from maxdnn.exploration.paired import correctness, paired_loss
 from maxdnn.ir.graph import QuantizedGraph
-from confirmation import setup  # benchmarks/ is the script's folder
+from confirmation import ladder_rungs, setup  # benchmarks/ is the script's folder
 
 p = argparse.ArgumentParser()
 p.add_argument("--data", required=True)
@@ -32,11 +32,8 @@ p.add_argument("--images", type=int, default=20000)
 args = p.parse_args()
 
 q, train, conf, tr, _ = setup(args.data, args.images)
-rungs = []
-for f in Path(args.run, "pareto").glob("layer-ladder-*.json"):
-    a = Assignment.load(f, q)
-    rungs.append((network_energy(q, a, energy_table(list(a.specs)))["energy_gain"], a))
-gain0, foot = min(rungs, key=lambda t: t[0])
+rungs = ladder_rungs(args.run, q)
+gain0, foot = rungs[0]
 top = "roup-p3r0"
 on_foot = {n: foot.specs[int(m.flat[0])] for n, m in foot.maps.items()}
 foot_graph = QuantizedGraph.load(Path(args.run, "finetuned", f"{assignment_key(foot)}.npz"))

@@ -17,10 +17,9 @@ import tempfile
 from pathlib import Path
 
 from maxdnn.compensate.finetune import finetune
-from maxdnn.energy import energy_table, network_energy
 from maxdnn.engine.approx import Assignment, assignment_key
 from maxdnn.ir.graph import QuantizedGraph
-from confirmation import setup  # benchmarks/ is the script's folder
+from confirmation import ladder_rungs, setup  # benchmarks/ is the script's folder
 
 p = argparse.ArgumentParser()
 p.add_argument("--data", required=True)
@@ -31,11 +30,7 @@ p.add_argument("--train-warm", action="store_true")
 args = p.parse_args()
 
 q, train, conf, tr, accuracy = setup(args.data, args.images)
-rungs = []
-for f in Path(args.run, "pareto").glob("layer-ladder-*.json"):
-    a = Assignment.load(f, q)
-    rungs.append((network_energy(q, a, energy_table(list(a.specs)))["energy_gain"], a))
-rungs.sort(key=lambda t: t[0])
+rungs = ladder_rungs(args.run, q)
 base = accuracy(q, Assignment.uniform(q, "exact"))
 print(f"exact int8 {100 * base:.2f}% on {len(conf)} held-out training images ({conf.source}); {len(rungs)} rungs of "
       f"{args.run}, each fine-tuned {args.epochs} epoch(s) on {len(tr)} training images")
