@@ -182,6 +182,32 @@ def test_progress_counts_units_finished_before(tmp_path):
     assert units.map(["a", "b", "c"], lambda k: 2, bar) == {"a": 1, "b": 1, "c": 2} and bar.n == 3
 
 
+def test_a_sigterm_stops_the_next_unit_even_when_its_exception_is_swallowed(tmp_path):
+    """Python drops an exception raised in a destructor, so the KeyboardInterrupt of a SIGTERM that lands in one
+    is lost: the flag the handler sets stops the next unit, and the end of the run, all the same."""
+    import maxdnn.runs.work_units as wu
+    from maxdnn.runs.workers import sigterm_interrupts
+
+    units = wu.WorkUnits(f"sqlite:///{tmp_path / 'units.db'}")
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_interrupts():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+            except KeyboardInterrupt:  # swallowed, as in a destructor
+                pass
+            assert wu.STOP.is_set()
+            units.map(["a"], lambda k: pytest.fail("a unit started after the SIGTERM"))
+    assert not wu.STOP.is_set() and units.map(["a"], lambda k: 1) == {"a": 1}  # released, not left claimed
+    with pytest.raises(KeyboardInterrupt):  # a SIGTERM after the last unit still ends the run as interrupted
+        with sigterm_interrupts():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+
+
 OPEN_TOGETHER = """
 import sys, time
 from maxdnn.exploration.storage import RunStorage

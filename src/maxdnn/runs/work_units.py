@@ -29,6 +29,8 @@ from typing import Callable, Iterable
 
 import sqlalchemy as sa
 
+STOP = threading.Event()  # set by a SIGTERM (maxdnn.runs.workers.sigterm_interrupts): no unit starts after it
+
 GRACE_SECONDS = float(os.environ.get("MAXDNN_HEARTBEAT_GRACE", 60))  # a unit not renewed for this long is free
 HEARTBEAT_SECONDS = min(10.0, GRACE_SECONDS / 3)
 POLL_SECONDS = 1.0
@@ -137,6 +139,8 @@ class WorkUnits:
 
     def _compute(self, keys: list[str], compute_many: Callable[[list[str]], list]) -> dict[str, object]:
         try:
+            if STOP.is_set():  # a SIGTERM whose KeyboardInterrupt was swallowed (raised inside a destructor)
+                raise KeyboardInterrupt
             results = compute_many(list(keys))
         except BaseException:
             for key in keys:

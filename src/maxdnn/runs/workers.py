@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from maxdnn.errors import MaxdnnError
+from maxdnn.runs.work_units import STOP
 
 
 class WorkerError(MaxdnnError):
@@ -53,14 +54,20 @@ def wait_for_workers(procs) -> None:
 
 
 def _interrupt(signum, frame):
+    # the flag stops the next unit even where Python swallows the exception (a signal that lands in a destructor)
+    STOP.set()
     raise KeyboardInterrupt
 
 
 @contextmanager
 def sigterm_interrupts():
     """While it lasts, SIGTERM stops the process as Ctrl-C does (its claims released, its time counted)."""
+    STOP.clear()
     before = signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield
+        if STOP.is_set():  # terminated after the last unit, the exception swallowed: still an interruption
+            raise KeyboardInterrupt
     finally:
         signal.signal(signal.SIGTERM, before)
+        STOP.clear()
