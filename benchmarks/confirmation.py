@@ -1,10 +1,13 @@
 """What the fine-tuning benchmarks share: the committed ResNet-8 quantized as ``maxdnn explore`` quantizes it,
 the training split, the 5,000 held-out training images the exploration confirms its choices on, a seeded
 training sample outside the hold-out, and the integer engine's accuracy on the confirmation images."""
+from pathlib import Path
+
 import numpy as np
 
 from maxdnn.data import training_sample, validation_split
-from maxdnn.engine.approx import ApproxNetwork
+from maxdnn.energy import energy_table, network_energy
+from maxdnn.engine.approx import ApproxNetwork, Assignment
 from maxdnn.workload import Workload
 
 
@@ -25,11 +28,6 @@ def setup(data: str, images: int):
 def ladder_rungs(run: str, q) -> list:
     """(multiplication energy gain, assignment) of each ladder rung of run folder ``run``
     (``RUN/pareto/layer-ladder-*.json``), by increasing gain."""
-    from pathlib import Path
-
-    from maxdnn.energy import energy_table, network_energy
-    from maxdnn.engine.approx import Assignment
-
     rungs = []
     for f in Path(run, "pareto").glob("layer-ladder-*.json"):
         a = Assignment.load(f, q)

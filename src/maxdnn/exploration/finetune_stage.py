@@ -174,28 +174,29 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
     tr = training_sample(len(explorer.train), fb.images, explorer.seed)
     stage = _Stage(explorer, fb, settings, by_key, below, tr, {"exact": done["exact"], **done["assignments"]})
 
+    tag = json.dumps(settings, sort_keys=True)
+    ladder_units = {f"finetune-ladder|{tag}|{','.join(r)}": r for r in ladders}  # its rung keys, bottom up
+    in_ladder = {k for r in ladders for k in r}
+    single_units = {f"finetune|{tag}|{key}": key for key in by_key if key not in in_ladder}
+
     def measure(unit: str):
-        keys = unit.rsplit("|", 1)[-1].split(",")
-        if not unit.startswith("finetune-ladder|"):
-            return stage.measure(keys[0])
+        if unit in single_units:
+            return stage.measure(single_units[unit])
         out = {}
-        for i, key in enumerate(keys, 1):
-            bar.set_postfix_str(f"ladder rung {i}/{len(keys)}")
+        for i, key in enumerate(ladder_units[unit], 1):
+            bar.set_postfix_str(f"ladder rung {i}/{len(ladder_units[unit])}")
             out[key] = stage.measure(key)
         bar.set_postfix_str("")
         return out
 
-    tag = json.dumps(settings, sort_keys=True)
-    in_ladder = set(below) | set(below.values())
-    units = [f"finetune-ladder|{tag}|{','.join(r)}" for r in ladders]
-    units += [f"finetune|{tag}|{key}" for key in by_key if key not in in_ladder]
+    units = [*ladder_units, *single_units]
     chained = f"; {len(in_ladder)} of them ladder rungs, each trained from the one below" if below else ""
     explorer.log(f"fine-tuning {len(by_key)} assignments ({fb.epochs} epoch(s) on {len(tr)} training images "
                  f"outside the validation hold-out{chained}), then measuring them on validation and test")
     with explorer.progress_bar("fine-tuning: front points and ladder", len(units)) as bar:
         measured = explorer.units.map(units, measure, bar)
     for unit, entry in measured.items():
-        entries = entry if unit.startswith("finetune-ladder|") else {unit.rsplit("|", 1)[-1]: entry}
+        entries = entry if unit in ladder_units else {single_units[unit]: entry}
         for key, e in entries.items():
             if key == "exact":
                 done["exact"] = e
