@@ -716,6 +716,44 @@ def test_the_ladder_is_one_work_unit_and_keeps_each_rung_measured(compensated_ru
         assert json.loads((run / "finetuned" / f"{key}.json").read_text())["entry"] == done["assignments"][key]
 
 
+def test_a_graph_fine_tuned_with_another_recipe_is_refused_not_reused(compensated_run, tmp_path, monkeypatch):
+    """A fine-tuned graph in RUN/finetuned made with other settings is refused in one line naming it (not taken
+    as the stage's); ``maxdnn explore`` reports such a refusal as one line, exit 2, no traceback."""
+    from typer.testing import CliRunner
+
+    import maxdnn.exploration.explorer as explorer_module
+    from maxdnn.cli import app
+    from maxdnn.compensate.finetune import FinetuneError
+    from maxdnn.data import training_sample
+    from maxdnn.exploration.finetune_stage import FINETUNE_BUDGETS, _Stage
+    from maxdnn.ir.graph import QuantizedGraph
+
+    run, ex = compensated_run
+    done = json.loads((run / "finetune_eval.json").read_text())
+    key = next(iter(done["assignments"]))
+    g = QuantizedGraph.load(run / "finetuned" / f"{key}.npz")
+    g.meta["finetune"]["epochs"] += 1
+    stale = run / "finetuned" / "stale-recipe.npz"
+    g.save(stale)
+    try:
+        fb = FINETUNE_BUDGETS["tiny"]
+        stage = _Stage(ex, fb, {}, {"stale-recipe": (Assignment.uniform(ex.q, "exact"), [])}, {},
+                       training_sample(len(ex.train), fb.images, ex.seed), {})
+        with pytest.raises(FinetuneError, match="stale-recipe.npz: fine-tuned with"):
+            stage.trained("stale-recipe")
+    finally:
+        stale.unlink()
+
+    def refused(*a, **k):
+        raise FinetuneError(f"{stale}: fine-tuned with another recipe; delete RUN_DIR/finetuned")
+
+    monkeypatch.setattr(explorer_module, "run_exploration", refused)
+    r = CliRunner().invoke(app, ["explore", "--out", str(tmp_path / "x"), "--data", str(need(LOSSLESS_ZIP)),
+                                 "--budget", "tiny", "--approach", "layer"])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith(f"maxdnn: error: {stale}: fine-tuned")
+    assert "Traceback" not in r.output
+
+
 def test_a_point_whose_assignment_was_not_saved_takes_its_twins_gains(compensated_run, tmp_path):
     """The sweep and NSGA-II often find the same assignment, and a front tie saves one of the two: the other
     row of points.csv takes the saved one's PE gain instead of none."""

@@ -524,6 +524,10 @@ def explore(
         raise typer.Exit(130)
     except WorkerError as e:
         fail(str(e))
+    except MaxdnnError as e:  # a file of the run directory the stage cannot take (a fine-tuning state, graph)
+        for _, p in helpers:
+            p.terminate()
+        fail(str(e))
     _finish_exploration(out, ex, time.time() - t0, accelerator)
 
 

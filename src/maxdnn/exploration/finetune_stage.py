@@ -43,7 +43,7 @@ from pathlib import Path
 from maxdnn.engine.approx import ApproxNetwork, Assignment, assignment_key
 from maxdnn.atomic import write_json
 from maxdnn.data import training_sample
-from maxdnn.compensate.finetune import check_finetunable, finetune
+from maxdnn.compensate.finetune import FinetuneError, check_finetunable, finetune
 from maxdnn.exploration.front import largest_gain_within, pareto_front, point_key, spread_in_gain
 from maxdnn.exploration.paired import correctness
 from maxdnn.ir.graph import QuantizedGraph
@@ -120,7 +120,7 @@ class _Stage:
             g = QuantizedGraph.load(npz)
             made = {k: g.meta.get("finetune", {}).get(k) for k in self.recipe}
             if made != self.recipe:
-                raise ValueError(f"{npz}: fine-tuned with {made}, not {self.recipe}; delete RUN_DIR/finetuned")
+                raise FinetuneError(f"{npz}: fine-tuned with {made}, not {self.recipe}; delete RUN_DIR/finetuned")
             return g
         fb, q = self.fb, self.explorer.q
         start = self.trained(self.below[key]) if key in self.below else q
@@ -161,7 +161,7 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
     settings = {**asdict(fb), "seed": explorer.seed}
     done = json.loads(path.read_text()) if path.exists() else {}
     if done and done.get("settings") != settings:
-        raise ValueError(f"{path}: made with fine-tuning settings {done.get('settings')}; "
+        raise FinetuneError(f"{path}: made with fine-tuning settings {done.get('settings')}; "
                          "delete it (and RUN_DIR/finetuned) or rerun with the same budget")
     done = {"settings": settings, "exact": done.get("exact"), "assignments": done.get("assignments", {}),
             "points": done.get("points", {})}
