@@ -465,7 +465,13 @@ class QuantizedGraph:
 
     def digest(self) -> str:
         """SHA-256 (hex) of the graph's arithmetic: its description and every array, metadata left out; two
-        graphs with the same digest compute the same integers."""
+        graphs with the same digest compute the same integers.
+
+        Example::
+
+            tuned = maxdnn.QuantizedGraph.load("ft.npz")
+            tuned.digest() != graph.digest()   # fine-tuning moved its weights
+        """
         doc, arrays = _graph_to_doc(self)
         doc.pop("meta")
         h = hashlib.sha256(json.dumps(doc, sort_keys=True).encode())
