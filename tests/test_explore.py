@@ -754,6 +754,46 @@ def test_a_graph_fine_tuned_with_another_recipe_is_refused_not_reused(compensate
     assert "Traceback" not in r.output
 
 
+def test_a_damaged_result_file_in_the_run_is_one_line_not_a_traceback(compensated_run, tmp_path):
+    """A run's own result files, resumed from, can still be damaged by hand or by a full disk: a measurement kept
+    in finetuned/KEY.json, finetune_eval.json, confirm_eval.json. Each is refused in one line naming the file
+    (the stage's error; ``maxdnn report``: exit 2), never a JSON traceback nor taken as empty."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from maxdnn.cli import app
+    from maxdnn.compensate.finetune import FinetuneError
+    from maxdnn.data import training_sample
+    from maxdnn.exploration.confirm import ConfirmError, confirm_and_test
+    from maxdnn.exploration.finetune_stage import FINETUNE_BUDGETS, _Stage, finetune_front
+
+    run, ex = compensated_run
+    done = json.loads((run / "finetune_eval.json").read_text())
+    key = next(iter(done["assignments"]))
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    kept = copy / "finetuned" / f"{key}.json"
+    assert kept.exists()
+    kept.write_text('{"settings": {"epochs": 1')  # cut short
+    fb = FINETUNE_BUDGETS["tiny"]
+    ex_copy = type(ex).__new__(type(ex))
+    ex_copy.__dict__.update(ex.__dict__, run_dir=copy)
+    stage = _Stage(ex_copy, fb, {}, {key: (Assignment.uniform(ex.q, "exact"), [])}, {},
+                   training_sample(len(ex.train), fb.images, ex.seed), {})
+    with pytest.raises(FinetuneError, match=f"{kept}: not a readable result file \\(JSONDecodeError\\)"):
+        stage.measure(key)
+    (copy / "finetune_eval.json").write_text("[1, 2]")
+    with pytest.raises(FinetuneError, match="finetune_eval.json: not a maxdnn result file \\(a JSON list"):
+        finetune_front(ex_copy, ["layer"], {}, fb)
+    (copy / "confirm_eval.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfirmError, match="confirm_eval.json: not a readable result file \\(UnicodeDecodeError"):
+        confirm_and_test(ex_copy, ["layer"], {})
+    r = CliRunner().invoke(app, ["report", str(copy)])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1].startswith("maxdnn: error: ") and "confirm_eval.json" in r.output
+
+
 def test_a_point_whose_assignment_was_not_saved_takes_its_twins_gains(compensated_run, tmp_path):
     """The sweep and NSGA-II often find the same assignment, and a front tie saves one of the two: the other
     row of points.csv takes the saved one's PE gain instead of none."""

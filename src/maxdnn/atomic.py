@@ -34,6 +34,37 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> None:
     write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
+def read_json(path: str | os.PathLike, error: type[Exception], default=None, want: type = dict):
+    """A JSON file this package wrote (a run's results, resumed from), or ``default`` when it does not exist.
+    A damaged or foreign file raises ``error`` with one line naming the file, not a traceback.
+
+    Example:
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> p = Path(tempfile.mkdtemp()) / "r.json"
+    >>> read_json(p, ValueError, default={})
+    {}
+    >>> _ = p.write_text("{oops")
+    >>> try:
+    ...     read_json(p, ValueError)
+    ... except ValueError as e:
+    ...     print(str(e).endswith("not a readable result file (JSONDecodeError); delete it to measure again"))
+    True
+    """
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not a readable result file ({type(e).__name__}); delete it to measure again") from None
+    if not isinstance(obj, want):
+        raise error(f"{path}: not a maxdnn result file (a JSON {type(obj).__name__}, expected a {want.__name__}); "
+                    "delete it to measure again")
+    return obj
+
+
 def load_state(path: Path, error: type[Exception], map_location=None) -> dict:
     """A training state written by ``torch.save`` (resume files), loaded with ``weights_only=True``: tensors,
     numbers, strings and containers only, so a planted file cannot run code. Anything else, or a damaged

@@ -33,9 +33,21 @@ from __future__ import annotations
 import json
 
 from maxdnn.engine.approx import ApproxNetwork, Assignment, assignment_key
-from maxdnn.atomic import write_json
+from maxdnn.atomic import read_json, write_json
+from maxdnn.errors import MaxdnnError
 from maxdnn.exploration.front import THRESHOLDS, largest_gain_within, pareto_front, point_key, spread_in_gain
 from maxdnn.exploration.paired import correctness, paired_loss
+
+
+class ConfirmError(MaxdnnError, ValueError):
+    """The confirmation stage's own results in the run directory (confirm_eval.json) cannot be read.
+
+    Example:
+
+    >>> from maxdnn.exploration.confirm import ConfirmError
+    >>> str(ConfirmError("runs/a/confirm_eval.json: not a readable result file (JSONDecodeError)"))
+    'runs/a/confirm_eval.json: not a readable result file (JSONDecodeError)'
+    """
 
 Z_CHOICE = 1.0  # standard errors of the paired confirmation loss a chosen point must stay within its threshold
 LEVELS = ("ptq", "bias", "finetune")
@@ -147,7 +159,7 @@ def confirm_and_test(explorer, approaches, res: dict, finetuned: dict | None = N
     measurement m {"confirm": packed, "test": packed (chosen points and references only)}. ``finetuned``:
     the fine-tuning stage's result (``finetune_front``), whose entries carry their own measurements."""
     path = explorer.run_dir / "confirm_eval.json"
-    local = json.loads(path.read_text()) if path.exists() else {}
+    local = read_json(path, ConfirmError, default={})
     levels = [lv for lv in levels_of(explorer.compensation) if lv != "finetune"]
     built, cands = _front_candidates(explorer, approaches, res, levels, set((finetuned or {}).get("points", {})))
     exact = Assignment.uniform(explorer.q, "exact")

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from maxdnn.engine.approx import ApproxNetwork, Assignment, assignment_key
-from maxdnn.atomic import write_json
+from maxdnn.atomic import read_json, write_json
 from maxdnn.data import training_sample
 from maxdnn.compensate.finetune import FinetuneError, check_finetunable, finetune
 from maxdnn.exploration.front import largest_gain_within, pareto_front, point_key, spread_in_gain
@@ -134,7 +134,7 @@ class _Stage:
         kept = self.out_dir / f"{key}.json"
         if self.local.get(key) is not None:
             return self.local[key]
-        if kept.exists() and (k := json.loads(kept.read_text())).get("settings") == self.settings:
+        if (k := read_json(kept, FinetuneError, default={})).get("settings") == self.settings:
             return k["entry"]
         ex, a = self.explorer, self.by_key[key][0]
         t0 = time.time()
@@ -159,7 +159,7 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
     check_finetunable(explorer.q)
     path = Path(explorer.run_dir) / "finetune_eval.json"
     settings = {**asdict(fb), "seed": explorer.seed}
-    done = json.loads(path.read_text()) if path.exists() else {}
+    done = read_json(path, FinetuneError, default={})
     if done and done.get("settings") != settings:
         raise FinetuneError(f"{path}: made with fine-tuning settings {done.get('settings')}; "
                          "delete it (and RUN_DIR/finetuned) or rerun with the same budget")

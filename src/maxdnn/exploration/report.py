@@ -10,12 +10,11 @@ largest energy gain, with its test-set accuracy loss.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 
 from maxdnn.errors import MaxdnnError
-from maxdnn.atomic import atomic_path, write_text
+from maxdnn.atomic import atomic_path, read_json, write_text
 from maxdnn.exploration.storage import read_run_info
 from maxdnn.exploration.front import APPROACHES, THRESHOLDS, largest_gain_within, pareto_front, point_key
 from maxdnn.exploration.paired import paired_loss
@@ -96,7 +95,7 @@ def write_points(run_dir: Path, store) -> Path:
     conf = read_confirm(run_dir)
     ft = read_finetune(run_dir)
     refs = conf["reference"]
-    legacy_tests = json.loads((run_dir / "test_eval.json").read_text()) if (run_dir / "test_eval.json").exists() else {}
+    legacy_tests = read_json(run_dir / "test_eval.json", ReportError, default={})
     levels = levels_of(info.get("compensation", "bias" if info.get("bias_correction") else "none"))
     if ft["settings"] and "finetune" not in levels:  # an older run fine-tuned without the option
         levels = (*levels, "finetune")
@@ -179,16 +178,14 @@ def _front_gains(run_dir: Path, rows: list[dict], accelerator: str | None) -> tu
 
 def read_finetune(run_dir: Path) -> dict:
     """finetune_eval.json of the fine-tuning stage (empty entries when the run has none)."""
-    path = run_dir / "finetune_eval.json"
-    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc = read_json(run_dir / "finetune_eval.json", ReportError, default={})
     return {"settings": doc.get("settings"), "exact": doc.get("exact"), "assignments": doc.get("assignments", {}),
             "points": doc.get("points", {})}
 
 
 def read_confirm(run_dir: Path) -> dict:
     """confirm_eval.json of the confirmation stage (empty entries when the run has none)."""
-    path = run_dir / "confirm_eval.json"
-    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc = read_json(run_dir / "confirm_eval.json", ReportError, default={})
     return {"reference": doc.get("reference", {}), "points": doc.get("points", {}), "chosen": doc.get("chosen", {}),
             "z": doc.get("z")}
 
