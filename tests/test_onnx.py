@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from maxdnn.cli import app
 from maxdnn.engine.approx import ApproxNetwork, kernel_assignment
 from maxdnn.engine.reference import reference_forward
-from maxdnn.frontends.onnx_int8 import load_onnx
+from maxdnn.frontends.onnx_int8 import load_onnx, load_onnx_model
 from maxdnn.multipliers.models import roup_specs
 from maxdnn.zoo.models import ModelError
 
@@ -120,6 +120,10 @@ def test_bad_onnx_models_are_one_line(models, tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"\x00not a model" * 10)
     with pytest.raises(ModelError, match="not a readable ONNX model"):
         load_onnx(tmp_path / "junk.onnx")
+    for i, junk in enumerate((b"", b"xx")):  # parsed by protobuf as an empty model
+        (tmp_path / f"junk{i}.onnx").write_bytes(junk)
+        with pytest.raises(ModelError, match=f"junk{i}.onnx: not a readable ONNX model \\(no graph"):
+            load_onnx_model(tmp_path / f"junk{i}.onnx")
     m = onnx.load(str(models["qop"]))
     for t in m.graph.initializer:  # a weight zero point that is not 0
         if t.name.endswith("weight_zero_point") or t.name.endswith("_zero_point") and t.data_type == 3 and t.dims:
@@ -198,7 +202,7 @@ def test_onnxruntime_arithmetic_fast_engine_equals_reference_past_2_24(rng):
 OUTPUTS = """
 import hashlib, sys
 from maxdnn.data import load_cifar10
-from maxdnn.frontends.onnx_int8 import load_onnx
+from maxdnn.frontends.onnx_int8 import load_onnx, load_onnx_model
 x = load_cifar10(sys.argv[1], "test").images[:500]
 print(hashlib.sha256(load_onnx(sys.argv[2]).outputs(x).tobytes()).hexdigest())
 """

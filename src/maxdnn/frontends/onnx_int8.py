@@ -116,6 +116,8 @@ def read_onnx(path: str | Path):
         model = onnx.load_model_from_string(path.read_bytes())
     except Exception as e:  # noqa: BLE001 - any parse failure: not an ONNX model
         raise ModelError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    if not model.graph.node:  # protobuf parses many a short foreign file as an empty message
+        raise ModelError(f"{path}: not a readable ONNX model (no graph: an empty or foreign file)")
     for init in model.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             raise ModelError(f"{path}: initializer '{init.name}' keeps its data in an external file, which maxdnn "
