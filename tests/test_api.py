@@ -101,3 +101,15 @@ def test_tutorial_runs(tmp_path):
     run = maxdnn.Run.open(tmp_path / "runs" / "tutorial")
     assert set(run.best) == {"layer", "kernel"} and run.fronts["kernel"]
     assert run.info["budget"]["name"] == "tiny" and len(run.points) > 0
+
+
+def test_a_bad_run_directory_is_a_maxdnn_error(tmp_path):
+    """``except maxdnn.MaxdnnError`` catches every problem with a user's input, a run directory's too."""
+    with pytest.raises(maxdnn.MaxdnnError, match="not an exploration run \\(no run.json\\)"):
+        maxdnn.Run.open(tmp_path / "none")
+    (tmp_path / "run.json").write_text("{cut")
+    with pytest.raises(maxdnn.MaxdnnError, match="run.json: not a readable run description"):
+        maxdnn.Run.open(tmp_path)
+    (tmp_path / "run.json").write_text("[]")
+    with pytest.raises(maxdnn.MaxdnnError, match="run.json: not a maxdnn run description"):
+        maxdnn.Run.open(tmp_path)

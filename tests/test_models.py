@@ -37,8 +37,12 @@ def test_model_file_errors(tmp_path):
         load_model(tmp_path / "x.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")
-    with pytest.raises(ModelError, match="not a readable maxdnn checkpoint"):
+    with pytest.raises(ModelError, match="not a readable maxdnn checkpoint \\(UnpicklingError\\)$"):
         load_model(bad)
+    verilog = tmp_path / "mult.v"  # a file of no model format: the message lists the formats
+    verilog.write_text("module m; endmodule")
+    with pytest.raises(ModelError, match="mult.v: not a readable maxdnn checkpoint .*; models are a zoo name, .pt,"):
+        load_model(verilog)
     h5 = tmp_path / "bad.h5"
     h5.write_bytes(b"garbage")
     with pytest.raises(ModelError, match="not a readable HDF5"):

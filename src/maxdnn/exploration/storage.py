@@ -14,8 +14,23 @@ import json
 import os
 from pathlib import Path
 
+from maxdnn.errors import MaxdnnError
 from maxdnn.exploration.front import APPROACHES
 from maxdnn.runs.work_units import WorkUnits
+
+
+class RunError(MaxdnnError, ValueError):
+    """A run directory or its study storage that cannot be used, as one line naming it.
+
+    Example:
+
+    >>> from maxdnn.exploration.storage import RunError, read_run_info
+    >>> try:
+    ...     read_run_info("no-such-run")
+    ... except RunError as e:
+    ...     print(e)
+    no-such-run: not an exploration run (no run.json)
+    """
 
 
 class RunStorage:
@@ -31,7 +46,7 @@ class RunStorage:
     @classmethod
     def for_run(cls, run_dir: str | os.PathLike, url: str | None) -> "RunStorage":
         """``url``, or (None) the run's own SQLite database, checked: a bad URL, a missing driver or an
-        unreachable server is one line (ValueError)."""
+        unreachable server is one line (RunError)."""
         store = cls(url or f"sqlite:///{(Path(run_dir) / 'study.db').resolve()}", shared=url is not None)
         if url is None:  # the run's own database: one process at a time (it takes over what is left there)
             store._lock = lock_run_dir(Path(run_dir))
@@ -47,12 +62,12 @@ class RunStorage:
         if url in (None, "study.db"):
             db = run_dir / "study.db"
             if not db.exists():
-                raise ValueError(f"{db}: the run's study database is missing")
+                raise RunError(f"{db}: the run's study database is missing")
             if not db.is_file():
-                raise ValueError(f"{db}: not a file (the run's study database is an SQLite file)")
+                raise RunError(f"{db}: not a file (the run's study database is an SQLite file)")
             with open(db, "rb") as f:
                 if f.read(16) != b"SQLite format 3\0":
-                    raise ValueError(f"{db}: not an SQLite database (empty, truncated or overwritten)")
+                    raise RunError(f"{db}: not an SQLite database (empty, truncated or overwritten)")
             return cls(f"sqlite:///{db.resolve()}", info.get("scope", ""), shared=False)
         return cls(url, info.get("scope", ""))
 
@@ -61,10 +76,10 @@ class RunStorage:
             self.optuna()
         except ModuleNotFoundError as e:
             hint = " (install maxdnn[postgres] for PostgreSQL)" if "postgres" in self.url else ""
-            raise ValueError(f"--storage {self.url}: no database driver '{e.name}'{hint}") from None
+            raise RunError(f"--storage {self.url}: no database driver '{e.name}'{hint}") from None
         except Exception as e:  # noqa: BLE001 - SQLAlchemy's many connection errors, in one line
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise ValueError(f"--storage {self.url}: cannot open the study storage ({msg})") from None
+            raise RunError(f"--storage {self.url}: cannot open the study storage ({msg})") from None
 
     def engine_kwargs(self) -> dict:
         if self.url.startswith("sqlite:///"):
@@ -128,16 +143,16 @@ class RunStorage:
 
 
 def read_run_info(run_dir: Path) -> dict:
-    """RUN_DIR/run.json as a dict; ``ValueError`` naming the file when it is missing, unreadable or not one."""
+    """RUN_DIR/run.json as a dict; ``RunError`` naming the file when it is missing, unreadable or not one."""
     path = Path(run_dir) / "run.json"
     try:
         info = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"{run_dir}: not an exploration run (no run.json)") from None
+        raise RunError(f"{run_dir}: not an exploration run (no run.json)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable run description ({type(e).__name__}: {e})") from None
+        raise RunError(f"{path}: not a readable run description ({type(e).__name__}: {e})") from None
     if not isinstance(info, dict) or not isinstance(info.get("baseline", {}), dict):
-        raise ValueError(f"{path}: not a maxdnn run description (expected a JSON object with the run's settings)")
+        raise RunError(f"{path}: not a maxdnn run description (expected a JSON object with the run's settings)")
     return info
 
 
@@ -185,7 +200,7 @@ def lock_run_dir(run_dir: Path):
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise ValueError(f"{run_dir}: another maxdnn explore ({holder}) is running on this run directory; wait for "
+        raise RunError(f"{run_dir}: another maxdnn explore ({holder}) is running on this run directory; wait for "
                          "it, or share the work with --workers N or --storage URL") from None
     f.seek(0)
     f.truncate()

@@ -157,7 +157,9 @@ def load_checkpoint(path: str | os.PathLike) -> nn.Module:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise ModelError(f"{path}: not a readable maxdnn checkpoint ({type(e).__name__})") from None
+        known = "" if path.suffix.lower() in (".pt", ".pth") else \
+            "; models are a zoo name, .pt, .pt2, .h5, .onnx, .tflite or .npz"
+        raise ModelError(f"{path}: not a readable maxdnn checkpoint ({type(e).__name__}){known}") from None
     fmt = ck.get("format") if isinstance(ck, dict) else None
     if fmt not in (CHECKPOINT_FORMAT, *LEGACY_FORMATS):
         raise ModelError(f"{path}: not a maxdnn checkpoint (format {fmt!r})")
