@@ -794,6 +794,28 @@ def test_a_damaged_result_file_in_the_run_is_one_line_not_a_traceback(compensate
     assert r.output.strip().splitlines()[-1].startswith("maxdnn: error: ") and "confirm_eval.json" in r.output
 
 
+def test_unusable_settings_and_a_changed_resume_are_maxdnn_errors(finished_run, tmp_path):
+    """Settings the exploration cannot use, and a resume with other settings than the run's, are one line and
+    a MaxdnnError (still ValueError), so the Python API's callers catch them with the rest."""
+    import shutil
+
+    from maxdnn.errors import MaxdnnError
+    from maxdnn.exploration.explorer import check_library
+
+    run, ex = finished_run
+    wl = Workload.open(None, need(LOSSLESS_ZIP))
+    with pytest.raises(MaxdnnError, match="compensation 'some': expected one of none, bias, finetune"):
+        Explorer(tmp_path / "a", wl, TINY, progress=False, log=lambda m: None, compensation="some")
+    with pytest.raises(MaxdnnError, match="--library: 'exact' is always a choice"):
+        check_library(ex.q, ["roup-p2r0", "exact"])
+    with pytest.raises(MaxdnnError, match="--library roup-p9r0: unknown or out-of-range"):
+        check_library(ex.q, ["roup-p9r0"])
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    with pytest.raises(MaxdnnError, match="run.json: this run was made with seed 0; rerun with it"):
+        Explorer(copy, wl, TINY, progress=False, log=lambda m: None, seed=1)
+
+
 def test_a_point_whose_assignment_was_not_saved_takes_its_twins_gains(compensated_run, tmp_path):
     """The sweep and NSGA-II often find the same assignment, and a front tie saves one of the two: the other
     row of points.csv takes the saved one's PE gain instead of none."""

@@ -49,6 +49,7 @@ from maxdnn.engine.approx import ApproxNetwork, Assignment, assignment_key, logi
 from maxdnn.compensate.bias_correction import bias_corrected, correction_images
 from maxdnn.atomic import write_json
 from maxdnn.data import training_sample, validation_split
+from maxdnn.errors import MaxdnnError
 from maxdnn.energy import energy_table, hardware_table, network_energy, with_per_layer
 from maxdnn.multipliers.metrics import error_metrics
 from maxdnn.exploration.resilience import resilience
@@ -57,7 +58,7 @@ from maxdnn.exploration.confirm import confirm_and_test
 from maxdnn.exploration.front import APPROACHES
 from maxdnn.multipliers.models import get_multiplier, roup_specs
 from maxdnn.ir.graph import QuantizedGraph
-from maxdnn.exploration.storage import RunStorage, read_run_info
+from maxdnn.exploration.storage import RunError, RunStorage, read_run_info
 from maxdnn.workload import Workload, check_outputs, describe_data
 
 
@@ -153,18 +154,29 @@ def default_library(q: QuantizedGraph, train, size: int, compensated: bool, seed
     return lib
 
 
+class ExploreError(MaxdnnError, ValueError):
+    """Exploration settings that cannot be used (a library, a compensation), as one line.
+
+    Example:
+
+    >>> from maxdnn.exploration.explorer import ExploreError
+    >>> str(ExploreError("--library: 'exact' is always a choice; list approximate multipliers only"))
+    "--library: 'exact' is always a choice; list approximate multipliers only"
+    """
+
+
 def check_library(q: QuantizedGraph, library: list[str]) -> None:
     """Every library multiplier exists for every layer's operand format (one line otherwise)."""
     from maxdnn.multipliers.models import SpecError
 
     if "exact" in library:
-        raise ValueError("--library: 'exact' is always a choice; list approximate multipliers only")
+        raise ExploreError("--library: 'exact' is always a choice; list approximate multipliers only")
     for spec in library:
         for signed in sorted({layer.x_signed for layer in q.layers.values()}):
             try:
                 get_multiplier(spec, 8, signed)
             except SpecError as e:
-                raise ValueError(f"--library {spec}: {e}") from None
+                raise ExploreError(f"--library {spec}: {e}") from None
 
 
 def resume_run_info(run_dir: Path, info: dict) -> None:
@@ -176,7 +188,7 @@ def resume_run_info(run_dir: Path, info: dict) -> None:
     for k in ("model", "data", "budget", "seed", "library", "compensation", "energy"):
         if old.get(k) != info[k]:
             was = old.get(k)["name"] if k == "budget" and isinstance(old.get(k), dict) else old.get(k)
-            raise ValueError(f"{run_dir / 'run.json'}: this run was made with {k} {was!r}; rerun with it or use "
+            raise RunError(f"{run_dir / 'run.json'}: this run was made with {k} {was!r}; rerun with it or use "
                              f"another RUN_DIR")
     info["baseline"] = old.get("baseline")
     info.update({k: v for k, v in old.items() if k not in info})  # wall time so far, resilience summary
@@ -198,7 +210,7 @@ class Explorer:
         ``HW.yaml:MAPPING.yaml``): the accelerator's energy per image (``maxdnn.accelerator.AcceleratorModel``;
         each point then also keeps its multiplication-energy gain, ``mult_energy_gain``)."""
         if compensation not in COMPENSATIONS:
-            raise ValueError(f"compensation {compensation!r}: expected one of {', '.join(COMPENSATIONS)}")
+            raise ExploreError(f"compensation {compensation!r}: expected one of {', '.join(COMPENSATIONS)}")
         self.energy = energy
         self.user_library = list(dict.fromkeys(library)) if library else None
         self.compensation = compensation
