@@ -12,35 +12,27 @@ confirms its choices on, against the foot as fine-tuned (with its standard error
 fine-tuned graph run with the step's assignment as it is. The committed ResNet-8, quantized as ``maxdnn explore``
 quantizes it.
 """
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
 from maxdnn.compensate.finetune import finetune
 from maxdnn.energy import energy_table, network_energy
-from maxdnn.engine.approx import ApproxNetwork, assignment_key, layer_assignment
-from maxdnn.exploration.paired import correctness, paired_loss
+from maxdnn.engine.approx import assignment_key, layer_assignment
+from maxdnn.exploration.paired import paired_loss
 from maxdnn.ir.graph import QuantizedGraph
-from confirmation import ladder_rungs, setup  # benchmarks/ is the script's folder
+from confirmation import ladder_rungs, on_images, run_arguments, setup  # benchmarks/ is the script's folder
 
-p = argparse.ArgumentParser()
-p.add_argument("--data", required=True)
-p.add_argument("--run", required=True)
-p.add_argument("--epochs", type=int, default=1)
-p.add_argument("--images", type=int, default=20000)
+p = run_arguments(epochs=1)
 args = p.parse_args()
 
 q, train, conf, tr, _ = setup(args.data, args.images)
+measure = on_images(conf)
 rungs = ladder_rungs(args.run, q)
 gain0, foot = rungs[0]
 top = "roup-p3r0"
 on_foot = {n: foot.specs[int(m.flat[0])] for n, m in foot.maps.items()}
 foot_graph = QuantizedGraph.load(Path(args.run, "finetuned", f"{assignment_key(foot)}.npz"))
-
-
-def measure(g, a):
-    return correctness([ApproxNetwork(g, a)], conf.images, conf.labels)[0]
 
 
 ref = measure(foot_graph, foot)

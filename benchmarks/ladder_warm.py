@@ -12,20 +12,15 @@ that way, the first rung from the quantized model; the same graphs, the training
 through the integer engine on the 5,000 held-out training images the exploration confirms its choices on; loss in
 points against the exact model as quantized.
 """
-import argparse
 import tempfile
 from pathlib import Path
 
 from maxdnn.compensate.finetune import finetune
 from maxdnn.engine.approx import Assignment, assignment_key
 from maxdnn.ir.graph import QuantizedGraph
-from confirmation import ladder_rungs, setup  # benchmarks/ is the script's folder
+from confirmation import ladder_rungs, run_arguments, setup  # benchmarks/ is the script's folder
 
-p = argparse.ArgumentParser()
-p.add_argument("--data", required=True)
-p.add_argument("--run", required=True)
-p.add_argument("--epochs", type=int, default=1)
-p.add_argument("--images", type=int, default=20000)
+p = run_arguments(epochs=1)
 p.add_argument("--train-warm", action="store_true")
 args = p.parse_args()
 

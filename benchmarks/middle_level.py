@@ -12,33 +12,25 @@ for instance with another ``--lr`` (0.001, the exploration's, by default). Loss:
 training images the exploration confirms on, against the run's fine-tuned exact model, in points, with its
 standard error.
 """
-import argparse
 import tempfile
 from pathlib import Path
 
 from maxdnn.compensate.finetune import finetune
 from maxdnn.energy import energy_table, network_energy
-from maxdnn.engine.approx import ApproxNetwork, assignment_key, layer_assignment
-from maxdnn.exploration.paired import correctness, paired_loss
+from maxdnn.engine.approx import assignment_key, layer_assignment
+from maxdnn.exploration.paired import paired_loss
 from maxdnn.ir.graph import QuantizedGraph
-from confirmation import ladder_rungs, setup  # benchmarks/ is the script's folder
+from confirmation import ladder_rungs, on_images, run_arguments, setup  # benchmarks/ is the script's folder
 
-p = argparse.ArgumentParser()
-p.add_argument("--data", required=True)
-p.add_argument("--run", required=True)
-p.add_argument("--epochs", type=int, default=2)
-p.add_argument("--images", type=int, default=20000)
+p = run_arguments(epochs=2)
 p.add_argument("--under", default="roup-p2r0")
 p.add_argument("--middle", default="roup-p2r3", help="--middle roup-p2r0: the run's own two-level ladder again")
 p.add_argument("--lr", type=float, default=1e-3)
 args = p.parse_args()
 
 q, train, conf, tr, _ = setup(args.data, args.images)
+measure = on_images(conf)
 ft = Path(args.run, "finetuned")
-
-
-def measure(g, a):
-    return correctness([ApproxNetwork(g, a)], conf.images, conf.labels)[0]
 
 
 def gain(a):

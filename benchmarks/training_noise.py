@@ -10,36 +10,28 @@ the order and augmentation of the training batches. Loss: paired, on the 5,000 h
 confirms on, against the run's fine-tuned exact model, in points, with its standard error; seed 0 is the run's
 own measurement of its graph.
 """
-import argparse
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from maxdnn.compensate.finetune import finetune
-from maxdnn.engine.approx import ApproxNetwork, assignment_key, layer_assignment
-from maxdnn.exploration.paired import correctness, paired_loss
+from maxdnn.engine.approx import assignment_key, layer_assignment
+from maxdnn.exploration.paired import paired_loss
 from maxdnn.ir.graph import QuantizedGraph
-from confirmation import ladder_rungs, setup  # benchmarks/ is the script's folder
+from confirmation import ladder_rungs, on_images, run_arguments, setup  # benchmarks/ is the script's folder
 
-p = argparse.ArgumentParser()
-p.add_argument("--data", required=True)
-p.add_argument("--run", required=True)
-p.add_argument("--epochs", type=int, default=2)
-p.add_argument("--images", type=int, default=20000)
+p = run_arguments(epochs=2)
 p.add_argument("--rungs", type=int, nargs="*")
 p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
 args = p.parse_args()
 
 q, train, conf, tr, _ = setup(args.data, args.images)
+measure = on_images(conf)
 ft = Path(args.run, "finetuned")
 rungs = ladder_rungs(args.run, q)
 gains = np.array([g for g, _ in rungs])
 chosen = args.rungs or sorted({int(np.argmin(abs(gains - t))) for t in (0.85, 0.90)})
-
-
-def measure(g, a):
-    return correctness([ApproxNetwork(g, a)], conf.images, conf.labels)[0]
 
 
 ref = measure(QuantizedGraph.load(ft / "exact.npz"), layer_assignment(q, {}))
