@@ -49,6 +49,7 @@ class ConfirmError(MaxdnnError, ValueError):
     'runs/a/confirm_eval.json: not a readable result file (JSONDecodeError)'
     """
 
+
 Z_CHOICE = 1.0  # standard errors of the paired confirmation loss a chosen point must stay within its threshold
 LEVELS = ("ptq", "bias", "finetune")
 

@@ -189,7 +189,7 @@ def resume_run_info(run_dir: Path, info: dict) -> None:
         if old.get(k) != info[k]:
             was = old.get(k)["name"] if k == "budget" and isinstance(old.get(k), dict) else old.get(k)
             raise RunError(f"{run_dir / 'run.json'}: this run was made with {k} {was!r}; rerun with it or use "
-                             f"another RUN_DIR")
+                           f"another RUN_DIR")
     info["baseline"] = old.get("baseline")
     info.update({k: v for k, v in old.items() if k not in info})  # wall time so far, resilience summary
 

@@ -201,7 +201,7 @@ def lock_run_dir(run_dir: Path):
         holder = f.read().strip() or "another process"
         f.close()
         raise RunError(f"{run_dir}: another maxdnn explore ({holder}) is running on this run directory; wait for "
-                         "it, or share the work with --workers N or --storage URL") from None
+                       "it, or share the work with --workers N or --storage URL") from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()}")
