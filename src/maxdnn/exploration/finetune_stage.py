@@ -134,7 +134,7 @@ class _Stage:
         kept = self.out_dir / f"{key}.json"
         if self.local.get(key) is not None:
             return self.local[key]
-        if (k := read_json(kept, FinetuneError, default={})).get("settings") == self.settings:
+        if (k := read_json(kept, FinetuneError, default={})).get("settings") == self.settings and "entry" in k:
             return k["entry"]
         ex, a = self.explorer, self.by_key[key][0]
         t0 = time.time()
