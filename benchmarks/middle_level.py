@@ -56,9 +56,9 @@ with tempfile.TemporaryDirectory() as tmp:
             start = QuantizedGraph.load(key) if key.exists() else g_two
         else:
             start = prev
-        g3 = finetune(start, three, train.images[tr], train.labels[tr], Path(tmp) / f"{k}.npz", epochs=args.epochs, lr=args.lr,
-                      log=lambda m: None, progress=False, teacher=q)
+        g3 = finetune(start, three, train.images[tr], train.labels[tr], Path(tmp) / f"{k}.npz", epochs=args.epochs,
+                      lr=args.lr, log=lambda m: None, progress=False, teacher=q)
         l3, se3 = paired_loss(ref, measure(g3, three))
         prev = g3
-        print(f"| {100 * g2:.1f}% | {l2:.2f} +- {se2:.2f} | {100 * gain(three):.1f}% | {lu:.2f} | {l3:.2f} +- {se3:.2f} |",
-              flush=True)
+        print(f"| {100 * g2:.1f}% | {l2:.2f} +- {se2:.2f} | {100 * gain(three):.1f}% | {lu:.2f} | "
+              f"{l3:.2f} +- {se3:.2f} |", flush=True)

@@ -33,7 +33,6 @@ rungs = ladder_rungs(args.run, q)
 gains = np.array([g for g, _ in rungs])
 chosen = args.rungs or sorted({int(np.argmin(abs(gains - t))) for t in (0.85, 0.90)})
 
-
 ref = measure(QuantizedGraph.load(ft / "exact.npz"), layer_assignment(q, {}))
 print(f"reference: the run's fine-tuned exact model, {100 * ref['accuracy']:.2f}% on {len(conf)} held-out training "
       f"images ({conf.source}); each rung fine-tuned {args.epochs} epoch(s) on {len(tr)} training images per seed")

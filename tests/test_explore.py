@@ -758,6 +758,7 @@ def test_a_damaged_result_file_in_the_run_is_one_line_not_a_traceback(compensate
     """A run's own result files, resumed from, can still be damaged by hand or by a full disk: a measurement kept
     in finetuned/KEY.json, finetune_eval.json, confirm_eval.json. Each is refused in one line naming the file
     (the stage's error; ``maxdnn report``: exit 2), never a JSON traceback nor taken as empty."""
+    import copy as copy_module
     import shutil
 
     from typer.testing import CliRunner
@@ -777,8 +778,8 @@ def test_a_damaged_result_file_in_the_run_is_one_line_not_a_traceback(compensate
     assert kept.exists()
     kept.write_text('{"settings": {"epochs": 1')  # cut short
     fb = FINETUNE_BUDGETS["tiny"]
-    ex_copy = type(ex).__new__(type(ex))
-    ex_copy.__dict__.update(ex.__dict__, run_dir=copy)
+    ex_copy = copy_module.copy(ex)  # the same exploration, reading its results from the damaged copy
+    ex_copy.run_dir = copy
     stage = _Stage(ex_copy, fb, {}, {key: (Assignment.uniform(ex.q, "exact"), [])}, {},
                    training_sample(len(ex.train), fb.images, ex.seed), {})
     with pytest.raises(FinetuneError, match=f"{kept}: not a readable result file \\(JSONDecodeError\\)"):

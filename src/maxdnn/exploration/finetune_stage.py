@@ -162,7 +162,7 @@ def finetune_front(explorer, approaches, res: dict, fb: FinetuneBudget) -> dict:
     done = read_json(path, FinetuneError, default={})
     if done and done.get("settings") != settings:
         raise FinetuneError(f"{path}: made with fine-tuning settings {done.get('settings')}; "
-                         "delete it (and RUN_DIR/finetuned) or rerun with the same budget")
+                            "delete it (and RUN_DIR/finetuned) or rerun with the same budget")
     done = {"settings": settings, "exact": done.get("exact"), "assignments": done.get("assignments", {}),
             "points": done.get("points", {})}
     by_key, ladders = _to_finetune(explorer, approaches, res, fb)
