@@ -640,6 +640,11 @@ def test_ladder_steps_order_layers_by_loss_per_energy_saved():
     steps, rungs = ladder_rungs(np.array([[0.0, 0.5], [0.0, -0.1], [0.0, 0.2]]), np.array([[0.0, 1.0]] * 3),
                                 [0.0, 1.0])
     assert steps[3:] == [(1, 2), (2, 2), (0, 2)] and rungs == [3, 6]
+    # a layer that saves next to nothing (a classifier: 1e-4 of the rest) comes last, and no rung takes it
+    loss = np.array([[0.0, 0.5], [0.0, 0.2], [1.0, 3.0]])
+    saved = np.array([[1.0, 1.0], [1.0, 1.0], [1e-4, 1e-4]])
+    steps, rungs = ladder_rungs(loss, saved, [0.0, 0.5, 1.0])
+    assert steps[-2:] == [(2, 1), (2, 2)] and rungs == [2, 3, 4]
 
 
 def test_ladder_points_are_fine_tuned_and_saved(compensated_run):

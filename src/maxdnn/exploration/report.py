@@ -378,7 +378,8 @@ def _finetune_line(ft: dict) -> str:
     warm = ", each rung's training starting from the rung below it as fine-tuned" if st.get("ladder_warm") else ""
     ladder = (f", and up to {st['ladder_points']} rungs of the fine-tuning ladder (layer level: each layer exact, "
               "on the next-lowest-energy weight-only configuration or on the lowest, the steps that lose least "
-              f"untrained per energy saved first{warm}), whatever their loss untrained," if st.get("ladder_points")
+              f"untrained per energy saved first{warm}; steps that save under 0.1% of what the ladder saves are "
+              "left to no rung), whatever their loss untrained," if st.get("ladder_points")
               else "")
     return (f"Fine-tuning: up to {st['points']} validation-front points per approach (within "
             f"{st['max_val_loss_pts']:g} validation points of exact, as ranked by the search{floor}){ladder} trained "

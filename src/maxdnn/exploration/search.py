@@ -174,6 +174,9 @@ def ladder_specs(library: list[str], table) -> tuple[str, str] | None:
     return grid[0], (grid[1] if len(grid) > 1 else "exact")
 
 
+NEGLIGIBLE = 1e-3  # of the ladder's whole energy saving: steps saving less together are left to no rung
+
+
 def ladder_rungs(loss: np.ndarray, saved: np.ndarray, fractions) -> tuple[list[tuple[int, int]], list[int]]:
     """(steps, rungs) of the fine-tuning ladder. ``loss`` and ``saved`` are [layers, 2]: per layer, the untrained
     loss with ``under`` alone on it and with ``top`` alone, and the energy that ``under`` saves over exact and
@@ -183,7 +186,9 @@ def ladder_rungs(loss: np.ndarray, saved: np.ndarray, fractions) -> tuple[list[t
     steps (its length): the foot, every step before the first ``top`` step (``under`` wherever it costs less per
     energy than any ``top`` step, exact elsewhere), and for each fraction f the shortest prefix saving at least
     what ``under`` on every layer saves plus f of what ``top`` on every layer saves beyond it (f = 0 ... 1: the
-    energies of the ``under`` / ``top`` mixes, each reached by the cheapest steps); each length once, ascending."""
+    energies of the ``under`` / ``top`` mixes, each reached by the cheapest steps), less ``NEGLIGIBLE`` of the
+    ladder's whole saving: the steps of a layer that saves next to nothing (a classifier of a few hundred
+    multiplications) come last, and no rung takes them for the loss they add; each length once, ascending."""
     score = lambda i, lv: max(float(loss[i, lv - 1]) - (float(loss[i, 0]) if lv == 2 else 0.0), 0.0) / \
         max(float(saved[i, lv - 1]), 1e-300)  # noqa: E731
     key = {(i, lv): (max(score(i, 1), score(i, lv)), lv, -float(saved[i, lv - 1]), i)
@@ -193,7 +198,8 @@ def ladder_rungs(loss: np.ndarray, saved: np.ndarray, fractions) -> tuple[list[t
     cum = np.concatenate([[0.0], np.cumsum([saved[i, lv - 1] for i, lv in steps])])
     under_all, top_all = float(saved[:, 0].sum()), float(saved.sum())
     targets = [under_all + f * (top_all - under_all) for f in fractions]
-    rungs = {foot} | {max(foot, int(np.searchsorted(cum, t * (1 - 1e-12)))) for t in targets}
+    slack = NEGLIGIBLE * top_all
+    rungs = {foot} | {max(foot, int(np.searchsorted(cum, t - slack))) for t in targets}
     return steps, sorted(rungs)
 
 
