@@ -402,6 +402,15 @@ def test_compensated_exploration_reports_every_level(compensated_run):
         check_report_table(run, level, col)
     text = (run / "report.md").read_text()
     assert "fine-tuned: gain / test loss" in text and "The choice held on test" in text
+    # the paper's 2x is answered from the ratios of the claims table, not left to the reader
+    claims = text.split("## Against the paper's claims")[1].split("\n\n- ")[0]
+    ratios = [float(x) for x in re.findall(r": ([0-9.]+)x", claims)]
+    line = next(x for x in text.splitlines() if x.startswith("- 2x layer-wise: "))
+    if max(ratios) >= 2.0:
+        assert line.startswith(f"- 2x layer-wise: reproduced in {sum(r >= 2.0 for r in ratios)} of {len(ratios)} cells")
+    else:
+        assert line.startswith(f"- 2x layer-wise: not reproduced: the largest ratio is {max(ratios):.2f}x")
+        assert line.endswith(f"fine-grained ahead in {sum(r > 1.0 for r in ratios)} of {len(ratios)} cells.")
 
 
 def test_finetune_stage_resumes_and_refuses_other_settings(compensated_run, monkeypatch):
