@@ -246,3 +246,29 @@ def test_workers_started_together_on_an_empty_database_all_open_it(pg_url):
                 with admin.connect() as c:
                     c.execute(sa.text(f"DROP DATABASE {name}_r{attempt} WITH (FORCE)"))
     admin.dispose()
+
+
+def test_a_failed_worker_is_reported_at_once_and_the_others_are_stopped(tmp_path):
+    """A worker that fails is one line as soon as it fails, even while a worker started before it still runs;
+    stopping the workers leaves none running (a SIGTERM, or a kill after the timeout)."""
+    from maxdnn.runs.workers import WorkerError, stop_workers, wait_for_workers
+
+    procs = []
+    for k, code in enumerate(["import time; time.sleep(120)",
+                              "import sys; print('a first line'); print('no such data: x.zip'); sys.exit(2)",
+                              "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"]):
+        wdir = tmp_path / f"w{k}"
+        wdir.mkdir()
+        with open(wdir / "worker.log", "w") as log:
+            procs.append((wdir, subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=log)))
+    time.sleep(1.0)  # the third has set its handler
+    t0 = time.time()
+    with pytest.raises(WorkerError, match=r"w1 failed: no such data: x\.zip$"):
+        wait_for_workers(procs, poll_s=0.1)
+    assert time.time() - t0 < 10
+    assert procs[0][1].poll() is None and procs[2][1].poll() is None  # still running: the failure did not wait
+    stop_workers(procs, timeout_s=2.0)
+    assert procs[0][1].returncode == -signal.SIGTERM and procs[2][1].returncode == -signal.SIGKILL
+    ok = subprocess.Popen([sys.executable, "-c", "pass"])
+    wait_for_workers([(tmp_path, ok)], poll_s=0.05)  # all finished well: returns
+    assert ok.returncode == 0

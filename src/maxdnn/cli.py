@@ -464,7 +464,8 @@ def explore(
     from maxdnn.compensate.finetune import check_finetunable
     from maxdnn.zoo.models import ModelError
     from maxdnn.exploration.storage import add_wall_seconds
-    from maxdnn.runs.workers import WorkerError, sigterm_interrupts, start_workers, threads_per_worker, wait_for_workers
+    from maxdnn.runs.workers import (WorkerError, sigterm_interrupts, start_workers, stop_workers, threads_per_worker,
+                                     wait_for_workers)
     from maxdnn.workload import Workload
 
     aps = list(APPROACHES) if approach == "all" else [approach]
@@ -517,16 +518,16 @@ def explore(
             run_exploration(ex, aps)
             wait_for_workers(helpers)
     except KeyboardInterrupt:  # the time spent counts towards the run's wall time; a rerun resumes
-        for _, p in helpers:
-            p.terminate()
+        stop_workers(helpers)
         add_wall_seconds(out, time.time() - t0)
         typer.echo(f"maxdnn: {out}: interrupted; the same command resumes it", err=True)
         raise typer.Exit(130)
-    except WorkerError as e:
-        fail(str(e))
+    except WorkerError as e:  # the others are stopped too: none goes on with the run after this command
+        stop_workers(helpers)
+        add_wall_seconds(out, time.time() - t0)
+        fail(f"{e} (the other workers were stopped; the same command resumes the run)")
     except MaxdnnError as e:  # a file of the run directory the stage cannot take (a fine-tuning state, graph)
-        for _, p in helpers:
-            p.terminate()
+        stop_workers(helpers)
         fail(str(e))
     _finish_exploration(out, ex, time.time() - t0, accelerator)
 

@@ -7,6 +7,7 @@ Example::
     procs = start_workers(Path("runs/quick"), 2, ["--budget", "quick", "--storage", url], threads)
     ...                      # this process works too
     wait_for_workers(procs)  # WorkerError (one line) if one failed
+    stop_workers(procs)      # after a failure or an interrupt: none goes on alone
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,12 +47,33 @@ def start_workers(out: Path, n: int, args: list[str], threads: int) -> list:
     return procs
 
 
-def wait_for_workers(procs) -> None:
-    """Wait for every worker; the first that failed raises ``WorkerError`` with the last line of its log."""
-    for wdir, p in procs:
-        if p.wait() != 0:
-            tail = (wdir / "worker.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise WorkerError(f"worker {wdir} failed: {tail[0]}")
+def wait_for_workers(procs, poll_s: float = 0.5) -> None:
+    """Wait for every worker; the first to fail, in time, raises ``WorkerError`` with the last line of its log
+    (at once: not after the workers started before it have finished)."""
+    while True:
+        codes = [p.poll() for _, p in procs]
+        for (wdir, _), code in zip(procs, codes):
+            if code not in (None, 0):
+                tail = (wdir / "worker.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                raise WorkerError(f"worker {wdir} failed: {tail[0]}")
+        if all(code == 0 for code in codes):
+            return
+        time.sleep(poll_s)
+
+
+def stop_workers(procs, timeout_s: float = 60.0) -> None:
+    """Terminate the workers still running (SIGTERM: each releases its claimed units, as on Ctrl-C) and wait
+    for them, so that none goes on with the run after the command that started it has ended; one that does
+    not stop within ``timeout_s`` is killed (its claims are taken over as a dead worker's)."""
+    for _, p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for _, p in procs:
+        try:
+            p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def _interrupt(signum, frame):
