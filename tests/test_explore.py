@@ -662,7 +662,6 @@ def test_ladder_points_are_fine_tuned_and_saved(compensated_run):
     untrained, and their assignments saved for ``maxdnn evaluate``."""
     from maxdnn.exploration.explorer import WEIGHT_GRID
     from maxdnn.exploration.search import NEGLIGIBLE, ladder_specs
-    from maxdnn.ir.graph import multiplication_counts
 
     run, ex = compensated_run
     assert set(WEIGHT_GRID) <= set(ex.library)
@@ -677,8 +676,7 @@ def test_ladder_points_are_fine_tuned_and_saved(compensated_run):
     assert 2 in levels[1] and 2 not in levels[0]
     # the top rung takes every layer to top but those that together save next to nothing (here the classifier,
     # 640 of ResNet-8's multiplications an image), which no rung takes
-    counts = multiplication_counts(ex.q)
-    mults = {n: counts[n] * int(np.prod(ex.q.layers[n].weight.shape[:2])) for n in layers}
+    mults = {d["name"]: d["multiplications"] for d in ex.q.describe_layers()}
     left = [n for n, lv in zip(layers, levels[-1]) if lv != 2]
     assert left == ["fc"] and mults["fc"] < NEGLIGIBLE * sum(mults.values())
     for a, b in zip(levels, levels[1:]):  # each rung takes layers up from the one below

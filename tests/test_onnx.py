@@ -202,7 +202,7 @@ def test_onnxruntime_arithmetic_fast_engine_equals_reference_past_2_24(rng):
 OUTPUTS = """
 import hashlib, sys
 from maxdnn.data import load_cifar10
-from maxdnn.frontends.onnx_int8 import load_onnx, load_onnx_model
+from maxdnn.frontends.onnx_int8 import load_onnx
 x = load_cifar10(sys.argv[1], "test").images[:500]
 print(hashlib.sha256(load_onnx(sys.argv[2]).outputs(x).tobytes()).hexdigest())
 """

@@ -256,12 +256,15 @@ def test_a_failed_worker_is_reported_at_once_and_the_others_are_stopped(tmp_path
     procs = []
     for k, code in enumerate(["import time; time.sleep(120)",
                               "import sys; print('a first line'); print('no such data: x.zip'); sys.exit(2)",
-                              "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"]):
+                              "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                              "print('ready', flush=True); time.sleep(120)"]):
         wdir = tmp_path / f"w{k}"
         wdir.mkdir()
         with open(wdir / "worker.log", "w") as log:
             procs.append((wdir, subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=log)))
-    time.sleep(1.0)  # the third has set its handler
+    deadline = time.time() + 60
+    while "ready" not in (tmp_path / "w2" / "worker.log").read_text() and time.time() < deadline:
+        time.sleep(0.05)  # the third has set its handler (a loaded machine starts Python slowly)
     t0 = time.time()
     with pytest.raises(WorkerError, match=r"w1 failed: no such data: x\.zip$"):
         wait_for_workers(procs, poll_s=0.1)
